@@ -1,0 +1,19 @@
+.PHONY: setup demo test test-all lint bench
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	.venv/bin/visionmoe demo
+
+test: setup
+	.venv/bin/python -m pytest -q -m "not slow"
+
+test-all: setup
+	.venv/bin/python -m pytest -q
+
+lint: setup
+	.venv/bin/ruff check src tests benchmarks
+
+bench: setup
+	.venv/bin/visionmoe bench

@@ -1,0 +1,140 @@
+"""``MoEConfig``: everything needed to build the MoE layers of a backbone, and the factory."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .dispatch import SortedDispatcher
+from .experts import Experts
+from .layer import MoE
+from .routers import ClusterRouter, CosineRouter, L2Router, LinearRouter, PooledRouter, TaskRouter
+
+__all__ = ["MoEConfig", "build_moe", "ROUTERS", "ROUTINGS"]
+
+#: token-level gate types
+ROUTERS: dict[str, type] = {"linear": LinearRouter, "cosine": CosineRouter, "l2": L2Router}
+#: routing granularity: per token, per image by CLS token / mean token, per image by a key
+ROUTINGS = ("token", "cls", "mean", "cluster", "task")
+
+
+@dataclass
+class MoEConfig:
+    """Configuration of the MoE layers of a backbone.
+
+    Attributes:
+        num_experts: E.
+        top_k: K experts per token (or per image), 1 <= K <= E.
+        placement: which blocks get experts (see :mod:`visionmoe.moe.placement`).
+        router: gate type: ``linear`` | ``cosine`` | ``l2``.
+        routing: ``token`` | ``cls`` (image by its CLS token, ViMoE) | ``mean`` (image by
+            its mean token) | ``cluster`` (MoCE, by cluster id) | ``task`` (by task id).
+        num_keys: number of clusters or tasks for ``cluster`` / ``task`` routing.
+        key_dim: width of the cluster/task embedding (default max(E, 16)).
+        noise_std: V-MoE router noise (std used = noise_std / E, training only).
+        renormalize: renormalise the top-k combine weights to sum to 1.
+        capacity_factor: train capacity factor; None = dropless.
+        eval_capacity_factor: eval capacity factor; None = dropless.
+        bpr: Batch Prioritized Routing when capacity applies.
+        expert_hidden: hidden width of each expert (default: the dense MLP's).
+        shared_expert: add an always-on shared expert (ViMoE).
+        shared_hidden: hidden width of the shared expert (default: the dense MLP's).
+        aux_weights: auxiliary loss weights by name; default V-MoE's importance + load 0.005.
+    """
+
+    num_experts: int = 8
+    top_k: int = 1
+    placement: Any = "every_2"
+    router: str = "linear"
+    routing: str = "token"
+    num_keys: int = 0
+    key_dim: int | None = None
+    noise_std: float = 0.0
+    renormalize: bool = False
+    capacity_factor: float | None = None
+    eval_capacity_factor: float | None = None
+    bpr: bool = True
+    expert_hidden: int | None = None
+    shared_expert: bool = False
+    shared_hidden: int | None = None
+    aux_weights: dict[str, float] = field(default_factory=lambda: {"importance": 0.005, "load": 0.005})
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 1:
+            raise ValueError(f"moe.num_experts must be >= 1, got {self.num_experts}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"moe.top_k must be between 1 and moe.num_experts={self.num_experts}, got {self.top_k}"
+            )
+        if self.router not in ROUTERS:
+            raise ValueError(_unknown("moe.router", self.router, ROUTERS))
+        if self.routing not in ROUTINGS:
+            raise ValueError(_unknown("moe.routing", self.routing, ROUTINGS))
+        if self.routing in ("cluster", "task") and self.num_keys < 1:
+            raise ValueError(f"moe.routing={self.routing!r} needs moe.num_keys >= 1 (number of {self.routing}s)")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ValueError(f"moe.{name} must be > 0 (or null for dropless), got {v}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | MoEConfig | None) -> MoEConfig:
+        """Build from a mapping, rejecting unknown keys with a close-match suggestion."""
+        if d is None:
+            return cls()
+        if isinstance(d, MoEConfig):
+            return d
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in d:
+            if key not in names:
+                raise ValueError(_unknown("moe config key", key, names))
+        return cls(**dict(d))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _unknown(what: str, value: str, choices) -> str:
+    close = difflib.get_close_matches(str(value), list(choices), n=3)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return f"unknown {what} {value!r}.{hint} Choose from: {', '.join(map(str, choices))}"
+
+
+def build_moe(
+    dim: int,
+    hidden: int,
+    cfg: MoEConfig,
+    *,
+    act_layer: type[nn.Module] | nn.Module = nn.GELU,
+    bias: bool = True,
+    drop: float = 0.0,
+) -> MoE:
+    """Build one :class:`MoE` layer of width ``dim`` from ``cfg``; experts default to
+    ``hidden`` units like the dense MLP they replace."""
+    router_kwargs = dict(noise_std=cfg.noise_std, renormalize=cfg.renormalize, aux_weights=cfg.aux_weights)
+    if cfg.routing in ("cluster", "task"):
+        cls = ClusterRouter if cfg.routing == "cluster" else TaskRouter
+        router: nn.Module = cls(cfg.num_keys, cfg.num_experts, cfg.top_k, embed_dim=cfg.key_dim, **router_kwargs)
+    else:
+        router = ROUTERS[cfg.router](dim, cfg.num_experts, cfg.top_k, **router_kwargs)
+        if cfg.routing in ("cls", "mean"):
+            router = PooledRouter(router, pool=cfg.routing)
+    experts = Experts(cfg.num_experts, dim, cfg.expert_hidden or hidden, act_layer=act_layer, bias=bias, drop=drop)
+    dispatcher = SortedDispatcher(
+        capacity_factor=cfg.capacity_factor, eval_capacity_factor=cfg.eval_capacity_factor, bpr=cfg.bpr
+    )
+    shared = None
+    if cfg.shared_expert:
+        from timm.layers import Mlp
+
+        shared = Mlp(dim, cfg.shared_hidden or hidden, act_layer=_act_type(act_layer), bias=bias, drop=drop)
+    return MoE(router=router, experts=experts, dispatcher=dispatcher, shared_expert=shared)
+
+
+def _act_type(act_layer):
+    return act_layer if isinstance(act_layer, type) else type(act_layer)

@@ -1,0 +1,148 @@
+"""Dispatch: send routed units to their experts and combine the results.
+
+Axis legend: S units (tokens, or whole images for image-level routing), K top-k,
+E experts, C capacity per expert (in units), N kept assignments, D width,
+P the payload of one unit (``(D,)`` for a token, ``(T, D)`` for an image).
+
+The default :class:`SortedDispatcher` never builds ``(S, E, C)`` one-hot tensors. It
+sorts the ``K * S`` (unit, choice) assignments by the unique int64 key
+``expert * K*S + priority`` (no stable sort needed, which also keeps it ONNX-exportable),
+so each expert's assignments become one contiguous, priority-ordered run; an
+assignment is kept iff its position in that run is below the capacity C. Priority
+follows V-MoE: every unit's first choice comes before any second choice; within one
+choice rank, units come in position order, or with Batch Prioritized Routing (BPR) in
+descending order of their largest gate probability. A dropped assignment contributes
+nothing (the residual connection carries the token). With ``capacity_factor=None``
+nothing is dropped (dropless) and the same code path runs with C = infinity, so
+capacity-limited and dropless dispatch give identical outputs when nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .experts import Experts
+from .routers import RouterOutput
+
+__all__ = ["DispatchInfo", "SortedDispatcher", "compute_capacity"]
+
+
+def compute_capacity(num_units: int, k: int, num_experts: int, capacity_factor: float, min_capacity: int = 1):
+    """Capacity per expert ``C = ceil(K * S * capacity_factor / E)`` (V-MoE), at least
+    ``min_capacity``."""
+    if capacity_factor <= 0:
+        raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {capacity_factor}")
+    return max(min_capacity, math.ceil(k * num_units * capacity_factor / num_experts))
+
+
+@dataclass
+class DispatchInfo:
+    """Bookkeeping of one dispatch.
+
+    Attributes:
+        counts: ``(E,)`` assignments each expert was asked to take (all K choices).
+        kept_counts: ``(E,)`` assignments each expert processed (after capacity).
+        kept: ``(S, K)`` bool, False for dropped assignments.
+        capacity: C in units, or None when dropless.
+    """
+
+    counts: Tensor
+    kept_counts: Tensor
+    kept: Tensor
+    capacity: int | None
+
+    @property
+    def dropped_fraction(self) -> Tensor:
+        total = self.counts.sum().clamp_min(1)
+        return (self.counts.sum() - self.kept_counts.sum()).float() / total
+
+
+def _check_factor(name: str, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"{name} must be > 0 (or None for dropless), got {value}")
+
+
+class SortedDispatcher(nn.Module):
+    """Sort-by-expert dispatch with optional capacity and Batch Prioritized Routing.
+
+    Args:
+        capacity_factor: capacity factor in training; None = dropless.
+        eval_capacity_factor: capacity factor in eval; None = dropless.
+        bpr: Batch Prioritized Routing (order units by their max gate) when capacity applies.
+        min_capacity: lower bound on C.
+    """
+
+    def __init__(
+        self,
+        *,
+        capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
+        bpr: bool = True,
+        min_capacity: int = 1,
+    ) -> None:
+        super().__init__()
+        _check_factor("capacity_factor", capacity_factor)
+        _check_factor("eval_capacity_factor", eval_capacity_factor)
+        if min_capacity < 1:
+            raise ValueError(f"min_capacity must be >= 1, got {min_capacity}")
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.bpr = bpr
+        self.min_capacity = min_capacity
+
+    def capacity(self, num_units: int, k: int, num_experts: int) -> int | None:
+        """C for the current mode (train/eval), or None when dropless."""
+        cf = self.capacity_factor if self.training else self.eval_capacity_factor
+        if cf is None:
+            return None
+        return compute_capacity(num_units, k, num_experts, cf, self.min_capacity)
+
+    def forward(self, x: Tensor, route: RouterOutput, experts: Experts) -> tuple[Tensor, DispatchInfo]:
+        """Run ``experts`` on ``x: (S, *P)`` as ``route`` says; returns ``(S, *P)`` and info."""
+        num_units, k = route.indices.shape
+        num_experts = route.num_experts
+        n_assign = num_units * k
+        capacity = self.capacity(num_units, k, num_experts)
+        device = x.device
+
+        flat_e = route.indices.t().reshape(-1)  # (K*S,), entry j = choice * S + unit
+        if capacity is not None and self.bpr:
+            order = route.probs.max(dim=-1).values.argsort(descending=True)  # (S,)
+            rank = torch.empty_like(order)
+            rank[order] = torch.arange(num_units, device=device)
+        else:
+            rank = torch.arange(num_units, device=device)
+        priority = (torch.arange(k, device=device)[:, None] * num_units + rank[None, :]).reshape(-1)
+        perm = (flat_e * n_assign + priority).sort().indices  # (K*S,) grouped by expert, by priority
+        counts = torch.bincount(flat_e, minlength=num_experts)  # (E,)
+
+        if capacity is None or capacity >= n_assign:
+            kept_perm, kept_counts = perm, counts
+        else:
+            starts = counts.cumsum(0) - counts  # (E,)
+            slot = torch.arange(n_assign, device=device) - starts[flat_e[perm]]  # (K*S,)
+            kept_perm = perm[slot < capacity]  # (N,)
+            kept_counts = counts.clamp(max=capacity)
+
+        unit = kept_perm % num_units  # (N,)
+        w = route.weights.t().reshape(-1)[kept_perm].to(x.dtype)  # (N,)
+        xs = x.index_select(0, unit)  # (N, *P)
+        rows_per_unit = xs[0].numel() // x.shape[-1] if xs.shape[0] else 1
+        ys = experts(xs.reshape(-1, x.shape[-1]), (kept_counts * rows_per_unit).tolist()).view_as(xs)
+        ys = ys * w.view(-1, *([1] * (x.dim() - 1)))
+        y = torch.zeros_like(x).index_add(0, unit, ys)  # (S, *P)
+
+        kept = torch.zeros(n_assign, dtype=torch.bool, device=device)
+        kept[kept_perm] = True
+        info = DispatchInfo(counts, kept_counts, kept.view(k, num_units).t(), capacity)
+        return y, info
+
+    def extra_repr(self) -> str:
+        return (
+            f"capacity_factor={self.capacity_factor}, eval_capacity_factor={self.eval_capacity_factor}, "
+            f"bpr={self.bpr}"
+        )

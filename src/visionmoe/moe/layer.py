@@ -1,0 +1,200 @@
+"""The MoE layer: a drop-in MLP with the contract ``(..., D) -> (..., D)``.
+
+Axis legend: B images, T tokens per image, D width, S routed units, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .dispatch import SortedDispatcher
+from .experts import Experts
+from .routers import RouterOutput
+
+__all__ = ["MoE", "MoEResult", "routing_key", "moe_layers", "collect_aux_loss", "collect_routing_stats"]
+
+
+@dataclass
+class MoEResult:
+    """What one MoE layer did in its last forward (all tensors detached but ``aux_loss``).
+
+    Attributes:
+        aux_loss: weighted auxiliary loss (scalar, differentiable).
+        aux: unweighted auxiliary losses by name (detached).
+        expert_counts: ``(E,)`` units routed to each expert, all K choices, before capacity.
+        kept_counts: ``(E,)`` units each expert processed.
+        dropped_fraction: share of (unit, choice) assignments dropped by capacity.
+        gate_entropy: mean entropy (nats) of the gate distribution per unit.
+        indices: ``(S, K)`` chosen experts; ``weights``: ``(S, K)`` combine weights.
+        kept: ``(S, K)`` bool; ``probs``: ``(S, E)`` gate probabilities.
+        level: ``"token"`` or ``"image"`` (then S = B and each unit holds ``tokens_per_unit``).
+    """
+
+    aux_loss: Tensor
+    aux: dict[str, Tensor]
+    expert_counts: Tensor
+    kept_counts: Tensor
+    dropped_fraction: Tensor
+    gate_entropy: Tensor
+    indices: Tensor
+    weights: Tensor
+    kept: Tensor
+    probs: Tensor
+    level: str = "token"
+    tokens_per_unit: int = 1
+    capacity: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_expert(self) -> Tensor:
+        """``(E,)`` tokens each expert processed."""
+        return self.kept_counts * self.tokens_per_unit
+
+    def stats(self) -> dict[str, float | list[float]]:
+        """Plain-Python summary for logging."""
+        load = self.expert_counts.float() / self.expert_counts.sum().clamp_min(1)
+        out: dict[str, float | list[float]] = {
+            "aux_loss": float(self.aux_loss.detach()),
+            "dropped_fraction": float(self.dropped_fraction),
+            "gate_entropy": float(self.gate_entropy),
+            "max_load": float(load.max()) if load.numel() else 0.0,
+            "load": [round(v, 4) for v in load.tolist()],
+        }
+        out.update({f"aux_{k}": float(v) for k, v in self.aux.items()})
+        return out
+
+
+class MoE(nn.Module):
+    """Mixture-of-Experts MLP.
+
+    ``y = shared_expert(x) + sum_k w_k * expert_{i_k}(x)`` over the K experts the router
+    picks (dropped assignments contribute zero). Token-level routers route each of the
+    ``prod(x.shape[:-1])`` vectors on its own; image-level routers see ``x`` as
+    ``(B, T, D)`` and route whole images (every token of an image to the same experts).
+
+    Args:
+        router: a token- or image-level router (:mod:`visionmoe.moe.routers`).
+        experts: :class:`~visionmoe.moe.experts.Experts` with the same E.
+        dispatcher: default :class:`~visionmoe.moe.dispatch.SortedDispatcher` (dropless).
+        shared_expert: optional always-on module ``(..., D) -> (..., D)`` (ViMoE).
+    """
+
+    def __init__(
+        self,
+        *,
+        router: nn.Module,
+        experts: Experts,
+        dispatcher: nn.Module | None = None,
+        shared_expert: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if router.num_experts != experts.num_experts:
+            raise ValueError(
+                f"router has num_experts={router.num_experts} but experts has {experts.num_experts}"
+            )
+        router_dim = getattr(getattr(router, "router", router), "dim", None)
+        if router_dim is not None and router_dim != experts.dim:
+            raise ValueError(f"router width {router_dim} does not match experts width dim={experts.dim}")
+        self.router = router
+        self.experts = experts
+        self.dispatcher = dispatcher if dispatcher is not None else SortedDispatcher()
+        self.shared_expert = shared_expert
+        self.dim = experts.dim
+        self.route_key: Tensor | None = None  # set by the `routing_key` context manager
+        self.last: MoEResult | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts.num_experts
+
+    @property
+    def k(self) -> int:
+        return self.router.k
+
+    @property
+    def level(self) -> str:
+        return self.router.level
+
+    def forward(self, x: Tensor, key: Tensor | None = None) -> Tensor:
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"MoE expects inputs of width D={self.dim}, got shape {tuple(x.shape)}")
+        key = key if key is not None else self.route_key
+        shape = x.shape
+        if self.router.level == "image":
+            if x.dim() < 2:
+                raise ValueError(f"image-level routing needs a batch dimension, got shape {tuple(shape)}")
+            units = x.reshape(shape[0], -1, self.dim)  # (B, T, D)
+        else:
+            units = x.reshape(-1, self.dim)  # (S, D)
+        route: RouterOutput = self.router(units, key)
+        y, info = self.dispatcher(units, route, self.experts)
+        y = y.reshape(shape)
+        if self.shared_expert is not None:
+            y = y + self.shared_expert(x)
+        route.kept = info.kept
+        self.last = self._record(route, info, units)
+        return y
+
+    def _record(self, route: RouterOutput, info, units: Tensor) -> MoEResult:
+        probs = route.probs.detach()
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean() if probs.numel() else probs.sum()
+        aux_loss = route.aux_loss if route.aux_loss is not None else units.new_zeros(())
+        return MoEResult(
+            aux_loss=aux_loss,
+            aux={k: v.detach() for k, v in route.aux.items()},
+            expert_counts=info.counts.detach(),
+            kept_counts=info.kept_counts.detach(),
+            dropped_fraction=info.dropped_fraction.detach(),
+            gate_entropy=entropy,
+            indices=route.indices.detach(),
+            weights=route.weights.detach(),
+            kept=info.kept,
+            probs=probs,
+            level=self.router.level,
+            tokens_per_unit=units.shape[1] if self.router.level == "image" else 1,
+            capacity=info.capacity,
+        )
+
+    def extra_repr(self) -> str:
+        return f"level={self.router.level!r}"
+
+
+def moe_layers(model: nn.Module) -> Iterator[tuple[str, MoE]]:
+    """``(name, layer)`` for every MoE layer of ``model``, in module order."""
+    for name, m in model.named_modules():
+        if isinstance(m, MoE):
+            yield name, m
+
+
+def collect_aux_loss(model: nn.Module) -> Tensor:
+    """Sum of the weighted auxiliary losses of the last forward over all MoE layers."""
+    losses = [m.last.aux_loss for _, m in moe_layers(model) if m.last is not None]
+    if not losses:
+        p = next(model.parameters(), None)
+        return torch.zeros((), device=p.device if p is not None else None)
+    return torch.stack([loss.float() for loss in losses]).sum()
+
+
+def collect_routing_stats(model: nn.Module) -> dict[str, dict]:
+    """``{layer name: stats}`` of the last forward of every MoE layer."""
+    return {name: m.last.stats() for name, m in moe_layers(model) if m.last is not None}
+
+
+@contextmanager
+def routing_key(model: nn.Module, key: Tensor | None):
+    """Give every MoE layer of ``model`` a routing key (cluster or task ids, ``(B,)``) for
+    the forward passes inside the ``with`` block; works on any model, timm's included."""
+    layers = [m for _, m in moe_layers(model)]
+    old = [m.route_key for m in layers]
+    for m in layers:
+        m.route_key = key
+    try:
+        yield
+    finally:
+        for m, k in zip(layers, old):
+            m.route_key = k

@@ -1,0 +1,97 @@
+"""Placement policies: which blocks of a backbone hold experts, as data.
+
+A policy is a name (``"every_2"``, ``"last_2"``, ``"all"``, ``"none"``), an explicit list
+of block indices (``[10, 11]`` or the string ``"layers=[10, 11]"``), or a policy that
+needs extra information (``"by_gradient_magnitude"`` takes per-block scores).
+``resolve_placement(policy, depth)`` turns any of them into a sorted list of indices.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Sequence
+
+__all__ = ["resolve_placement", "list_placements", "every_n", "last_n", "by_scores", "PLACEMENTS"]
+
+
+def every_n(depth: int, n: int) -> list[int]:
+    """V-MoE "Every n": blocks ``n-1, 2n-1, ...`` (0-based), the last block of each group."""
+    if n < 1:
+        raise ValueError(f"every_n needs n >= 1, got {n}")
+    return list(range(n - 1, depth, n))
+
+
+def last_n(depth: int, n: int) -> list[int]:
+    """The last ``n`` blocks."""
+    if not 0 <= n <= depth:
+        raise ValueError(f"last_n needs 0 <= n <= depth={depth}, got {n}")
+    return list(range(depth - n, depth))
+
+
+def by_scores(scores: Sequence[float], n: int) -> list[int]:
+    """The ``n`` blocks with the largest scores (e.g. MLP gradient norms, MoCE's rule)."""
+    if not 0 <= n <= len(scores):
+        raise ValueError(f"cannot pick {n} blocks out of {len(scores)} scores")
+    ranked = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
+    return sorted(ranked[:n])
+
+
+_PATTERNS: dict[str, tuple[str, Callable[[int, int], list[int]]]] = {
+    "every_{n}": (r"every_(\d+)", every_n),
+    "last_{n}": (r"last_(\d+)", last_n),
+    "first_{n}": (r"first_(\d+)", lambda depth, n: list(range(min(n, depth)))),
+}
+PLACEMENTS = ["all", "none", *_PATTERNS, "layers=[i, j, ...]", "by_gradient_magnitude"]
+
+
+def list_placements() -> list[str]:
+    """Names of the placement policies."""
+    return list(PLACEMENTS)
+
+
+def resolve_placement(
+    policy: str | Sequence[int] | None,
+    depth: int,
+    *,
+    scores: Sequence[float] | None = None,
+    num_layers: int = 2,
+) -> list[int]:
+    """Resolve a placement policy to sorted block indices in ``[0, depth)``.
+
+    Args:
+        policy: see the module docstring.
+        depth: number of blocks in the backbone.
+        scores: per-block scores for ``"by_gradient_magnitude"``.
+        num_layers: how many blocks ``"by_gradient_magnitude"`` picks.
+    """
+    if policy is None or policy == "none":
+        return []
+    if isinstance(policy, str):
+        name = policy.strip()
+        if name == "all":
+            return list(range(depth))
+        if name == "by_gradient_magnitude":
+            if scores is None:
+                raise ValueError(
+                    "placement 'by_gradient_magnitude' needs per-block scores; compute them with "
+                    "visionmoe.analysis.gradient_magnitude_scores(model, batch, loss_fn)"
+                )
+            if len(scores) != depth:
+                raise ValueError(f"got {len(scores)} scores for {depth} blocks")
+            return by_scores(scores, num_layers)
+        m = re.fullmatch(r"layers\s*=\s*\[([\d,\s]*)\]", name)
+        if m:
+            return resolve_placement([int(v) for v in m.group(1).split(",") if v.strip()], depth)
+        for regex, fn in _PATTERNS.values():
+            m = re.fullmatch(regex, name)
+            if m:
+                return fn(depth, int(m.group(1)))
+        close = difflib.get_close_matches(name, ["all", "none", "every_2", "last_2", "by_gradient_magnitude"])
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown placement {policy!r}{hint} Known policies: {PLACEMENTS}")
+    indices = sorted({int(i) for i in policy})
+    bad = [i for i in indices if not 0 <= i < depth]
+    if bad:
+        raise ValueError(f"placement indices {bad} out of range for a backbone of depth {depth}")
+    return indices

@@ -1,0 +1,346 @@
+"""Routers: choose K of E experts for each token, or for each whole image.
+
+Axis legend: S routed units (tokens, or images for image-level routers), B images,
+T tokens per image, D width, E experts, K top-k.
+
+Token-level routers (``level == "token"``) take ``x: (S, D)``. Image-level routers
+(``level == "image"``) take ``x: (B, T, D)`` plus an optional routing ``key: (B,)`` and
+choose the experts of every token of an image together. All return a
+:class:`RouterOutput`.
+
+Gating follows V-MoE (google-research/vmoe ``NoisyTopExpertsPerItemRouter``): in
+training with ``noise_std > 0`` the logits get Gaussian noise of std ``noise_std / E``;
+gates are ``softmax(noisy logits)``; the top-k gate values are the combine weights,
+*not* renormalised unless ``renormalize=True``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import losses as L
+
+__all__ = [
+    "RouterOutput",
+    "Router",
+    "LinearRouter",
+    "CosineRouter",
+    "L2Router",
+    "PooledRouter",
+    "ClusterRouter",
+    "TaskRouter",
+    "DEFAULT_AUX_WEIGHTS",
+]
+
+#: V-MoE defaults: importance and load losses, 0.005 each.
+DEFAULT_AUX_WEIGHTS: dict[str, float] = {"importance": 0.005, "load": 0.005}
+AUX_LOSS_NAMES = ("importance", "load", "gshard", "z", "imbalance")
+
+
+@dataclass
+class RouterOutput:
+    """What a router decided for a batch of S units.
+
+    Attributes:
+        indices: ``(S, K)`` long, chosen experts, best first.
+        weights: ``(S, K)`` combine weights of the chosen experts (>= 0).
+        probs: ``(S, E)`` gate probabilities used for dispatch (noisy in training).
+        logits: ``(S, E)`` clean router logits.
+        aux: unweighted auxiliary losses by name (scalars).
+        aux_loss: weighted sum of the auxiliary losses (scalar).
+        kept: ``(S, K)`` bool, filled by the dispatcher: False where capacity dropped it.
+    """
+
+    indices: Tensor
+    weights: Tensor
+    probs: Tensor
+    logits: Tensor
+    aux: dict[str, Tensor] = field(default_factory=dict)
+    aux_loss: Tensor | None = None
+    kept: Tensor | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.probs.shape[-1]
+
+    @property
+    def k(self) -> int:
+        return self.indices.shape[-1]
+
+
+def _validate_k(num_experts: int, k: int) -> None:
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"top_k (k) must be between 1 and num_experts={num_experts}, got k={k}")
+
+
+def _validate_aux(aux_weights: Mapping[str, float] | None) -> dict[str, float]:
+    weights = dict(DEFAULT_AUX_WEIGHTS if aux_weights is None else aux_weights)
+    unknown = sorted(set(weights) - set(AUX_LOSS_NAMES))
+    if unknown:
+        raise ValueError(f"unknown auxiliary loss name(s) {unknown}; choose from {list(AUX_LOSS_NAMES)}")
+    return weights
+
+
+class Router(nn.Module):
+    """Base class: subclasses implement :meth:`compute_logits`; gating is shared.
+
+    Args:
+        num_experts: E.
+        k: experts per unit, 1 <= k <= E.
+        noise_std: V-MoE noise; the std actually used in training is ``noise_std / E``.
+        renormalize: divide the top-k weights by their sum (Switch/Mixtral style).
+        aux_weights: weights of the auxiliary losses by name
+            (``importance``, ``load``, ``gshard``, ``z``, ``imbalance``);
+            default V-MoE's ``{"importance": 0.005, "load": 0.005}``.
+    """
+
+    level: str = "token"
+    needs_key: bool = False
+
+    def __init__(
+        self,
+        num_experts: int,
+        k: int = 1,
+        *,
+        noise_std: float = 0.0,
+        renormalize: bool = False,
+        aux_weights: Mapping[str, float] | None = None,
+    ) -> None:
+        super().__init__()
+        _validate_k(num_experts, k)
+        if noise_std < 0:
+            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+        self.num_experts = num_experts
+        self.k = k
+        self.noise_std = float(noise_std)
+        self.renormalize = renormalize
+        self.aux_weights = _validate_aux(aux_weights)
+
+    def compute_logits(self, x: Tensor, key: Tensor | None = None) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, key: Tensor | None = None) -> RouterOutput:
+        logits = self.compute_logits(x, key)  # (S, E)
+        return self.gate(logits)
+
+    def gate(self, logits: Tensor) -> RouterOutput:
+        """Noisy top-k gating on ``logits: (S, E)`` with the auxiliary losses."""
+        num_experts = logits.shape[-1]
+        std = self.noise_std / num_experts
+        noisy = self.training and std > 0
+        noisy_logits = logits + std * torch.randn_like(logits) if noisy else logits
+        probs = noisy_logits.float().softmax(dim=-1)  # (S, E) dispatch gates
+        clean_probs = logits.float().softmax(dim=-1) if noisy else probs
+        weights, indices = probs.topk(self.k, dim=-1)  # (S, K)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-9)
+        aux = self._aux_losses(logits, noisy_logits if noisy else None, std, probs, clean_probs, indices)
+        zero = logits.new_zeros((), dtype=torch.float32)
+        aux_loss = sum((w * aux[n] for n, w in self.aux_weights.items() if w and n in aux), zero)
+        return RouterOutput(
+            indices=indices,
+            weights=weights.to(logits.dtype),
+            probs=probs,
+            logits=logits,
+            aux=aux,
+            aux_loss=aux_loss,
+        )
+
+    def _aux_losses(
+        self,
+        logits: Tensor,
+        noisy_logits: Tensor | None,
+        std: float,
+        probs: Tensor,
+        clean_probs: Tensor,
+        indices: Tensor,
+    ) -> dict[str, Tensor]:
+        if logits.shape[0] == 0:
+            return {}
+        aux = {
+            "importance": L.importance_loss(clean_probs),
+            "gshard": L.gshard_loss(probs, indices[:, 0]),
+        }
+        if noisy_logits is not None:
+            aux["load"] = L.load_loss(logits, noisy_logits, std, self.k)
+        if self.aux_weights.get("z"):
+            aux["z"] = L.z_loss(logits)
+        if self.aux_weights.get("imbalance"):
+            aux["imbalance"] = L.imbalance_loss(clean_probs)
+        return aux
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, k={self.k}, noise_std={self.noise_std}"
+
+
+class LinearRouter(Router):
+    """``logits = x W_g`` (no bias), V-MoE's router."""
+
+    def __init__(self, dim: int, num_experts: int, k: int = 1, **kwargs) -> None:
+        super().__init__(num_experts, k, **kwargs)
+        self.dim = dim
+        self.proj = nn.Linear(dim, num_experts, bias=False)
+        nn.init.normal_(self.proj.weight, std=0.02)
+
+    def compute_logits(self, x: Tensor, key: Tensor | None = None) -> Tensor:
+        return self.proj(x)  # (S, D) -> (S, E)
+
+
+class CosineRouter(Router):
+    """Cosine router (X-MoE, Chi et al. 2022; Tutel ``CosineTopKGate``):
+    ``logits = <norm(x W_p), norm(e_j)> * scale`` with a learned temperature.
+
+    The scale is ``exp(log_scale)`` clamped to at most ``max_scale`` (default 100).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        k: int = 1,
+        *,
+        proj_dim: int = 256,
+        init_temperature: float = 0.07,
+        max_scale: float = 100.0,
+        **kwargs,
+    ) -> None:
+        super().__init__(num_experts, k, **kwargs)
+        self.dim = dim
+        proj_dim = min(proj_dim, dim)
+        self.proj = nn.Linear(dim, proj_dim, bias=False)
+        self.expert_embed = nn.Parameter(torch.empty(num_experts, proj_dim))
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        self.max_log_scale = math.log(max_scale)
+        nn.init.normal_(self.proj.weight, std=0.02)
+        nn.init.orthogonal_(self.expert_embed)
+
+    def compute_logits(self, x: Tensor, key: Tensor | None = None) -> Tensor:
+        h = F.normalize(self.proj(x), dim=-1)  # (S, P)
+        e = F.normalize(self.expert_embed, dim=-1)  # (E, P)
+        scale = self.log_scale.clamp(max=self.max_log_scale).exp()
+        return scale * (h @ e.t())  # (S, E)
+
+
+class L2Router(Router):
+    """L2 router (Sweet-spot paper): ``logits = -||x - c_e||^2 / sqrt(D)`` over learned
+    expert embeddings ``c_e``. The ``1/sqrt(D)`` scale keeps the softmax from saturating
+    at initialisation; set ``scale=1.0`` for the raw negative squared distance.
+    """
+
+    def __init__(self, dim: int, num_experts: int, k: int = 1, *, scale: float | None = None, **kwargs):
+        super().__init__(num_experts, k, **kwargs)
+        self.dim = dim
+        self.centers = nn.Parameter(torch.randn(num_experts, dim) * 0.02)
+        self.scale = 1.0 / math.sqrt(dim) if scale is None else scale
+
+    def compute_logits(self, x: Tensor, key: Tensor | None = None) -> Tensor:
+        d2 = (
+            x.pow(2).sum(-1, keepdim=True) - 2 * x @ self.centers.t() + self.centers.pow(2).sum(-1)
+        )  # (S, E)
+        return -self.scale * d2
+
+
+class PooledRouter(nn.Module):
+    """Image-level router: route every token of an image by one vector per image.
+
+    ``pool="cls"`` takes token ``token_index`` (the CLS token, ViMoE's image-level routing);
+    ``pool="mean"`` averages the tokens (for backbones without a CLS token, e.g. ConvNeXt).
+    The pooled ``(B, D)`` vectors go through any token router (linear, cosine, L2).
+    """
+
+    level = "image"
+    needs_key = False
+
+    def __init__(self, router: Router, *, pool: str = "cls", token_index: int = 0) -> None:
+        super().__init__()
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+        self.router = router
+        self.pool = pool
+        self.token_index = token_index
+
+    @property
+    def num_experts(self) -> int:
+        return self.router.num_experts
+
+    @property
+    def k(self) -> int:
+        return self.router.k
+
+    def forward(self, x: Tensor, key: Tensor | None = None) -> RouterOutput:
+        if x.dim() != 3:
+            raise ValueError(f"image-level routing needs x of shape (B, T, D), got {tuple(x.shape)}")
+        pooled = x[:, self.token_index] if self.pool == "cls" else x.mean(dim=1)  # (B, D)
+        return self.router(pooled)
+
+    def extra_repr(self) -> str:
+        return f"pool={self.pool!r}"
+
+
+class ClusterRouter(Router):
+    """MoCE cluster-conditional gate (Liu et al. 2024, eq. 4):
+    ``G(x) = TopK(softmax(W_g C[x] + eps))``.
+
+    ``C`` is a learned cluster-embedding table ``(num_keys, embed_dim)``, optionally
+    initialised from clustering centroids; ``key`` holds each image's cluster id. The
+    noise ``eps`` is V-MoE's (``noise_std / E``). All tokens of an image follow its cluster.
+    """
+
+    level = "image"
+    needs_key = True
+    key_name = "cluster"
+
+    def __init__(
+        self,
+        num_keys: int,
+        num_experts: int,
+        k: int = 1,
+        *,
+        embed_dim: int | None = None,
+        centroids: Tensor | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(num_experts, k, **kwargs)
+        if num_keys < 1:
+            raise ValueError(f"number of {self.key_name}s must be >= 1, got {num_keys}")
+        if centroids is not None:
+            num_keys, embed_dim = centroids.shape
+        embed_dim = embed_dim or max(num_experts, 16)
+        self.num_keys = num_keys
+        self.embed = nn.Embedding(num_keys, embed_dim)
+        self.proj = nn.Linear(embed_dim, num_experts, bias=False)
+        nn.init.normal_(self.proj.weight, std=0.02)
+        if centroids is not None:
+            with torch.no_grad():
+                self.embed.weight.copy_(centroids)
+
+    def compute_logits(self, x: Tensor, key: Tensor | None = None) -> Tensor:
+        if key is None:
+            raise ValueError(
+                f"{type(self).__name__} routes by {self.key_name} id: pass routing_key=<(B,) long tensor>"
+            )
+        key = torch.as_tensor(key, device=self.embed.weight.device).reshape(-1).long()
+        if x.dim() >= 1 and x.shape[0] != key.shape[0]:
+            raise ValueError(f"routing_key has {key.shape[0]} entries for a batch of {x.shape[0]} images")
+        if key.numel() and (key.min() < 0 or key.max() >= self.num_keys):
+            raise ValueError(
+                f"{self.key_name} ids must be in [0, {self.num_keys}), got [{int(key.min())}, {int(key.max())}]"
+            )
+        return self.proj(self.embed(key))  # (B, E)
+
+    def extra_repr(self) -> str:
+        return f"num_{self.key_name}s={self.num_keys}, " + super().extra_repr()
+
+
+class TaskRouter(ClusterRouter):
+    """Route whole images by a task id through a learned task-embedding table."""
+
+    key_name = "task"

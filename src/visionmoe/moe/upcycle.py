@@ -1,0 +1,246 @@
+"""Dense <-> MoE weight mappings (pure ``state_dict -> state_dict`` functions) and ``moeify``.
+
+Key layout: a dense timm MLP at ``<p>fc1.weight (H, D)``, ``<p>fc1.bias (H,)``,
+``<p>fc2.weight (D, H)``, ``<p>fc2.bias (D,)`` becomes ``<p>experts.fc1_weight (E, H, D)``,
+``<p>experts.fc1_bias (E, H)``, ``<p>experts.fc2_weight (E, D, H)``,
+``<p>experts.fc2_bias (E, D)``; the router (``<p>router.*``) is freshly initialised and
+an optional shared expert is ``<p>shared_expert.fc{1,2}.*``.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import MoEConfig, build_moe
+from .layer import MoE
+from .placement import resolve_placement
+
+__all__ = [
+    "upcycle_mlp_state_dict",
+    "upcycle_state_dict",
+    "extract_expert_state_dict",
+    "moeify",
+    "mlp_blocks",
+    "ChannelsFirst",
+]
+
+_FC = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+_EXPERT = ("experts.fc1_weight", "experts.fc1_bias", "experts.fc2_weight", "experts.fc2_bias")
+
+
+def upcycle_mlp_state_dict(
+    mlp: Mapping[str, Tensor],
+    num_experts: int,
+    *,
+    noise: float = 0.0,
+    generator: torch.Generator | None = None,
+    shared_expert: bool = False,
+) -> dict[str, Tensor]:
+    """Copy one dense MLP (keys ``fc1.weight``... relative to the MLP) into E experts.
+
+    Args:
+        mlp: the dense MLP's state dict.
+        num_experts: E.
+        noise: relative perturbation: expert e gets ``w + noise * std(w) * N(0, 1)`` for each
+            weight matrix (biases are copied), so experts can diverge (MoCE). 0 = exact copies.
+        generator: random generator for the perturbation.
+        shared_expert: also copy the MLP into ``shared_expert.*`` (ViMoE).
+    """
+    missing = [k for k in ("fc1.weight", "fc2.weight") if k not in mlp]
+    if missing:
+        raise KeyError(f"dense MLP state dict lacks {missing}; got keys {sorted(mlp)}")
+    extra = sorted(k for k in mlp if k not in _FC)
+    if extra:
+        raise ValueError(f"cannot upcycle an MLP with extra parameters {extra} (only fc1/fc2 MLPs are supported)")
+    out: dict[str, Tensor] = {}
+    for src, dst in zip(_FC, _EXPERT):
+        if src not in mlp:
+            continue
+        w = mlp[src]
+        stacked = w.unsqueeze(0).repeat(num_experts, *([1] * w.dim())).clone()
+        if noise > 0 and w.dim() == 2:
+            eps = torch.randn(stacked.shape, generator=generator, dtype=torch.float32).to(w.dtype)
+            stacked = stacked + noise * w.float().std().to(w.dtype) * eps
+        out[dst] = stacked
+        if shared_expert:
+            out[f"shared_expert.{src}"] = w.clone()
+    return out
+
+
+def upcycle_state_dict(
+    state_dict: Mapping[str, Tensor],
+    blocks: Sequence[int],
+    num_experts: int,
+    *,
+    prefix: str = "blocks.{}.mlp.",
+    noise: float = 0.0,
+    seed: int = 0,
+    shared_expert: bool = False,
+) -> dict[str, Tensor]:
+    """Turn the dense MLPs of the given blocks of a dense state dict into experts.
+
+    Returns a new state dict; every other key is passed through unchanged. Router
+    weights are not produced (they start fresh): load with ``strict=False`` or through
+    :func:`visionmoe.models.load_dense_into_moe`, which checks that only router keys are missing.
+    """
+    g = torch.Generator().manual_seed(seed)
+    out = dict(state_dict)
+    for i in blocks:
+        p = prefix.format(i)
+        mlp = {k[len(p):]: v for k, v in state_dict.items() if k.startswith(p)}
+        if not mlp:
+            raise KeyError(f"no dense MLP weights under {p!r} in the state dict")
+        for k in mlp:
+            out.pop(p + k)
+        up = upcycle_mlp_state_dict(mlp, num_experts, noise=noise, generator=g, shared_expert=shared_expert)
+        out.update({p + k: v for k, v in up.items()})
+    return out
+
+
+def extract_expert_state_dict(
+    state_dict: Mapping[str, Tensor],
+    selection: Mapping[int, int | tuple[int, float]],
+    *,
+    prefix: str = "blocks.{}.mlp.",
+) -> dict[str, Tensor]:
+    """Extract a dense state dict that keeps one expert per MoE block.
+
+    Args:
+        state_dict: a MoE model's state dict.
+        selection: ``{block: expert}`` or ``{block: (expert, scale)}``; ``scale`` is the
+            combine weight the router gives that expert (folded into fc2), e.g. the
+            constant weight a cluster- or task-conditional K=1 router assigns.
+        prefix: where block i's MLP lives.
+
+    Returns:
+        A dense (timm layout) state dict: ``<p>fc1.weight`` = expert's, ``<p>fc2.*`` scaled.
+    """
+    out = dict(state_dict)
+    pattern = re.compile(re.escape(prefix).replace(r"\{\}", r"(\d+)") + r"experts\.fc1_weight")
+    moe_blocks = sorted({int(m.group(1)) for k in state_dict if (m := pattern.fullmatch(k))})
+    unselected = [b for b in moe_blocks if b not in selection]
+    if unselected:
+        raise ValueError(f"MoE blocks {unselected} have no selected expert; pass selection={{block: expert}}")
+    for block, choice in selection.items():
+        e, scale = (choice, 1.0) if isinstance(choice, int) else (int(choice[0]), float(choice[1]))
+        p = prefix.format(block)
+        if p + "experts.fc1_weight" not in state_dict:
+            raise KeyError(f"block {block} has no experts (no key {p}experts.fc1_weight)")
+        if any(k.startswith(p + "shared_expert.") for k in state_dict):
+            raise ValueError(
+                f"block {block} has a shared expert: a dense MLP of the same width cannot hold "
+                "shared + routed expert; extract without a shared expert"
+            )
+        n = state_dict[p + "experts.fc1_weight"].shape[0]
+        if not 0 <= e < n:
+            raise ValueError(f"expert {e} out of range for block {block} with {n} experts")
+        for k in [k for k in out if k.startswith(p + "experts.") or k.startswith(p + "router.")]:
+            out.pop(k)
+        for dense_key, moe_key in zip(_FC, _EXPERT):
+            if p + moe_key not in state_dict:
+                continue
+            v = state_dict[p + moe_key][e].clone()
+            out[p + dense_key] = v * scale if dense_key.startswith("fc2") else v
+    return out
+
+
+class ChannelsFirst(nn.Module):
+    """Run a channels-last MoE on channels-first ``(B, C, H, W)`` tensors (for 1x1-conv
+    MLPs such as timm ConvNeXt's ``conv_mlp=True`` blocks)."""
+
+    def __init__(self, moe: MoE) -> None:
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.moe(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def mlp_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, block)`` of every module that holds a dense or MoE ``.mlp``, in order.
+
+    That covers timm's ViT / DeiT / DINOv2 / Swin blocks and ConvNeXt blocks (whose
+    ``mlp`` acts on channels-last ``(B, H, W, C)`` tensors, or is made of 1x1 convs).
+    """
+    out = []
+    for name, m in model.named_modules():
+        mlp = getattr(m, "mlp", None)
+        if isinstance(mlp, (MoE, ChannelsFirst)) or (isinstance(mlp, nn.Module) and _mlp_kind(mlp)):
+            out.append((name, m))
+    return out
+
+
+def _mlp_kind(mlp: nn.Module) -> str | None:
+    fc1, fc2 = getattr(mlp, "fc1", None), getattr(mlp, "fc2", None)
+    if isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear):
+        return "linear"
+    if isinstance(fc1, nn.Conv2d) and isinstance(fc2, nn.Conv2d) and fc1.kernel_size == fc2.kernel_size == (1, 1):
+        return "conv1x1"
+    return None
+
+
+def moeify(
+    model: nn.Module,
+    *,
+    placement: Any = "every_2",
+    num_experts: int = 8,
+    top_k: int = 1,
+    noise: float = 0.0,
+    seed: int = 0,
+    **moe_kwargs: Any,
+) -> nn.Module:
+    """Upcycle chosen dense MLPs of any timm-style model into token- or image-routed MoEs.
+
+    Works on every model whose blocks hold an ``mlp`` with ``fc1``/``fc2`` linear layers
+    (timm ViT, DeiT, DINOv2, Swin, ConvNeXt with ``conv_mlp=False``...). Each expert starts
+    as a copy of the dense MLP (plus ``noise``, see :func:`upcycle_mlp_state_dict`); the
+    router is new. Modifies ``model`` in place and returns it.
+
+    Args:
+        model: the dense model.
+        placement: placement policy over the model's MLP blocks, in module order.
+        num_experts, top_k: E and K.
+        noise: relative expert perturbation.
+        **moe_kwargs: any other :class:`~visionmoe.moe.config.MoEConfig` field
+            (``router``, ``routing``, ``capacity_factor``, ``shared_expert``...).
+    """
+    cfg = MoEConfig.from_dict(dict(num_experts=num_experts, top_k=top_k, placement=placement, **moe_kwargs))
+    blocks = mlp_blocks(model)
+    if not blocks:
+        raise ValueError(
+            f"{type(model).__name__} has no blocks with an `mlp` made of fc1/fc2 linear or 1x1-conv layers; "
+            "moeify supports timm ViT/DeiT/DINOv2/Swin/ConvNeXt (conv_mlp=False) style models"
+        )
+    chosen = resolve_placement(cfg.placement, len(blocks))
+    g = torch.Generator().manual_seed(seed)
+    for i in chosen:
+        name, block = blocks[i]
+        dense = block.mlp
+        if isinstance(dense, (MoE, ChannelsFirst)):
+            raise ValueError(f"block {name or i} already holds a MoE layer")
+        kind = _mlp_kind(dense)
+        fc1 = dense.fc1
+        in_features, hidden = fc1.weight.shape[1], fc1.weight.shape[0]
+        act = copy.deepcopy(getattr(dense, "act", nn.GELU()))
+        drop = getattr(getattr(dense, "drop1", None), "p", 0.0)
+        if not isinstance(getattr(dense, "norm", nn.Identity()), nn.Identity):
+            raise ValueError(f"block {name}: MLPs with an inner norm layer are not supported by moeify")
+        if cfg.expert_hidden not in (None, hidden):
+            raise ValueError("moeify copies the dense MLP into experts: expert_hidden must equal its hidden width")
+        layer = build_moe(in_features, hidden, cfg, act_layer=act, bias=fc1.bias is not None, drop=drop)
+        # 1x1 conv weights (H, D, 1, 1) are linear weights (H, D)
+        sd = {k: v.flatten(1) if v.dim() == 4 else v for k, v in dense.state_dict().items() if k in _FC}
+        up = upcycle_mlp_state_dict(sd, cfg.num_experts, noise=noise, generator=g, shared_expert=False)
+        _, unexpected = layer.load_state_dict(up, strict=False)
+        assert not unexpected, unexpected
+        if cfg.shared_expert:  # same weights as the dense MLP, in the shared expert's (linear) layout
+            layer.shared_expert.load_state_dict({k: v for k, v in sd.items()})
+        layer.to(device=fc1.weight.device, dtype=fc1.weight.dtype)
+        block.mlp = ChannelsFirst(layer) if kind == "conv1x1" else layer
+    return model

@@ -1,0 +1,1 @@
+"""Paper pipelines (glue only)."""

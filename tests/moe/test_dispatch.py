@@ -1,0 +1,145 @@
+"""Dispatch: capacity and priority on hand-worked examples, equivalences, invariants."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from visionmoe.moe import Experts, SortedDispatcher, compute_capacity
+
+from .helpers import reference_moe, route_from_probs
+
+PROBS_4x2 = [[0.6, 0.4], [0.9, 0.1], [0.3, 0.7], [0.2, 0.8]]
+
+
+def test_capacity_formula():
+    assert compute_capacity(4, 1, 2, 0.5) == 1  # ceil(1*4*0.5/2)
+    assert compute_capacity(65 * 64, 2, 8, 1.05) == 1092  # ceil(2*4160*1.05/8) = ceil(1092.0)
+    assert compute_capacity(10, 1, 8, 1.0) == 2  # ceil(1.25)
+    with pytest.raises(ValueError, match="capacity_factor"):
+        compute_capacity(10, 1, 8, 0.0)
+
+
+def test_capacity_drops_by_position_without_bpr():
+    # top-1: tokens 0,1 -> expert 0; tokens 2,3 -> expert 1; C = ceil(1*4*0.5/2) = 1
+    route = route_from_probs(PROBS_4x2, k=1)
+    d = SortedDispatcher(capacity_factor=0.5, bpr=False).train()
+    experts = Experts(2, 3, 5)
+    x = torch.randn(4, 3)
+    y, info = d(x, route, experts)
+    # positions win: token 0 at expert 0, token 2 at expert 1
+    assert info.kept[:, 0].tolist() == [True, False, True, False]
+    assert info.capacity == 1 and info.kept_counts.tolist() == [1, 1] and info.counts.tolist() == [2, 2]
+    assert info.dropped_fraction.item() == pytest.approx(0.5)
+    torch.testing.assert_close(y, reference_moe(x, route, experts, info.kept))
+    assert torch.equal(y[1], torch.zeros(3)) and torch.equal(y[3], torch.zeros(3))
+
+
+def test_capacity_drops_by_gate_with_bpr():
+    # BPR order by max gate: t1 (.9), t3 (.8), t2 (.7), t0 (.6) -> t1 and t3 keep their slots
+    route = route_from_probs(PROBS_4x2, k=1)
+    d = SortedDispatcher(capacity_factor=0.5, bpr=True).train()
+    experts = Experts(2, 3, 5)
+    x = torch.randn(4, 3)
+    y, info = d(x, route, experts)
+    assert info.kept[:, 0].tolist() == [False, True, False, True]
+    torch.testing.assert_close(y, reference_moe(x, route, experts, info.kept))
+
+
+def test_top2_places_all_first_choices_before_second_choices():
+    # t0 -> (e0, e1), t1 -> (e0, e1), t2 -> (e1, e0); C = ceil(2*3*0.5/2) = 2
+    probs = [[0.7, 0.3], [0.6, 0.4], [0.2, 0.8]]
+    route = route_from_probs(probs, k=2)
+    d = SortedDispatcher(capacity_factor=0.5, bpr=False).train()
+    experts = Experts(2, 3, 5)
+    x = torch.randn(3, 3)
+    y, info = d(x, route, experts)
+    # e0: t0(1st), t1(1st) kept, t2(2nd) dropped.
+    # e1: t2's 1st choice beats the earlier token t1's 2nd choice: t2(1st), t0(2nd) kept; t1(2nd) dropped.
+    assert info.kept.tolist() == [[True, True], [True, False], [True, False]]
+    torch.testing.assert_close(y, reference_moe(x, route, experts, info.kept))
+
+
+def test_eval_capacity_factor_is_separate():
+    route = route_from_probs(PROBS_4x2, k=1)
+    d = SortedDispatcher(capacity_factor=0.5, eval_capacity_factor=None)
+    x = torch.randn(4, 3)
+    experts = Experts(2, 3, 5)
+    _, info_train = d.train()(x, route, experts)
+    _, info_eval = d.eval()(x, route, experts)
+    assert info_train.dropped_fraction > 0 and info_eval.dropped_fraction == 0 and info_eval.capacity is None
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_capacity_and_dropless_identical_when_nothing_dropped(k):
+    torch.manual_seed(1)
+    S, E, D = 33, 5, 8
+    probs = torch.randn(S, E).softmax(-1)
+    route = route_from_probs(probs, k=k)
+    experts = Experts(E, D, 16)
+    x = torch.randn(S, D)
+    y_free, info_free = SortedDispatcher()(x, route, experts)
+    for bpr in (True, False):
+        y_cap, info_cap = SortedDispatcher(capacity_factor=E / k, bpr=bpr).train()(x, route, experts)
+        assert info_cap.dropped_fraction == 0
+        torch.testing.assert_close(y_cap, y_free, rtol=0, atol=1e-6)
+    torch.testing.assert_close(y_free, reference_moe(x, route, experts), rtol=1e-5, atol=1e-6)
+
+
+def test_image_level_payload_matches_token_level():
+    # routing whole images = routing each of their tokens to the image's experts
+    B, T, D, E = 3, 4, 6, 3
+    probs = torch.randn(B, E).softmax(-1)
+    route_img = route_from_probs(probs, k=2)
+    route_tok = route_from_probs(probs.repeat_interleave(T, 0), k=2)
+    experts = Experts(E, D, 10)
+    x = torch.randn(B, T, D)
+    y_img, _ = SortedDispatcher()(x, route_img, experts)
+    y_tok, _ = SortedDispatcher()(x.reshape(B * T, D), route_tok, experts)
+    torch.testing.assert_close(y_img.reshape(B * T, D), y_tok, rtol=0, atol=1e-6)
+
+
+def test_gradients_reach_router_weights_and_experts():
+    S, E, D = 12, 4, 6
+    logits = torch.randn(S, E, requires_grad=True)
+    probs = logits.softmax(-1)
+    w, i = probs.topk(2, -1)
+    from visionmoe.moe import RouterOutput
+
+    route = RouterOutput(indices=i, weights=w, probs=probs, logits=logits)
+    experts = Experts(E, D, 8)
+    x = torch.randn(S, D, requires_grad=True)
+    y, _ = SortedDispatcher()(x, route, experts)
+    y.pow(2).sum().backward()
+    assert logits.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
+    assert experts.fc1_weight.grad.abs().sum() > 0 and experts.fc2_bias.grad.abs().sum() > 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    s=st.integers(1, 50),
+    e=st.integers(1, 8),
+    cf=st.one_of(st.none(), st.floats(0.1, 3.0)),
+    bpr=st.booleans(),
+    data=st.data(),
+)
+def test_dispatch_invariants(s, e, cf, bpr, data):
+    k = data.draw(st.integers(1, e))
+    probs = torch.randn(s, e).softmax(-1)
+    route = route_from_probs(probs, k=k)
+    experts = Experts(e, 4, 6)
+    x = torch.randn(s, 4)
+    y, info = SortedDispatcher(capacity_factor=cf, bpr=bpr).train()(x, route, experts)
+    assert torch.isfinite(y).all() and y.shape == x.shape
+    # no assignment lost or invented
+    assert int(info.counts.sum()) == s * k
+    assert int(info.kept.sum()) == int(info.kept_counts.sum())
+    if cf is None:
+        assert bool(info.kept.all())
+    else:
+        cap = compute_capacity(s, k, e, cf)
+        assert int(info.kept_counts.max()) <= cap
+        # an expert drops only when full
+        full = info.kept_counts == cap
+        assert bool(((info.counts > info.kept_counts) <= full).all())
+    torch.testing.assert_close(y, reference_moe(x, route, experts, info.kept), rtol=1e-4, atol=1e-5)
