@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+
+import yaml
 
 __all__ = ["main"]
 
@@ -24,19 +28,83 @@ def _cmd_list_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_from_checkpoint(path: str):
+    from ..train import build_model, config_from_dict, load_checkpoint
+
+    ck = load_checkpoint(path)
+    st = ck["state"]
+    cfg = config_from_dict(st["config"])
+    model = build_model(cfg, num_classes=st["num_classes"], in_chans=st["in_chans"])
+    model.load_state_dict(ck["model"])
+    return model, cfg, st, ck
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import torch
 
     from ..models import count_parameters, create_model
 
-    with torch.device("meta"):
-        model = create_model(args.model)
+    if Path(args.model).is_file():
+        model, cfg, st, _ = _model_from_checkpoint(args.model)
+        print(f"checkpoint {args.model}: model {cfg.model.name}, step {st['step']}, data {cfg.data.name} "
+              f"({st['num_classes']} classes, {st['in_chans']} channels, {st['img_size']} px)")
+        name = cfg.model.name
+    else:
+        with torch.device("meta"):
+            model = create_model(args.model)
+        name = args.model
     c = count_parameters(model)
-    print(f"{args.model}: {c['total'] / 1e6:.2f}M parameters, {c['active'] / 1e6:.2f}M active per token")
+    print(f"{name}: {c['total'] / 1e6:.2f}M parameters, {c['active'] / 1e6:.2f}M active per token")
     if getattr(model, "is_moe", False):
         cfg = model.moe_config
         print(f"MoE blocks {model.moe_blocks}: {cfg.num_experts} experts, top-{cfg.top_k}, router {cfg.router}, "
               f"routing {cfg.routing}, capacity factor {cfg.capacity_factor} (eval {cfg.eval_capacity_factor})")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ..train import Trainer, load_config
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).exists():
+        config, overrides = None, [config, *overrides]  # only overrides were given
+    cfg = load_config(config, overrides)
+    trainer = Trainer(cfg, run_dir=args.run_dir)
+    summary = trainer.fit(resume=args.resume)
+    print(json.dumps({k: v for k, v in summary.items() if k != "routing"}, indent=2))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from ..data import adapt, load_dataset
+    from ..train import Trainer
+
+    model, cfg, st, _ = _model_from_checkpoint(args.checkpoint)
+    if args.data:
+        cfg.data.name = args.data
+        cfg.data.args = {}
+    for item in args.data_arg:
+        k, v = item.split("=", 1)
+        cfg.data.args[k] = yaml.safe_load(v)
+    data = load_dataset(cfg.data.name, **cfg.data.args)
+    if data.num_classes != st["num_classes"]:
+        raise ValueError(f"the checkpoint predicts {st['num_classes']} classes but {data.name!r} has "
+                         f"{data.num_classes}; evaluate on a data set with the same classes")
+    cfg.run.progress = False
+    trainer = Trainer(cfg, data=data, model=model, run_dir=Path(args.checkpoint).parent)
+    trainer._x_test = adapt(data.x_test, channels=st["in_chans"], size=st["img_size"])
+    res = trainer.evaluate(model)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def _cmd_list_data(args: argparse.Namespace) -> int:
+    from ..data import list_datasets
+
+    for name, info in list_datasets().items():
+        print(f"{name:14s} {info.description}  [licence: {info.licence}]")
     return 0
 
 
@@ -55,8 +123,24 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'vmoe*'")
     lm.set_defaults(fn=_cmd_list_models)
 
-    info = sub.add_parser("info", help="parameters (total and active) and MoE layout of a model variant")
-    info.add_argument("model")
+    t = sub.add_parser("train", help="train from a YAML config with key=value overrides")
+    t.add_argument("config", nargs="?", default=None, help="YAML experiment file (configs/...)")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. moe.num_experts=16 optim.lr=5e-4")
+    t.add_argument("--run-dir", default=None, help="run folder (default run.out_dir/run.name)")
+    t.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    t.set_defaults(fn=_cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint on its data set or another one")
+    ev.add_argument("checkpoint")
+    ev.add_argument("--data", default=None, help="data set name (default: the one it was trained on)")
+    ev.add_argument("--data-arg", action="append", default=[], help="loader argument key=value, repeatable")
+    ev.set_defaults(fn=_cmd_eval)
+
+    ld = sub.add_parser("list-data", help="list the data sets")
+    ld.set_defaults(fn=_cmd_list_data)
+
+    info = sub.add_parser("info", help="parameters (total and active) and MoE layout of a model or checkpoint")
+    info.add_argument("model", help="a registered model name or a checkpoint file")
     info.set_defaults(fn=_cmd_info)
     return p
 

@@ -1,10 +1,42 @@
-"""Real images that ship offline inside packages, as tensors.
+"""Real images that ship offline inside packages, users' own folders, mixtures and transforms.
 
-(The full data-set layer — Fashion-MNIST, MNIST, textures, faces, photos, image folders,
-mixtures, transforms — is tracked in the data issue; this module starts with the sources
-the demo needs.)
+Every source loads into memory as :class:`TensorSplits` (float images in [0, 1],
+``(N, C, H, W)``, long labels, class names); :func:`adapt` makes any of them fit any model.
 """
 
-from .sources import TensorSplits, load_digits, load_fashion_mnist, read_idx
+from .folder import load_image_folder
+from .mixture import Mixture, make_mixture
+from .registry import DATASETS, list_datasets, load_dataset
+from .sources import (
+    TensorSplits,
+    from_numpy,
+    load_digits,
+    load_faces,
+    load_fashion_mnist,
+    load_mnist5k,
+    load_photos,
+    load_textures,
+    read_idx,
+)
+from .transforms import ImageTensorDataset, adapt, build_train_transform
 
-__all__ = ["TensorSplits", "load_digits", "load_fashion_mnist", "read_idx"]
+__all__ = [
+    "TensorSplits",
+    "DATASETS",
+    "list_datasets",
+    "load_dataset",
+    "load_digits",
+    "load_fashion_mnist",
+    "load_mnist5k",
+    "load_textures",
+    "load_faces",
+    "load_photos",
+    "load_image_folder",
+    "from_numpy",
+    "read_idx",
+    "Mixture",
+    "make_mixture",
+    "adapt",
+    "build_train_transform",
+    "ImageTensorDataset",
+]

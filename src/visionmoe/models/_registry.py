@@ -97,6 +97,7 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
 
 # ---------------------------------------------------------------------------- variants
 _NANO = dict(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3, mlp_ratio=4.0)
+_MINI28 = dict(img_size=28, patch_size=4, in_chans=1, embed_dim=128, depth=6, num_heads=4, mlp_ratio=4.0)
 _TINY = dict(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0)
 _VIT_S16 = dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6)
 _VIT_B16 = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12)
@@ -104,6 +105,8 @@ _VIT_S14_DINOV2 = dict(img_size=518, patch_size=14, embed_dim=384, depth=12, num
 _VMOE = dict(placement="every_2", num_experts=8, top_k=2, noise_std=1.0, capacity_factor=1.05)
 
 register_model("vit_nano_patch4_32", description="CPU-sized dense ViT (D 96, depth 4)", **_NANO)
+register_model("vit_mini_patch4_28", description="CPU-sized dense ViT for 28x28 grey images (D 128, depth 6)",
+               **_MINI28)
 register_model("vit_tiny_patch4_32", description="CPU-sized dense ViT (D 192, depth 6)", **_TINY)
 register_model("vit_small_patch16_224", description="ViT-S/16", **_VIT_S16)
 register_model("vit_base_patch16_224", description="ViT-B/16", **_VIT_B16)
@@ -114,6 +117,12 @@ register_model(
     description="CPU-sized V-MoE: every-2, 4 experts, top-1, dropless",
     moe=dict(placement="every_2", num_experts=4, top_k=1),
     **_NANO,
+)
+register_model(
+    "vmoe_mini_patch4_28",
+    description="CPU-sized V-MoE for 28x28 grey images: every-2, 8 experts, top-2, cf 1.05",
+    moe=dict(_VMOE),
+    **_MINI28,
 )
 register_model(
     "vmoe_tiny_patch4_32",

@@ -55,7 +55,7 @@ def run_demo(*, quick: bool = False, seed: int = 0, out: str | Path = "runs/demo
                   f"per token, MoE blocks {model.moe_blocks}")
     epochs = 8 if quick else 40
     hist = train_classifier(model, data.x_train, data.y_train, epochs=epochs, batch_size=64, lr=2e-3,
-                            img_size=img, seed=seed, progress=progress, description="train V-MoE")
+                            warmup_epochs=1, img_size=img, seed=seed, progress=progress)
     xt = torch.nn.functional.interpolate(data.x_test, size=(img, img), mode="bilinear", align_corners=False)
     acc = evaluate(model, xt, data.y_test)
     model.eval()

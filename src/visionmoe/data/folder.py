@@ -1,0 +1,82 @@
+"""A user's folder of class sub-folders, read with torchvision's ``ImageFolder`` (PIL)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .sources import TensorSplits, _split
+
+__all__ = ["load_image_folder"]
+
+
+def load_image_folder(
+    root: str | Path,
+    *,
+    size: int = 32,
+    channels: int = 3,
+    test_root: str | Path | None = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    on_error: str = "skip",
+) -> TensorSplits:
+    """Load ``root/<class>/<image>`` (RGB or greyscale, any PIL format), resized to
+    ``size x size``, into memory.
+
+    Args:
+        root: the training folder (or the only folder, split by ``test_fraction``).
+        test_root: an optional separate test folder with the same class names.
+        channels: 1 (greyscale) or 3 (RGB).
+        on_error: ``"skip"`` (default) counts and reports unreadable files and goes on;
+            ``"raise"`` stops at the first one.
+    """
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    if on_error not in ("skip", "raise"):
+        raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+
+    def _read(folder):
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"image folder {folder} does not exist")
+        try:
+            ds = ImageFolder(str(folder), loader=lambda p: p)  # paths only; we read them below
+        except FileNotFoundError as e:
+            raise ValueError(
+                f"{folder} holds no images in class sub-folders (expected {folder}/<class>/<image>.png): {e}"
+            ) from e
+        xs, ys, bad = [], [], []
+        mode = "L" if channels == 1 else "RGB"
+        for path, label in ds.samples:
+            try:
+                with Image.open(path) as im:
+                    im = im.convert(mode).resize((size, size), Image.BILINEAR)
+                    arr = np.asarray(im, dtype=np.float32) / 255.0
+            except Exception as e:  # noqa: BLE001 - any unreadable file is reported, not fatal
+                if on_error == "raise":
+                    raise ValueError(f"cannot read image {path}: {e}") from e
+                bad.append(path)
+                continue
+            xs.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
+            ys.append(label)
+        if bad:
+            warnings.warn(f"skipped {len(bad)} unreadable file(s) in {folder}, e.g. {bad[0]}", stacklevel=3)
+        if not xs:
+            raise ValueError(f"no readable images in {folder}")
+        return np.stack(xs), np.asarray(ys, dtype=np.int64), ds.classes, len(bad)
+
+    x, y, classes, _ = _read(root)
+    if test_root is not None:
+        xte, yte, test_classes, _ = _read(test_root)
+        if test_classes != classes:
+            raise ValueError(f"test folder classes {test_classes} differ from training classes {classes}")
+        xtr, ytr = x, y
+    else:
+        xtr, ytr, xte, yte = _split(x, y, test_fraction, seed)
+    return TensorSplits(Path(root).name, *map(torch.from_numpy, (xtr, ytr, xte, yte)), list(classes))

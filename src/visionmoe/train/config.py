@@ -1,0 +1,262 @@
+"""Experiment configs: YAML (``yaml.safe_load``) validated into dataclasses.
+
+Unknown keys and wrong types are rejected with the key path and a close-match
+suggestion; ``key.sub=value`` overrides (values parsed as YAML) apply on top.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from ..moe.config import MoEConfig
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "DataConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "RunConfig",
+    "ExperimentConfig",
+    "load_config",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+]
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key path."""
+
+
+@dataclass
+class ModelConfig:
+    """``name``: a registered variant (``visionmoe list-models``); ``args``: overrides passed to
+    ``create_model`` (``num_classes`` and ``in_chans`` default to the data set's);
+    ``dense``: drop the variant's MoE layers."""
+
+    name: str = "vit_tiny_patch4_32"
+    args: dict[str, Any] = field(default_factory=dict)
+    dense: bool = False
+
+
+@dataclass
+class DataConfig:
+    """``name``: a data set (``visionmoe list-data``); ``args``: loader arguments (``root``,
+    ``limit``...); images are adapted to ``img_size`` / ``channels`` (default: the model's)."""
+
+    name: str = "fashion_mnist"
+    args: dict[str, Any] = field(default_factory=dict)
+    img_size: int | None = None
+    channels: int | None = None
+    augment: Literal["none", "basic", "flip", "rrc"] = "basic"
+    batch_size: int = 128
+    eval_batch_size: int = 512
+
+
+@dataclass
+class OptimConfig:
+    """``name``: any timm optimizer (``adamw``, ``sgd``, ``lamb``...)."""
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    layer_decay: float | None = None
+    router_lr_scale: float = 1.0
+    clip_grad: float | None = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    """Linear warm-up then cosine decay to ``min_lr``, stepped every update."""
+
+    epochs: float = 10.0
+    warmup_epochs: float = 1.0
+    min_lr: float = 1e-6
+    max_steps: int | None = None
+
+
+@dataclass
+class RunConfig:
+    """Run-level settings: seeds, numerics, logging and checkpoints."""
+
+    seed: int = 0
+    deterministic: bool = False
+    label_smoothing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    ema_decay: float | None = None
+    amp: Literal["none", "bf16"] = "none"
+    compile: bool = False
+    log_every: int = 50
+    eval_every_epochs: float = 1.0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    out_dir: str = "runs"
+    name: str | None = None
+    tensorboard: bool = False
+    progress: bool = True
+    threads: int | None = None
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole experiment. ``moe`` holds :class:`~visionmoe.moe.MoEConfig` fields merged onto
+    the model variant's MoE settings (``moe.num_experts=16`` on the command line)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    objective: Literal["classification"] = "classification"
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        moe_fields = {f.name for f in dataclasses.fields(MoEConfig)}
+        for key in self.moe:
+            if key not in moe_fields:
+                raise ConfigError(_unknown_msg(f"moe.{key}", key, moe_fields))
+
+
+def _unknown_msg(path: str, key: str, choices) -> str:
+    close = difflib.get_close_matches(key, sorted(choices), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return f"unknown config key {path!r}.{hint} Valid keys here: {', '.join(sorted(choices))}"
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _check(value, option, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{path}: must be one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return _from_dict(tp, value, path + ".")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_check(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 5e-4 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{path}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _from_dict(cls, d: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in d:
+        if key not in names:
+            raise ConfigError(_unknown_msg(prefix + str(key), str(key), names))
+    kwargs = {k: _check(v, hints[k], prefix + k) for k, v in d.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from e
+
+
+def config_from_dict(d: dict | None) -> ExperimentConfig:
+    """Validate a plain dict into an :class:`ExperimentConfig`."""
+    cfg = _from_dict(ExperimentConfig, d or {})
+    if cfg.moe:  # validate MoE fields and values early, with their own clear errors
+        try:
+            MoEConfig.from_dict({**MoEConfig().to_dict(), **cfg.moe})
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+    return cfg
+
+
+def config_to_dict(cfg: ExperimentConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (values parsed with ``yaml.safe_load``) to a dict."""
+    d = yaml.safe_load(yaml.safe_dump(d)) or {}  # deep copy with plain types
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else None
+        parts = key.strip().split(".")
+        node = d
+        for p in parts[:-1]:
+            if node.get(p) is None:
+                node[p] = {}
+            if not isinstance(node[p], dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+            node = node[p]
+        node[parts[-1]] = value
+    return d
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment file (safe loader only), apply overrides, validate."""
+    d: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML (only plain YAML is accepted): {e}") from e
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    return config_from_dict(apply_overrides(d, list(overrides or [])))

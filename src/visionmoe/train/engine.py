@@ -1,0 +1,340 @@
+"""The training engine: one ``Trainer`` for every objective, MoE-aware, exactly resumable.
+
+Axis legend: B images in a batch, C channels, H/W image size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor, nn
+
+from ..data import TensorSplits, adapt, build_train_transform, load_dataset
+from ..models import count_parameters, create_model
+from ..moe.layer import collect_aux_loss, collect_routing_stats
+from ..objectives import ClassificationObjective
+from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from .config import ExperimentConfig, config_from_dict, config_to_dict
+
+__all__ = ["Trainer", "build_model", "build_optimizer", "cosine_lr", "seed_everything"]
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed python, numpy and torch; optionally make torch use deterministic algorithms."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - seeds the legacy global RNG that third-party code uses
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def cosine_lr(step: int, *, base: float, total: int, warmup: int, min_lr: float = 0.0) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay from ``base`` to ``min_lr``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + (base - min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def build_model(cfg: ExperimentConfig, *, num_classes: int, in_chans: int) -> nn.Module:
+    """The model an experiment describes: variant + args + MoE overrides (or dense)."""
+    args = {"num_classes": num_classes, "in_chans": in_chans, **cfg.model.args}
+    if cfg.model.dense:
+        args["moe"] = None
+    elif cfg.moe:
+        args["moe"] = dict(cfg.moe)
+    return create_model(cfg.model.name, **args)
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    """timm optimizer over parameter groups: no weight decay on 1-d parameters and
+    ``model.no_weight_decay()``; optional layer-wise lr decay (timm); router parameters get
+    ``router_lr_scale`` times the lr."""
+    from timm.optim import create_optimizer_v2
+    from timm.optim._param_groups import param_groups_layer_decay, param_groups_weight_decay
+
+    no_wd = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    if cfg.layer_decay is not None:
+        groups = param_groups_layer_decay(model, cfg.weight_decay, no_weight_decay_list=no_wd,
+                                          layer_decay=cfg.layer_decay)
+    else:
+        groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=no_wd)
+    router_ids = {id(p) for n, p in model.named_parameters() if ".router." in n}
+    out = []
+    for g in groups:
+        params = list(g["params"])
+        rest = {k: v for k, v in g.items() if k != "params"}
+        plain = [p for p in params if id(p) not in router_ids]
+        routed = [p for p in params if id(p) in router_ids]
+        if plain:
+            out.append({**rest, "params": plain})
+        if routed:
+            out.append({**rest, "params": routed, "lr_scale": rest.get("lr_scale", 1.0) * cfg.router_lr_scale})
+    kwargs = {"momentum": cfg.momentum} if cfg.name in ("sgd", "momentum", "nesterov") else {}
+    return create_optimizer_v2(out, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
+
+
+class Trainer:
+    """Train and evaluate a model described by an :class:`ExperimentConfig`.
+
+    Args:
+        cfg: the experiment.
+        run_dir: where logs, config and checkpoints go (default ``run.out_dir/run.name``).
+        data: pre-loaded data (default: ``load_dataset(cfg.data.name, **cfg.data.args)``).
+        model: a pre-built model (default: :func:`build_model`).
+    """
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig | dict,
+        *,
+        run_dir: str | Path | None = None,
+        data: TensorSplits | None = None,
+        model: nn.Module | None = None,
+    ) -> None:
+        self.cfg = cfg if isinstance(cfg, ExperimentConfig) else config_from_dict(cfg)
+        c = self.cfg
+        if c.run.threads:
+            torch.set_num_threads(c.run.threads)
+        seed_everything(c.run.seed, c.run.deterministic)
+        self.data = data if data is not None else load_dataset(c.data.name, **c.data.args)
+        if len(self.data.x_train) == 0:
+            raise ValueError(f"data set {self.data.name!r} has no training images")
+        self.channels = c.data.channels or self.data.x_train.shape[1]
+        self.model = model if model is not None else build_model(
+            c, num_classes=self.data.num_classes, in_chans=self.channels)
+        pe = getattr(self.model, "patch_embed", None)
+        default_size = pe.img_size[0] if pe is not None and getattr(pe, "img_size", None) else None
+        self.img_size = c.data.img_size or default_size or self.data.x_train.shape[-1]
+        if c.objective != "classification":  # pragma: no cover - other objectives plug in here
+            raise ValueError(f"objective {c.objective!r} is not available yet")
+        self.objective = ClassificationObjective(self.data.num_classes, label_smoothing=c.run.label_smoothing,
+                                                 mixup=c.run.mixup, cutmix=c.run.cutmix)
+        self.optimizer = build_optimizer(self.model, c.optim)
+        self.ema = None
+        if c.run.ema_decay:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.model, decay=c.run.ema_decay)
+        self.train_model = torch.compile(self.model) if c.run.compile else self.model
+        self.transform = build_train_transform(c.data.augment, self.img_size)
+        self.steps_per_epoch = max(1, len(self.data.x_train) // c.data.batch_size)
+        self.total_steps = c.schedule.max_steps or max(1, math.ceil(c.schedule.epochs * self.steps_per_epoch))
+        self.warmup_steps = min(round(c.schedule.warmup_epochs * self.steps_per_epoch), self.total_steps // 2)
+        self.step = 0
+        self.run_dir = Path(run_dir) if run_dir else Path(c.run.out_dir) / (
+            c.run.name or f"{c.model.name}-{self.data.name}-{datetime.now():%Y%m%d-%H%M%S}")
+        self._x_train = adapt(self.data.x_train, channels=self.channels, size=self.img_size)
+        self._x_test = adapt(self.data.x_test, channels=self.channels, size=self.img_size)
+
+    # ---------------------------------------------------------------- pieces
+    def lr_at(self, step: int) -> float:
+        s = self.cfg.schedule
+        return cosine_lr(step, base=self.cfg.optim.lr, total=self.total_steps, warmup=self.warmup_steps,
+                         min_lr=s.min_lr)
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        """The training batch of a given step: a fixed permutation per epoch (seed, epoch)."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        g = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self._x_train), generator=g)
+        bs = self.cfg.data.batch_size
+        idx = order[i * bs : (i + 1) * bs]
+        x = self._x_train[idx]
+        if self.transform is not None:
+            x = torch.stack([self.transform(img) for img in x])
+        return x, self.data.y_train[idx]
+
+    def _autocast(self):
+        if self.cfg.run.amp == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def routing_stats(self, model: nn.Module | None = None) -> dict[str, dict]:
+        model = model or self.model
+        fn = getattr(model, "routing_stats", None)
+        return fn() if callable(fn) else collect_routing_stats(model)
+
+    def aux_loss(self) -> Tensor:
+        fn = getattr(self.model, "moe_aux_loss", None)
+        return fn() if callable(fn) else collect_aux_loss(self.model)
+
+    def train_step(self, batch: tuple[Tensor, Tensor]) -> dict[str, float]:
+        self.train_model.train()
+        lr = self.lr_at(self.step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        with self._autocast():
+            out = self.objective(self.train_model, batch)
+            aux = self.aux_loss()
+        loss = out["loss"] + aux
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = None
+        if self.cfg.optim.clip_grad:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad))
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)
+        self.step += 1
+        metrics = {"loss": float(out["loss"].detach()), "aux_loss": float(aux.detach()), "lr": lr}
+        metrics.update({k: float(v) for k, v in out.items() if k != "loss"})
+        if grad_norm is not None:
+            metrics["grad_norm"] = grad_norm
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module | None = None) -> dict[str, Any]:
+        """Test accuracy and loss, and routing statistics over the whole test set."""
+        model = model or (self.ema.module if self.ema is not None else self.model)
+        model.eval()
+        bs = self.cfg.data.eval_batch_size
+        correct, loss_sum, n = 0, 0.0, 0
+        loads: dict[str, list] = {}
+        for i in range(0, len(self._x_test), bs):
+            x, y = self._x_test[i : i + bs], self.data.y_test[i : i + bs]
+            with self._autocast():
+                logits = model(x)
+            correct += int((logits.argmax(-1) == y).sum())
+            loss_sum += float(torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
+            n += len(y)
+            for name, s in self.routing_stats(model).items():
+                loads.setdefault(name, []).append((len(y), s))
+        routing = {}
+        for name, items in loads.items():
+            total = sum(w for w, _ in items)
+            routing[name] = {
+                key: (sum(w * s[key] for w, s in items) / total) for key in ("dropped_fraction", "gate_entropy")
+            }
+            routing[name]["load"] = [
+                round(sum(w * s["load"][e] for w, s in items) / total, 4) for e in range(len(items[0][1]["load"]))]
+        return {"test_acc": correct / max(n, 1), "test_loss": loss_sum / max(n, 1), "routing": routing}
+
+    # ---------------------------------------------------------------- checkpoints
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def save(self) -> Path:
+        path = self.checkpoint_dir / f"step_{self.step:08d}.safetensors"
+        state = {"step": self.step, "config": config_to_dict(self.cfg), "num_classes": self.data.num_classes,
+                 "in_chans": self.channels, "img_size": self.img_size, "classes": list(self.data.classes)}
+        save_checkpoint(path, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                        ema=self.ema.module.state_dict() if self.ema is not None else None, state=state)
+        ckpts = sorted(self.checkpoint_dir.glob("step_*.safetensors"))
+        for old in ckpts[: max(0, len(ckpts) - self.cfg.run.keep_checkpoints)]:
+            old.unlink()
+        return path
+
+    def latest_checkpoint(self) -> Path | None:
+        ckpts = sorted(self.checkpoint_dir.glob("step_*.safetensors"))
+        return ckpts[-1] if ckpts else None
+
+    def load(self, path: str | Path) -> None:
+        ck = load_checkpoint(path)
+        self.model.load_state_dict(ck["model"])
+        if ck["optimizer"] is not None:
+            self.optimizer.load_state_dict(ck["optimizer"])
+        if self.ema is not None and ck["ema"] is not None:
+            self.ema.module.load_state_dict(ck["ema"])
+        if ck["rng"] is not None:
+            set_rng_state(*ck["rng"])
+        self.step = int(ck["state"]["step"])
+
+    # ---------------------------------------------------------------- loop
+    def _log(self, record: dict) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _truncate_log(self) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
+            keep = [ln for ln in path.read_text().splitlines() if json.loads(ln).get("step", 0) <= self.step]
+            path.write_text("".join(ln + "\n" for ln in keep))
+
+    def fit(self, *, resume: bool | str | Path = False, stop_after: int | None = None) -> dict[str, Any]:
+        """Train to ``total_steps`` (or stop early after ``stop_after`` steps, e.g. to test
+        resumption); ``resume=True`` continues from the run's latest checkpoint."""
+        c = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(c), sort_keys=False))
+        if resume:
+            path = self.latest_checkpoint() if resume is True else Path(resume)
+            if path is None:
+                raise FileNotFoundError(f"nothing to resume: no checkpoint in {self.checkpoint_dir}")
+            self.load(path)
+            self._truncate_log()
+        elif (self.run_dir / "metrics.jsonl").exists():
+            (self.run_dir / "metrics.jsonl").unlink()
+        tb = None
+        if c.run.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            except ImportError:
+                print("tensorboard is not installed; logging to metrics.jsonl only")
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        cols = [TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+        eval_every = max(1, round(c.run.eval_every_epochs * self.steps_per_epoch))
+        end = self.total_steps if stop_after is None else min(self.total_steps, self.step + stop_after)
+        t0, seen, start_step = time.perf_counter(), 0, self.step
+        last_eval: dict[str, Any] = {}
+        with Progress(*cols, disable=not c.run.progress) as bar:
+            task = bar.add_task("train", total=self.total_steps, completed=self.step, info="")
+            while self.step < end:
+                batch = self.batch(self.step)
+                m = self.train_step(batch)
+                seen += len(batch[0])
+                ips = seen / (time.perf_counter() - t0)
+                bar.update(task, advance=1, info=f"loss {m['loss']:.3f} acc {m.get('acc', 0):.2f} {ips:.0f} img/s")
+                if self.step % c.run.log_every == 0 or self.step == self.total_steps:
+                    rec = {"step": self.step, "epoch": self.step / self.steps_per_epoch, **m, "img_per_s": ips,
+                           "routing": self.routing_stats()}
+                    self._log(rec)
+                    if tb is not None:
+                        for k, v in m.items():
+                            tb.add_scalar(f"train/{k}", v, self.step)
+                if self.step % eval_every == 0 or self.step == self.total_steps:
+                    last_eval = self.evaluate()
+                    self._log({"step": self.step, "epoch": self.step / self.steps_per_epoch,
+                               **{k: v for k, v in last_eval.items()}})
+                    bar.console.print(f"step {self.step}: test acc {last_eval['test_acc']:.4f}")
+                    if tb is not None:
+                        tb.add_scalar("test/acc", last_eval["test_acc"], self.step)
+                if self.step % c.run.checkpoint_every == 0 or self.step == end:
+                    self.save()
+        elapsed = time.perf_counter() - t0
+        summary = {"run_dir": str(self.run_dir), "step": self.step, "total_steps": self.total_steps,
+                   "finished": self.step >= self.total_steps, "train_seconds": elapsed,
+                   "train_img_per_s": seen / elapsed if elapsed > 0 else 0.0,
+                   "steps_this_session": self.step - start_step,
+                   "params": count_parameters(self.model), **last_eval}
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self._write_csv()
+        if tb is not None:
+            tb.close()
+        return summary
+
+    def _write_csv(self) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        rows = [json.loads(ln) for ln in path.read_text().splitlines()]
+        keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float))})
+        lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in rows]
+        (self.run_dir / "metrics.csv").write_text("\n".join(lines) + "\n")

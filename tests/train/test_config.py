@@ -1,0 +1,55 @@
+from pathlib import Path
+
+import pytest
+
+from visionmoe.train import ConfigError, apply_overrides, config_from_dict, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_every_config_file_validates(path):
+    cfg = load_config(path)
+    from visionmoe.models import list_models
+
+    assert cfg.model.name in list_models()
+
+
+def test_unknown_keys_name_the_path_and_suggest():
+    with pytest.raises(ConfigError, match=r"'optim.lrr'.*Did you mean 'lr'"):
+        config_from_dict({"optim": {"lrr": 0.1}})
+    with pytest.raises(ConfigError, match=r"'moe.topk'.*Did you mean 'top_k'"):
+        config_from_dict({"moe": {"topk": 2}})
+    with pytest.raises(ConfigError, match=r"'dataa'.*Did you mean 'data'"):
+        config_from_dict({"dataa": {}})
+
+
+def test_wrong_types_are_rejected():
+    with pytest.raises(ConfigError, match=r"optim.lr: expected a number"):
+        config_from_dict({"optim": {"lr": "fast"}})
+    with pytest.raises(ConfigError, match=r"data.batch_size: expected an integer"):
+        config_from_dict({"data": {"batch_size": 1.5}})
+    with pytest.raises(ConfigError, match=r"data.augment: must be one of"):
+        config_from_dict({"data": {"augment": "heavy"}})
+    with pytest.raises(ConfigError, match="top_k"):
+        config_from_dict({"moe": {"num_experts": 2, "top_k": 3}})
+    cfg = config_from_dict({"optim": {"lr": 1}})  # ints are fine where floats are expected
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+
+
+def test_dotted_overrides():
+    d = apply_overrides({"optim": {"lr": 0.1}}, ["optim.lr=5e-4", "moe.num_experts=16", "run.ema_decay=null",
+                                                 "model.args.img_size=28"])
+    assert config_from_dict(d).optim.lr == 5e-4 and d["moe"]["num_experts"] == 16 and d["run"]["ema_decay"] is None
+    assert d["model"]["args"]["img_size"] == 28
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        apply_overrides({}, ["optim.lr"])
+
+
+def test_yaml_with_python_tags_is_refused(tmp_path):
+    p = tmp_path / "evil.yaml"
+    p.write_text("optim: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "missing.yaml")

@@ -1,0 +1,98 @@
+import json
+import math
+
+import pytest
+import torch
+
+from visionmoe.data import load_dataset
+from visionmoe.train import Trainer, build_optimizer, config_from_dict, cosine_lr, load_checkpoint, save_checkpoint
+
+QUICK = {
+    "model": {"name": "vmoe_nano_patch4_32", "args": {"img_size": 8, "patch_size": 2, "embed_dim": 24, "depth": 2}},
+    "moe": {"num_experts": 4, "top_k": 2, "noise_std": 1.0, "capacity_factor": 1.0},
+    "data": {"name": "digits", "augment": "basic", "batch_size": 32},
+    "optim": {"lr": 0.003},
+    "schedule": {"epochs": 1, "warmup_epochs": 0.2},
+    "run": {"progress": False, "log_every": 5, "checkpoint_every": 1000, "eval_every_epochs": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    d = load_dataset("digits")
+    d.x_train, d.y_train = d.x_train[:320], d.y_train[:320]
+    return d
+
+
+def test_cosine_lr_hand_values():
+    assert cosine_lr(0, base=1.0, total=10, warmup=2) == 0.5
+    assert cosine_lr(1, base=1.0, total=10, warmup=2) == 1.0
+    assert cosine_lr(2, base=1.0, total=10, warmup=2) == 1.0
+    assert cosine_lr(6, base=1.0, total=10, warmup=2) == pytest.approx(0.5)
+    assert cosine_lr(10, base=1.0, total=10, warmup=2, min_lr=0.1) == pytest.approx(0.1)
+
+
+def test_optimizer_groups_router_lr_and_no_decay():
+    cfg = config_from_dict({**QUICK, "optim": {"lr": 0.01, "router_lr_scale": 0.1, "weight_decay": 0.05}})
+    t = Trainer(cfg, data=load_dataset("digits"), run_dir="unused")
+    opt = build_optimizer(t.model, cfg.optim)
+    names = {id(p): n for n, p in t.model.named_parameters()}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            n = names[id(p)]
+            if ".router." in n:
+                assert g["lr_scale"] == pytest.approx(0.1)
+            if p.ndim <= 1 or n in ("pos_embed", "cls_token"):
+                assert g["weight_decay"] == 0.0, n
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(t.model.parameters()))
+
+
+def test_resume_gives_identical_weights(tmp_path, digits):
+    full = Trainer(config_from_dict(QUICK), run_dir=tmp_path / "full", data=digits)
+    full.fit()
+    part = Trainer(config_from_dict(QUICK), run_dir=tmp_path / "part", data=digits)
+    part.fit(stop_after=4)  # "killed" after 4 of 10 steps, checkpoint written
+    assert part.step == 4
+    resumed = Trainer(config_from_dict(QUICK), run_dir=tmp_path / "part", data=digits)
+    s = resumed.fit(resume=True)
+    assert s["finished"] and resumed.step == full.step == 10
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    # the log of the resumed run has each step once
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(ln)]
+    assert steps == sorted(set(steps))
+
+
+def test_resume_without_checkpoint_is_clear(tmp_path, digits):
+    t = Trainer(config_from_dict(QUICK), run_dir=tmp_path / "none", data=digits)
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        t.fit(resume=True)
+
+
+def test_checkpoint_round_trip_and_corruption(tmp_path):
+    model = {"w": torch.randn(3, 4)}
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.randn(2))])
+    opt.param_groups[0]["params"][0].grad = torch.ones(2)
+    opt.step()
+    p = save_checkpoint(tmp_path / "c.safetensors", model=model, optimizer=opt.state_dict(), state={"step": 7})
+    ck = load_checkpoint(p)
+    assert torch.equal(ck["model"]["w"], model["w"]) and ck["state"]["step"] == 7
+    torch.testing.assert_close(ck["optimizer"]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert not list(tmp_path.glob("*.tmp"))  # no temp files left behind
+    data = p.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt"):
+        load_checkpoint(tmp_path / "trunc.safetensors")
+
+
+def test_training_run_beats_chance_and_writes_outputs(tmp_path, digits):
+    cfg = config_from_dict({**QUICK, "schedule": {"epochs": 8, "warmup_epochs": 1}, "data": {
+        "name": "digits", "augment": "none", "batch_size": 32}, "run": {**QUICK["run"], "ema_decay": 0.9}})
+    t = Trainer(cfg, run_dir=tmp_path / "run", data=load_dataset("digits"))
+    s = t.fit()
+    assert s["test_acc"] > 0.3, s["test_acc"]  # chance 0.1
+    assert math.isfinite(s["train_img_per_s"])
+    for f in ("config.yaml", "metrics.jsonl", "metrics.csv", "summary.json"):
+        assert (tmp_path / "run" / f).exists()
+    assert set(s["routing"]) == {"blocks.1", "blocks.3"} or set(s["routing"]) == {"blocks.1"}
