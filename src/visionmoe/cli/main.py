@@ -100,6 +100,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from ..bench import run_from_args
+
+    run_from_args(args)
+    return 0
+
+
 def _cmd_list_data(args: argparse.Namespace) -> int:
     from ..data import list_datasets
 
@@ -135,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", default=None, help="data set name (default: the one it was trained on)")
     ev.add_argument("--data-arg", action="append", default=[], help="loader argument key=value, repeatable")
     ev.set_defaults(fn=_cmd_eval)
+
+    from ..bench import build_parser as bench_parser
+
+    b = bench_parser(sub.add_parser("bench", help="time MoE layers against dense, the naive loop and peers"))
+    b.set_defaults(fn=_cmd_bench)
 
     ld = sub.add_parser("list-data", help="list the data sets")
     ld.set_defaults(fn=_cmd_list_data)

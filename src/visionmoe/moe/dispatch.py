@@ -130,11 +130,16 @@ class SortedDispatcher(nn.Module):
 
         unit = kept_perm % num_units  # (N,)
         w = route.weights.t().reshape(-1)[kept_perm].to(x.dtype)  # (N,)
-        xs = x.index_select(0, unit)  # (N, *P)
-        rows_per_unit = xs[0].numel() // x.shape[-1] if xs.shape[0] else 1
-        ys = experts(xs.reshape(-1, x.shape[-1]), (kept_counts * rows_per_unit).tolist()).view_as(xs)
-        ys = ys * w.view(-1, *([1] * (x.dim() - 1)))
-        y = torch.zeros_like(x).index_add(0, unit, ys)  # (S, *P)
+        dim = x.shape[-1]
+        rows_per_unit = x[0].numel() // dim if num_units else 1  # tokens per unit (T for images)
+        if rows_per_unit > 1:  # whole images: every token of a kept image, in order
+            rows = (unit[:, None] * rows_per_unit + torch.arange(rows_per_unit, device=device)).reshape(-1)
+            w = w.repeat_interleave(rows_per_unit)
+        else:
+            rows = unit
+        x_flat = x.reshape(-1, dim)  # (S*T, D)
+        ys = experts.forward_gathered(x_flat, rows, kept_counts * rows_per_unit)  # (N*T, D)
+        y = torch.zeros_like(x_flat).index_add(0, rows, ys * w.unsqueeze(-1)).view_as(x)  # (S, *P)
 
         kept = torch.zeros(n_assign, dtype=torch.bool, device=device)
         kept[kept_perm] = True

@@ -13,7 +13,127 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Experts"]
+__all__ = ["Experts", "grouped_mm_available", "IMPLS"]
+
+#: expert kernels: auto picks fused on CPU (and whenever dropout is off), grouped on CUDA
+IMPLS = ("auto", "fused", "grouped", "split")
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: ``torch._grouped_mm``'s
+    backward rejects stride-0 (expanded) gradients such as the one of ``y.sum()``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+def _contiguous_grad(x: Tensor) -> Tensor:
+    return _ContiguousGrad.apply(x) if x.requires_grad else x
+
+
+class _FusedSortedMLP(torch.autograd.Function):
+    """Gather rows, run each expert's MLP on its contiguous chunk, return the sorted outputs.
+
+    Saves only the (unsorted) input ``x``, the row index and the pre-activation ``h``:
+    the gathered rows and the activation are recomputed in backward (as megablocks does),
+    so the layer keeps less for backward than the dense MLP it replaces. Outputs and
+    gradients equal the plain autograd path (tested).
+    """
+
+    @staticmethod
+    def forward(ctx, x, rows, counts, act, w1, b1, w2, b2):  # x: (M, D), rows: (N,) -> (N, D)
+        xs = x.index_select(0, rows)  # (N, D)
+        n, num_experts = xs.shape[0], w1.shape[0]
+        h = xs.new_empty(n, w1.shape[1])  # (N, H) pre-activation
+        ys = xs.new_empty(n, w2.shape[1])  # (N, D)
+        start = 0
+        for e in range(num_experts):
+            end = start + counts[e]
+            if end > start:
+                if b1 is None:
+                    torch.mm(xs[start:end], w1[e].t(), out=h[start:end])
+                    torch.mm(act(h[start:end]), w2[e].t(), out=ys[start:end])
+                else:
+                    torch.addmm(b1[e], xs[start:end], w1[e].t(), out=h[start:end])
+                    torch.addmm(b2[e], act(h[start:end]), w2[e].t(), out=ys[start:end])
+            start = end
+        ctx.save_for_backward(x, rows, h, w1, w2)
+        ctx.counts, ctx.act, ctx.has_bias = counts, act, b1 is not None
+        return ys
+
+    @staticmethod
+    def backward(ctx, grad_ys):  # grad_ys: (N, D)
+        x, rows, h, w1, w2 = ctx.saved_tensors
+        grad_ys = grad_ys.contiguous()
+        xs = x.index_select(0, rows)  # recomputed gather
+        gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)  # every slice is written below
+        gb1 = gw1.new_empty(w1.shape[:2]) if ctx.has_bias else None
+        gb2 = gw2.new_empty(w2.shape[:2]) if ctx.has_bias else None
+        gelu = ctx.act.approximate if type(ctx.act) is nn.GELU else None
+        grad_xs = torch.empty_like(xs)
+        start = 0
+        for e, c in enumerate(ctx.counts):
+            end = start + c
+            if end > start:
+                g = grad_ys[start:end]
+                he = h[start:end]
+                if gelu is not None:  # recompute the activation; its derivative in closed form
+                    torch.mm(g.t(), torch.nn.functional.gelu(he, approximate=gelu), out=gw2[e])
+                    grad_h = torch.ops.aten.gelu_backward(g @ w2[e], he, approximate=gelu)
+                else:  # any other activation: local autograd on the recomputed activation
+                    with torch.enable_grad():
+                        he = he.detach().requires_grad_(True)
+                        a = ctx.act(he)
+                    torch.mm(g.t(), a.detach(), out=gw2[e])
+                    (grad_h,) = torch.autograd.grad(a, he, g @ w2[e])
+                torch.mm(grad_h.t(), xs[start:end], out=gw1[e])
+                torch.mm(grad_h, w1[e], out=grad_xs[start:end])
+                if gb1 is not None:
+                    gb1[e] = grad_h.sum(0)
+                    gb2[e] = g.sum(0)
+            else:
+                gw1[e].zero_()
+                gw2[e].zero_()
+                if gb1 is not None:
+                    gb1[e].zero_()
+                    gb2[e].zero_()
+            start = end
+        grad_x = torch.zeros_like(x).index_add_(0, rows, grad_xs) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None, gw1, gb1, gw2, gb2
+
+
+_GROUPED_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def grouped_mm_available(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> bool:
+    """Whether ``torch._grouped_mm`` runs (forward and backward) here for this device and dtype."""
+    key = (torch.device(device).type, dtype)
+    if key not in _GROUPED_OK:
+        ok = hasattr(torch, "_grouped_mm")
+        if ok:
+            try:
+                a = torch.randn(4, 8, device=device, dtype=dtype, requires_grad=True)
+                b = torch.randn(2, 8, 16, device=device, dtype=dtype, requires_grad=True)
+                offs = torch.tensor([2, 4], device=device, dtype=torch.int32)
+                out = torch._grouped_mm(a, b, offs=offs)
+                out.backward(torch.ones_like(out))
+                ref = torch.cat([a[:2] @ b[0], a[2:] @ b[1]])
+                ok = bool(torch.allclose(out, ref, atol=1e-2, rtol=1e-2))
+            except (RuntimeError, NotImplementedError, TypeError):
+                ok = False
+        _GROUPED_OK[key] = ok
+    return _GROUPED_OK[key]
+
+
+def _grouped_mm_ok(x: Tensor) -> bool:
+    if torch.compiler.is_compiling():  # its meta kernel needs bf16 under compile: use split
+        return False
+    return grouped_mm_available(x.device, x.dtype)
 
 
 class Experts(nn.Module):
@@ -26,6 +146,7 @@ class Experts(nn.Module):
         act_layer: activation module class (default ``nn.GELU``, as timm's ViT).
         bias: use biases (timm's ``Mlp`` does).
         drop: dropout after the activation and after fc2 (timm ``Mlp`` semantics).
+        impl: ``"auto"`` | ``"fused"`` | ``"grouped"`` | ``"split"``, see :meth:`forward_gathered`.
     """
 
     def __init__(
@@ -37,8 +158,12 @@ class Experts(nn.Module):
         act_layer: type[nn.Module] | nn.Module = nn.GELU,
         bias: bool = True,
         drop: float = 0.0,
+        impl: str = "auto",
     ) -> None:
         super().__init__()
+        if impl not in IMPLS:
+            raise ValueError(f"unknown experts impl {impl!r}; choose from {IMPLS}")
+        self.impl = impl
         if num_experts < 1 or dim < 1 or hidden < 1:
             raise ValueError(f"num_experts, dim and hidden must be >= 1, got {num_experts}, {dim}, {hidden}")
         self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
@@ -74,18 +199,63 @@ class Experts(nn.Module):
         h = self.drop(self.act(F.linear(x, self.fc1_weight[e], b1)))
         return self.drop(F.linear(h, self.fc2_weight[e], b2))
 
-    def forward(self, x: Tensor, counts: list[int]) -> Tensor:
-        """Apply expert e to the e-th contiguous chunk of rows.
+    def choose_impl(self, x: Tensor) -> str:
+        """The kernel ``impl="auto"`` uses for inputs like ``x``."""
+        if self.impl != "auto":
+            return self.impl
+        if x.device.type == "cuda" and _grouped_mm_ok(x) and self._aligned(x):
+            return "grouped"
+        if isinstance(self.drop, nn.Identity) and not torch.compiler.is_compiling():
+            return "fused"
+        return "split"
+
+    def _aligned(self, x: Tensor) -> bool:  # grouped_mm needs 16-byte aligned row strides
+        return all(d * x.element_size() % 16 == 0 for d in (self.dim, self.hidden))
+
+    def forward_gathered(self, x: Tensor, rows: Tensor, counts: Tensor | list[int], impl: str | None = None) -> Tensor:
+        """Gather ``x[rows]`` and apply expert e to the e-th contiguous chunk of them.
 
         Args:
-            x: ``(N, D)`` rows sorted by expert.
-            counts: E ints, rows per expert, summing to N.
+            x: ``(M, D)`` input rows in their original order.
+            rows: ``(N,)`` which row of ``x`` each sorted slot takes (sorted by expert).
+            counts: ``(E,)`` rows per expert (tensor or list), summing to N.
+            impl: ``"fused"`` (a custom autograd function that saves only ``x``, ``rows`` and
+                the pre-activation, recomputing the rest in backward; no dropout),
+                ``"grouped"`` (``torch._grouped_mm``), ``"split"`` (plain autograd, one matmul
+                per expert), or None for this module's ``impl``.
 
         Returns:
-            ``(N, D)`` expert outputs in the same order.
+            ``(N, D)`` expert outputs in sorted order.
         """
         if len(counts) != self.num_experts:
             raise ValueError(f"counts must have {self.num_experts} entries, got {len(counts)}")
+        impl = impl or self.choose_impl(x)
+        if impl == "fused":
+            if not isinstance(self.drop, nn.Identity):
+                raise ValueError("the fused expert kernel does not support dropout; use impl='split'")
+            counts_list = counts.tolist() if isinstance(counts, Tensor) else list(counts)
+            w1, w2 = self.fc1_weight.to(x.dtype), self.fc2_weight.to(x.dtype)
+            b1 = None if self.fc1_bias is None else self.fc1_bias.to(x.dtype)
+            b2 = None if self.fc2_bias is None else self.fc2_bias.to(x.dtype)
+            return _FusedSortedMLP.apply(x, rows, counts_list, self.act, w1, b1, w2, b2)
+        return self(x.index_select(0, rows), counts, impl=impl)
+
+    def forward(self, x: Tensor, counts: Tensor | list[int], impl: str | None = None) -> Tensor:
+        """Apply expert e to the e-th contiguous chunk of rows of ``x: (N, D)`` (sorted by
+        expert; ``counts``: ``(E,)`` rows per expert). ``impl``: ``"grouped"`` or ``"split"``
+        (``"auto"``/``"fused"`` pick as in :meth:`forward_gathered`)."""
+        if len(counts) != self.num_experts:
+            raise ValueError(f"counts must have {self.num_experts} entries, got {len(counts)}")
+        impl = impl or self.choose_impl(x)
+        if impl == "fused":
+            return self.forward_gathered(x, torch.arange(x.shape[0], device=x.device), counts, impl="fused")
+        if impl == "grouped":
+            if not self._aligned(x):
+                raise ValueError("impl='grouped' needs dim and hidden whose rows are multiples of 16 bytes")
+            return self._forward_grouped(x, torch.as_tensor(counts, device=x.device))
+        if impl != "split":
+            raise ValueError(f"unknown experts impl {impl!r}; choose from {IMPLS}")
+        counts = counts.tolist() if isinstance(counts, Tensor) else list(counts)
         w1, b1, w2, b2 = self._params()
         outs = []
         # Every expert runs, even on 0 rows, so all parameters get (zero) gradients:
@@ -94,6 +264,21 @@ class Experts(nn.Module):
             h = self.drop(self.act(F.linear(xe, w1[e], b1[e])))  # (n_e, H)
             outs.append(self.drop(F.linear(h, w2[e], b2[e])))  # (n_e, D)
         return torch.cat(outs, dim=0)
+
+    def _forward_grouped(self, x: Tensor, counts: Tensor) -> Tensor:
+        offs = counts.cumsum(0).to(torch.int32)  # (E,) end offset of each expert's rows
+        dt = x.dtype
+        h = _contiguous_grad(torch._grouped_mm(x, self.fc1_weight.to(dt).transpose(-2, -1), offs=offs))  # (N, H)
+        rows = None
+        if self.fc1_bias is not None:
+            rows = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), counts,
+                                           output_size=x.shape[0])  # (N,) expert of each row
+            h = h + self.fc1_bias.to(dt).index_select(0, rows)
+        h = self.drop(self.act(h))
+        y = _contiguous_grad(torch._grouped_mm(h, self.fc2_weight.to(dt).transpose(-2, -1), offs=offs))  # (N, D)
+        if rows is not None:
+            y = y + self.fc2_bias.to(dt).index_select(0, rows)
+        return self.drop(y)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}"

@@ -1,0 +1,423 @@
+"""``visionmoe bench``: MoE cost against the dense MLP of equal FLOPs, against the naive
+per-expert loop and GShard's one-hot einsum, and against peer libraries that import here.
+
+Everything runs in one process, in interleaved rounds (every case once per round), so the
+ratios compare like with like on a noisy machine. Reported: median and interquartile
+range of the time per call, the ratio to dense, tokens/s, and activation memory (bytes the
+autograd graph saves for backward, measured with ``saved_tensors_hooks``).
+
+Run ``python -m visionmoe.bench --help`` or ``visionmoe bench --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.layers import Mlp
+from torch import Tensor, nn
+
+from .moe import Experts, LinearRouter, MoE, PooledRouter, SortedDispatcher
+from .moe.experts import grouped_mm_available
+from .moe.reference import EinsumDispatcher, LoopDispatcher
+
+__all__ = ["run_bench", "main"]
+
+
+# ----------------------------------------------------------------------------- measuring
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def activation_bytes(fn: Callable[[], Tensor], module: nn.Module | None = None) -> int:
+    """Bytes of distinct tensor storages the autograd graph saves during ``fn()``, not
+    counting the storages of ``module``'s parameters (weights are not activations)."""
+    seen: dict[int, int] = {}
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()} if module is not None else set()
+
+    def pack(t: Tensor):
+        try:
+            st = t.untyped_storage()
+            if st.data_ptr() not in params:
+                seen[st.data_ptr()] = st.nbytes()
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+@dataclass
+class Case:
+    """One thing to time: ``make()`` returns a callable doing one forward (and backward)."""
+
+    name: str
+    group: str
+    make: Callable[[bool], Callable[[], Any]]
+    info: dict = field(default_factory=dict)
+    times: dict[str, list[float]] = field(default_factory=lambda: {"fwd": [], "fwdbwd": []})
+    memory: int | None = None
+    error: str | None = None
+
+
+def _loss_of(out) -> Tensor:
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if hasattr(out, "outputs"):
+        out = out.outputs
+    return out.float().pow(2).mean()
+
+
+def _layer_case(name: str, group: str, module: nn.Module, x: Tensor, aux: Callable[[], Tensor] | None = None,
+                **info) -> Case:
+    def make(backward: bool):
+        xx = x.detach().clone().requires_grad_(backward)
+
+        def step():
+            with torch.set_grad_enabled(backward):
+                out = module(xx)
+                if backward:
+                    loss = _loss_of(out)
+                    if aux is not None:
+                        loss = loss + aux()
+                    loss.backward()
+                    module.zero_grad(set_to_none=True)
+                    xx.grad = None
+            return out
+
+        return step
+
+    case = Case(name, group, make, info)
+    try:
+        case.memory = activation_bytes(lambda: module(x.detach().clone().requires_grad_(True)), module)
+    except Exception as e:  # noqa: BLE001 - a peer that fails is reported, not fatal
+        case.error = f"{type(e).__name__}: {e}"
+    return case
+
+
+def _moe(dim: int, hidden: int, experts: int, k: int, dispatcher=None, impl: str = "auto", level: str = "token"):
+    router = LinearRouter(dim, experts, k, aux_weights={"importance": 0.005})
+    if level == "image":
+        router = PooledRouter(router, pool="cls")
+    return MoE(router=router, experts=Experts(experts, dim, hidden, impl=impl),
+               dispatcher=dispatcher or SortedDispatcher())
+
+
+# ----------------------------------------------------------------------------- peers
+def _peer_cases(group: str, x: Tensor, dim: int, hidden: int, experts: int, k: int) -> tuple[list[Case], dict]:
+    """Cases for peer libraries; returns (cases, status by peer name)."""
+    cases, status = [], {}
+    # DeepSpeed (pip install --no-build-isolation deepspeed): dropless (drop_tokens=False)
+    try:
+        import torch.distributed as dist
+        from deepspeed.moe.layer import MoE as DSMoE
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29533", world_size=1, rank=0)
+        m = DSMoE(dim, Mlp(dim, hidden), num_experts=experts, k=k, drop_tokens=False)
+        cases.append(_layer_case(f"deepspeed-k{k}", group, m, x, capacity="none (drop_tokens=False)"))
+        status["deepspeed"] = "ran (drop_tokens=False: dropless, equal FLOPs)"
+    except Exception as e:  # noqa: BLE001
+        status["deepspeed"] = f"unavailable: {type(e).__name__}: {str(e)[:120]}"
+    # lucidrains mixture-of-experts: top-2 only; its default train capacity factor 1.25
+    if k == 2:
+        try:
+            from mixture_of_experts import MoE as LMoE
+
+            m = LMoE(dim, num_experts=experts, hidden_dim=hidden, activation=nn.GELU, second_policy_train="all",
+                     second_policy_eval="all")
+            cases.append(_layer_case("mixture-of-experts-k2", group, m, x, capacity="its default 1.25"))
+            status["mixture-of-experts"] = "ran (second_policy='all', its default capacity factor 1.25)"
+        except Exception as e:  # noqa: BLE001
+            status["mixture-of-experts"] = f"unavailable: {type(e).__name__}: {str(e)[:120]}"
+    # st-moe-pytorch: top-n gating; its default train capacity factor 1.25
+    try:
+        from st_moe_pytorch import MoE as STMoE
+
+        if k < 2:
+            raise ValueError("st-moe-pytorch needs gating_top_n >= 2")
+        m = STMoE(dim, num_experts=experts, expert_hidden_mult=hidden // dim, gating_top_n=k,
+                  threshold_train=0.0, threshold_eval=0.0)
+        cases.append(_layer_case(f"st-moe-pytorch-k{k}", group, m, x, capacity="its default 1.25"))
+        status["st-moe-pytorch"] = "ran (threshold 0: always top-n, its default capacity factor 1.25)"
+    except Exception as e:  # noqa: BLE001
+        status["st-moe-pytorch"] = f"unavailable: {type(e).__name__}: {str(e)[:120]}"
+    for name, mod, why in (("tutel", "tutel", "not on PyPI"), ("fastmoe", "fmoe", "needs CUDA to build"),
+                           ("megablocks", "megablocks", "needs CUDA (Triton/stk kernels)")):
+        try:
+            __import__(mod)
+            status[name] = "importable (no CPU path benchmarked)"
+        except Exception:  # noqa: BLE001
+            status[name] = f"not installed ({why})"
+    return cases, status
+
+
+# ----------------------------------------------------------------------------- suites
+def layer_cases(*, batch: int, tokens: int, dim: int, hidden: int, experts: int, ks: tuple[int, ...],
+                peers: bool, label: str) -> tuple[list[Case], dict]:
+    x = torch.randn(batch, tokens, dim)
+    group = label
+    cases = [_layer_case("dense", group, Mlp(dim, hidden), x)]
+    status: dict = {}
+    for k in ks:
+        ours = _moe(dim, hidden, experts, k)
+        cases.append(_layer_case(f"visionmoe-k{k}", group, ours, x, aux=lambda m=ours: m.last.aux_loss, k=k))
+        for impl in ("split", "grouped"):
+            if impl == "grouped" and not grouped_mm_available():
+                continue
+            alt = _moe(dim, hidden, experts, k, impl=impl)
+            cases.append(_layer_case(f"visionmoe-{impl}-k{k}", group, alt, x, aux=lambda m=alt: m.last.aux_loss, k=k))
+        loop = _moe(dim, hidden, experts, k, dispatcher=LoopDispatcher())
+        cases.append(_layer_case(f"naive-loop-k{k}", group, loop, x, k=k))
+        ein = _moe(dim, hidden, experts, k, dispatcher=EinsumDispatcher(capacity_factor=1.25))
+        cases.append(_layer_case(f"gshard-einsum-k{k}", group, ein, x, k=k, capacity="1.25"))
+        if peers:
+            pc, st = _peer_cases(group, x, dim, hidden, experts, k)
+            cases += pc
+            status.update(st)
+    if 1 in ks:
+        img = _moe(dim, hidden, experts, 1, level="image")
+        cases.append(_layer_case("visionmoe-image-k1", group, img, x, k=1))
+    return cases, status
+
+
+def vit_cases(*, batch: int, img_size: int, experts: int) -> list[Case]:
+    from .models import create_model
+
+    x = torch.randn(batch, 3, img_size, img_size)
+    y = torch.randint(0, 1000, (batch,))
+    cases = []
+    for name, moe in (("vit-s16-dense", None), ("vit-s16-moe-every2-k1", dict(num_experts=experts, top_k=1,
+                                                                              placement="every_2"))):
+        model = create_model("vit_small_patch16_224", img_size=img_size, moe=moe)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def make(backward: bool, model=model, opt=opt):
+            def step():
+                model.train(backward)
+                with torch.set_grad_enabled(backward):
+                    out = model(x)
+                    if backward:
+                        loss = torch.nn.functional.cross_entropy(out, y) + model.moe_aux_loss()
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                return out
+
+            return step
+
+        cases.append(Case(name, "vit_step", make, {"batch": batch, "img_size": img_size}))
+    return cases
+
+
+def scaling_cases(*, batch: int, tokens: int, dim: int, hidden: int, experts_list: list[int]) -> list[Case]:
+    x = torch.randn(batch, tokens, dim)
+    cases = [_layer_case("dense", "scaling", Mlp(dim, hidden), x)]
+    for e in experts_list:
+        m = _moe(dim, hidden, e, 1)
+        cases.append(_layer_case(f"visionmoe-E{e}-k1", "scaling", m, x, aux=lambda m=m: m.last.aux_loss, E=e, k=1))
+    return cases
+
+
+def _run_rounds(cases: list[Case], rounds: int, modes: tuple[str, ...], inner: int) -> None:
+    for mode in modes:
+        fns = {}
+        for c in cases:
+            if c.error:
+                continue
+            try:
+                fns[c.name] = c.make(mode == "fwdbwd")
+                fns[c.name]()  # warm-up
+            except Exception as e:  # noqa: BLE001
+                c.error = f"{type(e).__name__}: {str(e)[:160]}"
+        for _ in range(rounds):
+            for c in cases:
+                if c.name not in fns or c.error:
+                    continue
+                _sync()
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    fns[c.name]()
+                _sync()
+                c.times[mode].append((time.perf_counter() - t0) / inner)
+
+
+def _summarise(cases: list[Case], tokens: int) -> list[dict]:
+    dense = next((c for c in cases if c.name == "dense" or c.name.endswith("-dense")), None)
+    rows = []
+    for c in cases:
+        row: dict[str, Any] = {"name": c.name, "group": c.group, **c.info}
+        if c.error:
+            row["error"] = c.error
+        for mode, ts in c.times.items():
+            if not ts:
+                continue
+            med = statistics.median(ts)
+            q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [med, med, med]
+            row[f"{mode}_ms"] = round(med * 1e3, 3)
+            row[f"{mode}_iqr_ms"] = round((q[2] - q[0]) * 1e3, 3)
+            row[f"{mode}_tokens_per_s"] = round(tokens / med, 1)
+            if dense is not None and dense.times[mode]:
+                row[f"{mode}_ratio"] = round(med / statistics.median(dense.times[mode]), 3)
+        if c.memory is not None:
+            row["activation_mb"] = round(c.memory / 2**20, 2)
+            if dense is not None and dense.memory:
+                row["activation_ratio"] = round(c.memory / dense.memory, 3)
+        rows.append(row)
+    return rows
+
+
+def run_bench(
+    *,
+    batch: int = 64,
+    tokens: int = 65,
+    dim: int = 384,
+    hidden: int = 1536,
+    experts: int = 8,
+    rounds: int = 7,
+    inner: int = 1,
+    threads: int = 2,
+    peers: bool = True,
+    vit: bool = True,
+    vit_batch: int = 8,
+    scaling: bool = True,
+    crmoe: bool = True,
+    out: str | Path = "runs/bench",
+    quick: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Run the benchmark suites; write ``bench.json`` and ``bench.png`` to ``out``."""
+    if quick:
+        batch, tokens, dim, hidden, rounds, vit_batch = 4, 17, 32, 128, 2, 1
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    from rich.console import Console
+
+    console = Console(quiet=not progress)
+    results: dict[str, Any] = {"config": dict(batch=batch, tokens=tokens, dim=dim, hidden=hidden, experts=experts,
+                                              rounds=rounds, threads=threads, torch=torch.__version__),
+                               "suites": {}}
+    suites: list[tuple[str, list[Case], int, tuple[str, ...]]] = []
+    cases, status = layer_cases(batch=batch, tokens=tokens, dim=dim, hidden=hidden, experts=experts, ks=(1, 2),
+                                peers=peers, label="layer")
+    results["peers"] = status
+    suites.append(("layer", cases, batch * tokens, ("fwd", "fwdbwd")))
+    if crmoe:
+        c2, _ = layer_cases(batch=batch, tokens=tokens, dim=dim, hidden=hidden // 2, experts=16, ks=(2,),
+                            peers=False, label="crmoe_shape")
+        suites.append(("crmoe_shape", c2, batch * tokens, ("fwdbwd",)))
+    if scaling:
+        suites.append(("scaling", scaling_cases(batch=batch, tokens=tokens, dim=dim, hidden=hidden,
+                                                experts_list=[4, 8, 16, 32, 64] if not quick else [2, 4]),
+                       batch * tokens, ("fwdbwd",)))
+    if vit:
+        size = 224 if not quick else 32
+        suites.append(("vit_step", vit_cases(batch=vit_batch, img_size=size, experts=experts), vit_batch,
+                       ("fwdbwd",)))
+    for name, cs, ntok, modes in suites:
+        console.print(f"[bold]bench[/] {name}: {len(cs)} cases x {rounds} rounds ({', '.join(modes)})")
+        _run_rounds(cs, rounds if name != "vit_step" else max(2, rounds // 2), modes, inner)
+        results["suites"][name] = _summarise(cs, ntok)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(results, indent=2))
+    _plot(results, out / "bench.png")
+    _print_tables(results, console)
+    console.print(f"written {out / 'bench.json'} and {out / 'bench.png'}")
+    return results
+
+
+def _print_tables(results: dict, console) -> None:
+    from rich.table import Table
+
+    for suite, rows in results["suites"].items():
+        t = Table(title=f"{suite} (ratio = time / dense, median of rounds)")
+        cols = ["name", "fwd_ms", "fwd_ratio", "fwdbwd_ms", "fwdbwd_iqr_ms", "fwdbwd_ratio", "activation_ratio"]
+        cols = [c for c in cols if any(c in r for r in rows)]
+        for c in cols:
+            t.add_column(c)
+        for r in rows:
+            t.add_row(*[str(r.get(c, r.get("error", "")[:40] if c == "fwdbwd_ms" else "")) for c in cols])
+        console.print(t)
+    for peer, st in results.get("peers", {}).items():
+        console.print(f"peer {peer}: {st}")
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["suites"].get("layer", []) if "fwdbwd_ratio" in r]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.5))
+    names = [r["name"] for r in rows]
+    vals = [r["fwdbwd_ratio"] for r in rows]
+    dense_ms = next((r["fwdbwd_ms"] for r in rows if r["name"] == "dense"), None)
+    errs = [r.get("fwdbwd_iqr_ms", 0) / 2 / dense_ms if dense_ms else 0 for r in rows]
+    colors = ["tab:green" if n.startswith("visionmoe") else "tab:gray" if n == "dense" else "tab:orange"
+              for n in names]
+    ax.barh(names, vals, xerr=errs, color=colors, error_kw={"lw": 0.8, "capsize": 2})
+    ax.set_xscale("log")
+    for floor, label, dy in ((1.0, "top-1 floor", -0.9), (2.0, "top-2 floor", -0.9)):
+        ax.axvline(floor, ls="--", lw=1, color="k")
+        ax.text(floor * 1.02, dy, label, fontsize=8, va="bottom")
+    ax.set_xlim(0.6, max(vals) * 1.6)
+    for i, v in enumerate(vals):
+        ax.text(0.62, i, f"{v:.2f}x", va="center", fontsize=8, color="white", fontweight="bold")
+    cfg = results["config"]
+    ax.set_xlabel("forward+backward time / dense MLP, log scale (lower is better; bars: interquartile range)")
+    ax.set_title(f"MoE layer cost, {cfg['batch']}x{cfg['tokens']} tokens, D={cfg['dim']}, H={cfg['hidden']}, "
+                 f"E={cfg['experts']}, {cfg['threads']} threads")
+    ax.set_ylim(len(rows) - 0.5, -1.2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(prog="visionmoe bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=65)
+    p.add_argument("--dim", type=int, default=384)
+    p.add_argument("--hidden", type=int, default=1536)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--inner", type=int, default=1, help="calls per timed sample")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-peers", action="store_true", help="skip peer libraries")
+    p.add_argument("--no-vit", action="store_true", help="skip the whole ViT-S/16 training step")
+    p.add_argument("--no-scaling", action="store_true", help="skip the E = 4..64 table")
+    p.add_argument("--no-crmoe", action="store_true", help="skip the CR-MoE shape (E=16, top-2, H=2D)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds (a smoke test, not a measurement)")
+    p.add_argument("--out", default="runs/bench")
+    return p
+
+
+def run_from_args(args: argparse.Namespace) -> dict:
+    return run_bench(batch=args.batch, tokens=args.tokens, dim=args.dim, hidden=args.hidden, experts=args.experts,
+                     rounds=args.rounds, inner=args.inner, threads=args.threads, peers=not args.no_peers,
+                     vit=not args.no_vit, scaling=not args.no_scaling, crmoe=not args.no_crmoe, out=args.out,
+                     quick=args.quick)
+
+
+def main(argv: list[str] | None = None) -> int:
+    run_from_args(build_parser().parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
