@@ -23,7 +23,7 @@ def test_by_gradient_magnitude():
 def test_errors():
     with pytest.raises(ValueError, match="out of range"):
         resolve_placement([12], 12)
-    with pytest.raises(ValueError, match="did you mean 'every_2'"):
+    with pytest.raises(ValueError, match="Did you mean 'every_2'"):
         resolve_placement("evry_2", 12)
     with pytest.raises(ValueError, match="last_n"):
         resolve_placement("last_13", 12)

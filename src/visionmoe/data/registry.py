@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .._utils import did_you_mean
 from .folder import load_image_folder
 from .sources import (
     TensorSplits,
@@ -54,9 +54,7 @@ def list_datasets() -> dict[str, DatasetInfo]:
 def load_dataset(name: str, **kwargs: Any) -> TensorSplits:
     """Load a named data set; ``kwargs`` go to its loader (e.g. ``root=``, ``limit=``)."""
     if name not in DATASETS:
-        close = difflib.get_close_matches(name, list(DATASETS), n=3)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown data set {name!r}.{hint} Available: {', '.join(DATASETS)}")
+        raise ValueError(f"unknown data set {name!r}.{did_you_mean(name, DATASETS)} Available: {', '.join(DATASETS)}")
     loader = DATASETS[name].loader
     accepted = set(inspect.signature(loader).parameters)
     unknown = [k for k in kwargs if k not in accepted]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import fnmatch
 import inspect
 from collections.abc import Callable
@@ -13,6 +12,7 @@ from typing import Any
 from timm.models.vision_transformer import VisionTransformer as _TimmViT
 from torch import nn
 
+from .._utils import did_you_mean
 from ..moe.config import MoEConfig
 from .vit import VisionTransformer
 
@@ -52,8 +52,7 @@ def model_args(name: str) -> dict[str, Any]:
 
 def _entry(name: str) -> _Entry:
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        hint = did_you_mean(name, _REGISTRY, n=3, cutoff=0.5)
         raise ValueError(f"unknown model name {name!r}.{hint} See visionmoe.list_models().")
     return _REGISTRY[name]
 
@@ -88,8 +87,7 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
         unknown = [k for k in overrides if k not in _VIT_ARGS]
         if unknown:
             k = unknown[0]
-            close = difflib.get_close_matches(k, sorted(_VIT_ARGS | _MOE_ARGS | {"moe"}), n=3)
-            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            hint = did_you_mean(k, _VIT_ARGS | _MOE_ARGS | {"moe"}, n=3)
             raise ValueError(f"unknown argument {k!r} for model {name!r}.{hint}")
     kwargs.update(overrides)
     return entry.builder(moe=moe, **kwargs)

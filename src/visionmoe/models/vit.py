@@ -11,6 +11,7 @@ Axis legend: B images, T tokens (prefix + patches), D width, E experts, K top-k.
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext as _nullcontext
 from typing import Any
 
 import torch
@@ -66,6 +67,20 @@ class VisionTransformer(_TimmViT):
     def forward_tokens(self, x: Tensor, routing_key: Tensor | None = None) -> Tensor:
         """All output tokens ``(B, T, D)`` (prefix tokens first), for dense objectives."""
         return self.forward_features(x, routing_key=routing_key)
+
+    def forward_visible(self, x: Tensor, ids_keep: Tensor, routing_key: Tensor | None = None) -> Tensor:
+        """Encode only the patches ``ids_keep`` (MAE): ``(B, C, H, W), (B, K) -> (B, P + K, D)``
+        normed tokens, P prefix tokens (CLS, registers) first. Positions are added before
+        the patches are dropped, as in MAE."""
+        with _routing_key(self, routing_key) if routing_key is not None else _nullcontext():
+            t = self._pos_embed(self.patch_embed(x))  # (B, P + N, D)
+            p = self.num_prefix_tokens
+            patches = t[:, p:]
+            idx = ids_keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1])  # (B, K, D)
+            t = torch.cat([t[:, :p], torch.gather(patches, 1, idx)], dim=1)
+            t = self.norm_pre(t)
+            t = self.blocks(t)
+            return self.norm(t)
 
     def forward(self, x: Tensor, routing_key: Tensor | None = None, **kwargs) -> Tensor:
         """``(B, C, H, W) -> (B, num_classes)`` logits."""

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
+from .._utils import did_you_mean
 from .dispatch import SortedDispatcher
 from .experts import Experts
 from .layer import MoE
@@ -100,9 +100,7 @@ class MoEConfig:
 
 
 def _unknown(what: str, value: str, choices) -> str:
-    close = difflib.get_close_matches(str(value), list(choices), n=3)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return f"unknown {what} {value!r}.{hint} Choose from: {', '.join(map(str, choices))}"
+    return f"unknown {what} {value!r}.{did_you_mean(value, choices)} Choose from: {', '.join(map(str, choices))}"
 
 
 def build_moe(

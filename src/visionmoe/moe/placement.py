@@ -8,9 +8,10 @@ needs extra information (``"by_gradient_magnitude"`` takes per-block scores).
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Callable, Sequence
+
+from .._utils import did_you_mean
 
 __all__ = ["resolve_placement", "list_placements", "every_n", "last_n", "by_scores", "PLACEMENTS"]
 
@@ -87,9 +88,8 @@ def resolve_placement(
             m = re.fullmatch(regex, name)
             if m:
                 return fn(depth, int(m.group(1)))
-        close = difflib.get_close_matches(name, ["all", "none", "every_2", "last_2", "by_gradient_magnitude"])
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown placement {policy!r}{hint} Known policies: {PLACEMENTS}")
+        hint = did_you_mean(name, ["all", "none", "every_2", "last_2", "by_gradient_magnitude"])
+        raise ValueError(f"unknown placement {policy!r}.{hint} Known policies: {PLACEMENTS}")
     indices = sorted({int(i) for i in policy})
     bad = [i for i in indices if not 0 <= i < depth]
     if bad:

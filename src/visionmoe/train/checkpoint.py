@@ -20,23 +20,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .._utils import atomic_write_bytes
+
 __all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "atomic_write_bytes"]
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -92,10 +78,14 @@ def save_checkpoint(
     state: dict[str, Any],
     optimizer: dict | None = None,
     ema: dict[str, Tensor] | None = None,
+    objective: dict[str, Tensor] | None = None,
     rng: bool = True,
 ) -> Path:
-    """Save a checkpoint atomically; ``state`` must be JSON-serialisable."""
+    """Save a checkpoint atomically; ``state`` must be JSON-serialisable. ``objective`` holds
+    the parameters an objective owns (e.g. the MAE decoder)."""
     tensors: dict[str, Tensor] = {f"model.{k}": v for k, v in model.items()}
+    if objective:
+        tensors.update({f"objective.{k}": v for k, v in objective.items()})
     meta: dict[str, Any] = {"state": state, "format": "visionmoe-checkpoint-v1"}
     if optimizer is not None:
         opt_t, opt_meta = _split_optimizer(optimizer)
@@ -126,7 +116,7 @@ def save_checkpoint(
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`.
 
-    Returns ``{"model", "state", "optimizer" (or None), "ema" (or None), "rng" (or None)}``.
+    Returns ``{"model", "state", "optimizer", "ema", "objective", "rng"}`` (None where absent).
     """
     path = Path(path)
     if not path.is_file():
@@ -142,7 +132,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if raw is None:
         raise ValueError(f"{path} is a safetensors file but not a visionmoe checkpoint (no metadata)")
     meta = json.loads(raw)
-    groups: dict[str, dict[str, Tensor]] = {"model": {}, "optim": {}, "ema": {}, "rng": {}}
+    groups: dict[str, dict[str, Tensor]] = {"model": {}, "optim": {}, "ema": {}, "rng": {}, "objective": {}}
     for k, v in tensors.items():
         head, rest = k.split(".", 1)
         groups[head][rest] = v
@@ -151,5 +141,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         "state": meta["state"],
         "optimizer": _join_optimizer(groups["optim"], meta["optimizer"]) if "optimizer" in meta else None,
         "ema": groups["ema"] or None,
+        "objective": groups["objective"] or None,
         "rng": (groups["rng"], meta["rng"]) if "rng" in meta else None,
     }

@@ -7,7 +7,6 @@ suggestion; ``key.sub=value`` overrides (values parsed as YAML) apply on top.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from .._utils import did_you_mean
 from ..moe.config import MoEConfig
 
 __all__ = [
@@ -111,7 +111,9 @@ class RunConfig:
 @dataclass
 class ExperimentConfig:
     """A whole experiment. ``moe`` holds :class:`~visionmoe.moe.MoEConfig` fields merged onto
-    the model variant's MoE settings (``moe.num_experts=16`` on the command line)."""
+    the model variant's MoE settings (``moe.num_experts=16`` on the command line);
+    ``objective`` is ``classification`` or ``mae`` (``objective_args``: ``mask_ratio``,
+    ``norm_pix_loss``, ``decoder_dim``, ``decoder_depth``, ``decoder_heads``)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: dict[str, Any] = field(default_factory=dict)
@@ -119,7 +121,8 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    objective: Literal["classification"] = "classification"
+    objective: Literal["classification", "mae"] = "classification"
+    objective_args: dict[str, Any] = field(default_factory=dict)
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -130,9 +133,7 @@ class ExperimentConfig:
 
 
 def _unknown_msg(path: str, key: str, choices) -> str:
-    close = difflib.get_close_matches(key, sorted(choices), n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return f"unknown config key {path!r}.{hint} Valid keys here: {', '.join(sorted(choices))}"
+    return f"unknown config key {path!r}.{did_you_mean(key, choices)} Valid keys here: {', '.join(sorted(choices))}"
 
 
 def _type_name(tp) -> str:

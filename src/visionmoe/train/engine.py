@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..data import TensorSplits, adapt, build_train_transform, load_dataset
 from ..models import count_parameters, create_model
 from ..moe.layer import collect_aux_loss, collect_routing_stats
-from ..objectives import ClassificationObjective
+from ..objectives import ClassificationObjective, MAEObjective
 from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from .config import ExperimentConfig, config_from_dict, config_to_dict
 
@@ -58,10 +58,11 @@ def build_model(cfg: ExperimentConfig, *, num_classes: int, in_chans: int) -> nn
     return create_model(cfg.model.name, **args)
 
 
-def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg, extra: nn.Module | None = None) -> torch.optim.Optimizer:
     """timm optimizer over parameter groups: no weight decay on 1-d parameters and
     ``model.no_weight_decay()``; optional layer-wise lr decay (timm); router parameters get
-    ``router_lr_scale`` times the lr."""
+    ``router_lr_scale`` times the lr. ``extra`` (an objective's own parameters, e.g. the MAE
+    decoder) gets plain weight-decay groups."""
     from timm.optim import create_optimizer_v2
     from timm.optim._param_groups import param_groups_layer_decay, param_groups_weight_decay
 
@@ -82,6 +83,8 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
             out.append({**rest, "params": plain})
         if routed:
             out.append({**rest, "params": routed, "lr_scale": rest.get("lr_scale", 1.0) * cfg.router_lr_scale})
+    if extra is not None and any(True for _ in extra.parameters()):
+        out += param_groups_weight_decay(extra, cfg.weight_decay)
     kwargs = {"momentum": cfg.momentum} if cfg.name in ("sgd", "momentum", "nesterov") else {}
     return create_optimizer_v2(out, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
 
@@ -118,11 +121,13 @@ class Trainer:
         pe = getattr(self.model, "patch_embed", None)
         default_size = pe.img_size[0] if pe is not None and getattr(pe, "img_size", None) else None
         self.img_size = c.data.img_size or default_size or self.data.x_train.shape[-1]
-        if c.objective != "classification":  # pragma: no cover - other objectives plug in here
-            raise ValueError(f"objective {c.objective!r} is not available yet")
-        self.objective = ClassificationObjective(self.data.num_classes, label_smoothing=c.run.label_smoothing,
-                                                 mixup=c.run.mixup, cutmix=c.run.cutmix)
-        self.optimizer = build_optimizer(self.model, c.optim)
+        if c.objective == "mae":
+            self.objective = MAEObjective(self.model, **c.objective_args)
+        else:
+            self.objective = ClassificationObjective(self.data.num_classes, label_smoothing=c.run.label_smoothing,
+                                                     mixup=c.run.mixup, cutmix=c.run.cutmix, **c.objective_args)
+        self.optimizer = build_optimizer(self.model, c.optim,
+                                         self.objective if isinstance(self.objective, nn.Module) else None)
         self.ema = None
         if c.run.ema_decay:
             from timm.utils import ModelEmaV3
@@ -176,6 +181,8 @@ class Trainer:
         lr = self.lr_at(self.step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
+        if isinstance(self.objective, nn.Module):
+            self.objective.train()
         with self._autocast():
             out = self.objective(self.train_model, batch)
             aux = self.aux_loss()
@@ -197,18 +204,28 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module | None = None) -> dict[str, Any]:
-        """Test accuracy and loss, and routing statistics over the whole test set."""
+        """Test accuracy and loss (classification) or masked reconstruction loss (MAE, fixed
+        masks), and routing statistics over the whole test set."""
         model = model or (self.ema.module if self.ema is not None else self.model)
         model.eval()
+        if isinstance(self.objective, nn.Module):
+            self.objective.eval()
         bs = self.cfg.data.eval_batch_size
         correct, loss_sum, n = 0, 0.0, 0
         loads: dict[str, list] = {}
+        mae = isinstance(self.objective, MAEObjective)
+        gen = torch.Generator().manual_seed(1234)  # the same masks at every evaluation
         for i in range(0, len(self._x_test), bs):
             x, y = self._x_test[i : i + bs], self.data.y_test[i : i + bs]
             with self._autocast():
-                logits = model(x)
-            correct += int((logits.argmax(-1) == y).sum())
-            loss_sum += float(torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
+                if mae:
+                    out = self.objective.reconstruct(model, x, generator=gen)
+                    per = ((out["pred"] - out["target"]).pow(2).mean(-1) * out["mask"]).sum(-1) / out["mask"].sum(-1)
+                    loss_sum += float(per.sum())
+                else:
+                    logits = model(x)
+                    correct += int((logits.argmax(-1) == y).sum())
+                    loss_sum += float(torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
             n += len(y)
             for name, s in self.routing_stats(model).items():
                 loads.setdefault(name, []).append((len(y), s))
@@ -220,6 +237,8 @@ class Trainer:
             }
             routing[name]["load"] = [
                 round(sum(w * s["load"][e] for w, s in items) / total, 4) for e in range(len(items[0][1]["load"]))]
+        if mae:
+            return {"test_recon_loss": loss_sum / max(n, 1), "routing": routing}
         return {"test_acc": correct / max(n, 1), "test_loss": loss_sum / max(n, 1), "routing": routing}
 
     # ---------------------------------------------------------------- checkpoints
@@ -231,8 +250,10 @@ class Trainer:
         path = self.checkpoint_dir / f"step_{self.step:08d}.safetensors"
         state = {"step": self.step, "config": config_to_dict(self.cfg), "num_classes": self.data.num_classes,
                  "in_chans": self.channels, "img_size": self.img_size, "classes": list(self.data.classes)}
+        obj = self.objective.state_dict() if isinstance(self.objective, nn.Module) else None
         save_checkpoint(path, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                        ema=self.ema.module.state_dict() if self.ema is not None else None, state=state)
+                        ema=self.ema.module.state_dict() if self.ema is not None else None, objective=obj,
+                        state=state)
         ckpts = sorted(self.checkpoint_dir.glob("step_*.safetensors"))
         for old in ckpts[: max(0, len(ckpts) - self.cfg.run.keep_checkpoints)]:
             old.unlink()
@@ -247,6 +268,8 @@ class Trainer:
         self.model.load_state_dict(ck["model"])
         if ck["optimizer"] is not None:
             self.optimizer.load_state_dict(ck["optimizer"])
+        if isinstance(self.objective, nn.Module) and ck["objective"] is not None:
+            self.objective.load_state_dict(ck["objective"])
         if self.ema is not None and ck["ema"] is not None:
             self.ema.module.load_state_dict(ck["ema"])
         if ck["rng"] is not None:
@@ -301,7 +324,8 @@ class Trainer:
                 m = self.train_step(batch)
                 seen += len(batch[0])
                 ips = seen / (time.perf_counter() - t0)
-                bar.update(task, advance=1, info=f"loss {m['loss']:.3f} acc {m.get('acc', 0):.2f} {ips:.0f} img/s")
+                acc = f" acc {m['acc']:.2f}" if "acc" in m else ""
+                bar.update(task, advance=1, info=f"loss {m['loss']:.3f}{acc} {ips:.0f} img/s")
                 if self.step % c.run.log_every == 0 or self.step == self.total_steps:
                     rec = {"step": self.step, "epoch": self.step / self.steps_per_epoch, **m, "img_per_s": ips,
                            "routing": self.routing_stats()}
@@ -313,9 +337,10 @@ class Trainer:
                     last_eval = self.evaluate()
                     self._log({"step": self.step, "epoch": self.step / self.steps_per_epoch,
                                **{k: v for k, v in last_eval.items()}})
-                    bar.console.print(f"step {self.step}: test acc {last_eval['test_acc']:.4f}")
+                    headline = next(k for k in ("test_acc", "test_recon_loss") if k in last_eval)
+                    bar.console.print(f"step {self.step}: {headline} {last_eval[headline]:.4f}")
                     if tb is not None:
-                        tb.add_scalar("test/acc", last_eval["test_acc"], self.step)
+                        tb.add_scalar(f"test/{headline}", last_eval[headline], self.step)
                 if self.step % c.run.checkpoint_every == 0 or self.step == end:
                     self.save()
         elapsed = time.perf_counter() - t0
