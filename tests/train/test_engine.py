@@ -96,3 +96,25 @@ def test_training_run_beats_chance_and_writes_outputs(tmp_path, digits):
     for f in ("config.yaml", "metrics.jsonl", "metrics.csv", "summary.json"):
         assert (tmp_path / "run" / f).exists()
     assert set(s["routing"]) == {"blocks.1", "blocks.3"} or set(s["routing"]) == {"blocks.1"}
+
+
+def test_routing_keys_flow_from_data_to_cluster_router(tmp_path, digits):
+    keys_train = digits.y_train % 3  # any per-image ids: here 3 "clusters"
+    d = load_dataset("digits")
+    d.x_train, d.y_train = digits.x_train, digits.y_train
+    d = d.with_keys(keys_train, d.y_test % 3)
+    cfg = config_from_dict({**QUICK, "moe": {"num_experts": 4, "top_k": 1, "routing": "cluster", "num_keys": 3,
+                                             "placement": "last_2"}})
+    t = Trainer(cfg, run_dir=tmp_path, data=d)
+    x, y, key = t.batch(0)
+    assert torch.equal(key, keys_train[torch.randperm(len(keys_train),
+                                                      generator=torch.Generator().manual_seed(0))[:32]])
+    t.train_step((x, y, key))
+    rec = t.model.routing()[1]
+    # every image of one cluster went to the same expert
+    for k in range(3):
+        assert len(torch.unique(rec.indices[key == k, 0])) <= 1
+    res = t.evaluate()
+    assert 0.0 <= res["test_acc"] <= 1.0
+    with pytest.raises(ValueError, match="one entry per image"):
+        d.with_keys(keys_train[:5], d.y_test)

@@ -33,10 +33,19 @@ class TensorSplits:
     x_test: Tensor
     y_test: Tensor
     classes: list[str]
+    keys_train: Tensor | None = None  # (N,) optional routing keys (cluster or task ids)
+    keys_test: Tensor | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def with_keys(self, keys_train: Tensor, keys_test: Tensor) -> TensorSplits:
+        """A copy whose batches carry routing keys (e.g. MoCE cluster ids) for every image."""
+        if len(keys_train) != len(self.x_train) or len(keys_test) != len(self.x_test):
+            raise ValueError("routing keys must have one entry per image in each split")
+        return TensorSplits(self.name, self.x_train, self.y_train, self.x_test, self.y_test, list(self.classes),
+                            keys_train.long(), keys_test.long())
 
     def __repr__(self) -> str:
         return (

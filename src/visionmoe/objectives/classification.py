@@ -11,7 +11,7 @@ __all__ = ["ClassificationObjective"]
 
 
 class ClassificationObjective:
-    """``(model, (x, y)) -> {"loss", "acc"}``.
+    """``(model, (x, y[, routing_key])) -> {"loss", "acc"}``.
 
     Args:
         num_classes: needed for Mixup/CutMix.
@@ -29,13 +29,14 @@ class ClassificationObjective:
                              num_classes=num_classes)
 
     def __call__(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
-        x, y = batch
+        x, y = batch[0], batch[1]
+        kw = {"routing_key": batch[2]} if len(batch) > 2 and batch[2] is not None else {}
         if self.mix is not None and model.training and len(x) % 2 == 0:
             x, soft = self.mix(x, y)
-            logits = model(x)
+            logits = model(x, **kw)
             loss = torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
         else:
-            logits = model(x)
+            logits = model(x, **kw)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
         acc = (logits.argmax(-1) == y).float().mean()
         return {"loss": loss, "acc": acc.detach()}

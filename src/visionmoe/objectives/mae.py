@@ -123,6 +123,8 @@ class MAEObjective(nn.Module):
 
     def forward(self, model: nn.Module, batch, routing_key: Tensor | None = None) -> dict[str, Tensor]:
         imgs = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if routing_key is None and isinstance(batch, (tuple, list)) and len(batch) > 2:
+            routing_key = batch[2]
         out = self.reconstruct(model, imgs, routing_key)
         per_patch = (out["pred"] - out["target"]).pow(2).mean(-1)  # (B, N)
         loss = (per_patch * out["mask"]).sum() / out["mask"].sum()

@@ -150,8 +150,9 @@ class Trainer:
         return cosine_lr(step, base=self.cfg.optim.lr, total=self.total_steps, warmup=self.warmup_steps,
                          min_lr=s.min_lr)
 
-    def batch(self, step: int) -> tuple[Tensor, Tensor]:
-        """The training batch of a given step: a fixed permutation per epoch (seed, epoch)."""
+    def batch(self, step: int) -> tuple[Tensor, ...]:
+        """The training batch of a given step, ``(x, y)`` or ``(x, y, routing_key)``: a fixed
+        permutation per epoch (seed, epoch)."""
         epoch, i = divmod(step, self.steps_per_epoch)
         g = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self._x_train), generator=g)
@@ -160,6 +161,8 @@ class Trainer:
         x = self._x_train[idx]
         if self.transform is not None:
             x = torch.stack([self.transform(img) for img in x])
+        if self.data.keys_train is not None:
+            return x, self.data.y_train[idx], self.data.keys_train[idx]
         return x, self.data.y_train[idx]
 
     def _autocast(self):
@@ -217,13 +220,14 @@ class Trainer:
         gen = torch.Generator().manual_seed(1234)  # the same masks at every evaluation
         for i in range(0, len(self._x_test), bs):
             x, y = self._x_test[i : i + bs], self.data.y_test[i : i + bs]
+            key = self.data.keys_test[i : i + bs] if self.data.keys_test is not None else None
             with self._autocast():
                 if mae:
-                    out = self.objective.reconstruct(model, x, generator=gen)
+                    out = self.objective.reconstruct(model, x, routing_key=key, generator=gen)
                     per = ((out["pred"] - out["target"]).pow(2).mean(-1) * out["mask"]).sum(-1) / out["mask"].sum(-1)
                     loss_sum += float(per.sum())
                 else:
-                    logits = model(x)
+                    logits = model(x) if key is None else model(x, routing_key=key)
                     correct += int((logits.argmax(-1) == y).sum())
                     loss_sum += float(torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
             n += len(y)

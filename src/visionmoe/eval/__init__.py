@@ -1,0 +1,5 @@
+"""Evaluation protocols on frozen or fine-tuned backbones."""
+
+from .features import extract_features
+
+__all__ = ["extract_features"]
