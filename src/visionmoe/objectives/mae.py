@@ -119,7 +119,7 @@ class MAEObjective(nn.Module):
         ids_keep, mask, ids_restore = random_masking(b, n, self.mask_ratio, device=imgs.device, generator=generator)
         tokens = model.forward_visible(imgs, ids_keep, routing_key=routing_key)  # (B, P + K, D)
         pred = self.decoder(tokens, ids_restore)  # (B, N, p*p*C)
-        return {"pred": pred, "mask": mask, "target": self.target(imgs), "tokens": tokens}
+        return {"pred": pred, "mask": mask, "target": self.target(imgs), "tokens": tokens, "ids_keep": ids_keep}
 
     def forward(self, model: nn.Module, batch, routing_key: Tensor | None = None) -> dict[str, Tensor]:
         imgs = batch[0] if isinstance(batch, (tuple, list)) else batch

@@ -97,6 +97,7 @@ class Trainer:
         run_dir: where logs, config and checkpoints go (default ``run.out_dir/run.name``).
         data: pre-loaded data (default: ``load_dataset(cfg.data.name, **cfg.data.args)``).
         model: a pre-built model (default: :func:`build_model`).
+        objective: a pre-built objective (default: from ``cfg.objective``), e.g. MoCE's.
     """
 
     def __init__(
@@ -106,6 +107,7 @@ class Trainer:
         run_dir: str | Path | None = None,
         data: TensorSplits | None = None,
         model: nn.Module | None = None,
+        objective: nn.Module | None = None,
     ) -> None:
         self.cfg = cfg if isinstance(cfg, ExperimentConfig) else config_from_dict(cfg)
         c = self.cfg
@@ -121,7 +123,9 @@ class Trainer:
         pe = getattr(self.model, "patch_embed", None)
         default_size = pe.img_size[0] if pe is not None and getattr(pe, "img_size", None) else None
         self.img_size = c.data.img_size or default_size or self.data.x_train.shape[-1]
-        if c.objective == "mae":
+        if objective is not None:
+            self.objective = objective
+        elif c.objective == "mae":
             self.objective = MAEObjective(self.model, **c.objective_args)
         else:
             self.objective = ClassificationObjective(self.data.num_classes, label_smoothing=c.run.label_smoothing,
@@ -332,6 +336,7 @@ class Trainer:
                 bar.update(task, advance=1, info=f"loss {m['loss']:.3f}{acc} {ips:.0f} img/s")
                 if self.step % c.run.log_every == 0 or self.step == self.total_steps:
                     rec = {"step": self.step, "epoch": self.step / self.steps_per_epoch, **m, "img_per_s": ips,
+                           "elapsed_s": round(time.perf_counter() - t0, 2),
                            "routing": self.routing_stats()}
                     self._log(rec)
                     if tb is not None:
@@ -340,7 +345,7 @@ class Trainer:
                 if self.step % eval_every == 0 or self.step == self.total_steps:
                     last_eval = self.evaluate()
                     self._log({"step": self.step, "epoch": self.step / self.steps_per_epoch,
-                               **{k: v for k, v in last_eval.items()}})
+                               "elapsed_s": round(time.perf_counter() - t0, 2), **last_eval})
                     headline = next(k for k in ("test_acc", "test_recon_loss") if k in last_eval)
                     bar.console.print(f"step {self.step}: {headline} {last_eval[headline]:.4f}")
                     if tb is not None:

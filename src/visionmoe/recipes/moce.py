@@ -1,0 +1,125 @@
+"""MoCE (Liu et al. 2024): Mixture of Cluster-conditional Experts for task-customised MAE.
+
+Glue over the library: a dense MAE encoder gives unit-norm image features; balanced
+clustering (:mod:`visionmoe.clustering`) gives centroids; the MoCE model is the MAE
+encoder with the MLPs of the chosen blocks upcycled into experts (plus a small
+perturbation) behind a cluster-conditional gate ``TopK(softmax(W_g C[x] + eps))`` whose
+embedding table starts from the centroids; it trains with the MAE loss, the imbalance loss
+(eq. 5, in the router's auxiliary losses) and a distillation loss towards the frozen dense
+encoder (eq. 3). Deployment assigns a downstream set's images to clusters, takes the
+largest cluster and extracts a plain dense ViT holding that cluster's experts.
+
+Axis legend: B images, T tokens, D width, m clusters, E experts.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..clustering import Clustering
+from ..eval import extract_features
+from ..models import VisionTransformer
+from ..moe.losses import distillation_loss
+from ..moe.routers import ClusterRouter
+from ..moe.upcycle import upcycle_state_dict
+from ..objectives import MAEObjective
+
+__all__ = ["build_moce", "MoCEObjective", "ClusterSelection", "select_cluster", "deploy"]
+
+
+def build_moce(
+    mae_encoder: VisionTransformer,
+    clustering: Clustering,
+    *,
+    blocks: list[int],
+    num_experts: int = 8,
+    top_k: int = 1,
+    noise: float = 0.01,
+    imbalance_weight: float = 0.01,
+    noise_std: float = 0.0,
+    renormalize: bool = False,
+    seed: int = 0,
+) -> VisionTransformer:
+    """The MoCE model: ``mae_encoder`` with experts in ``blocks`` (copies of its MLPs plus
+    ``noise`` relative perturbation), cluster-conditional gates initialised from the
+    centroids, imbalance loss weight ``imbalance_weight`` (paper: all regularisers 0.01).
+
+    With ``renormalize=False`` (eq. 1 as written) an expert's output is scaled by its gate
+    value, so the model starts away from the MAE encoder (gates near 1/E); with
+    ``renormalize=True`` and K = 1 the weight is 1 and, with ``noise=0``, the MoCE model
+    starts exactly equal to the encoder (but the gate then learns only from the imbalance loss).
+    """
+    if clustering.centroids.shape[1] != mae_encoder.embed_dim:
+        raise ValueError(f"centroids have width {clustering.centroids.shape[1]} but the encoder has "
+                         f"{mae_encoder.embed_dim}; cluster features of this encoder")
+    moe = dict(num_experts=num_experts, top_k=top_k, placement=list(blocks), routing="cluster",
+               num_keys=clustering.num_clusters, key_dim=mae_encoder.embed_dim, noise_std=noise_std,
+               renormalize=renormalize,
+               aux_weights={"imbalance": imbalance_weight})
+    model = VisionTransformer(moe=moe, **mae_encoder.init_kwargs)
+    sd = upcycle_state_dict(mae_encoder.state_dict(), model.moe_blocks, num_experts, noise=noise, seed=seed)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    bad = [k for k in missing if ".mlp.router." not in k]
+    if bad or unexpected:  # pragma: no cover - guarded by construction
+        raise RuntimeError(f"MoCE build mismatch: missing {bad}, unexpected {unexpected}")
+    with torch.no_grad():
+        for _, layer in model.moe_layers():
+            layer.router.embed.weight.copy_(clustering.centroids)
+    return model.to(mae_encoder.patch_embed.proj.weight.device)
+
+
+class MoCEObjective(MAEObjective):
+    """MAE loss on a MoCE model plus ``distill_weight * ||tokens - teacher tokens||^2``
+    (eq. 3) with the frozen dense encoder as teacher, on the same visible patches."""
+
+    def __init__(self, model: nn.Module, teacher: nn.Module, *, distill_weight: float = 0.01, **mae_kwargs) -> None:
+        super().__init__(model, **mae_kwargs)
+        self.teacher = [copy.deepcopy(teacher).eval().requires_grad_(False)]  # a list: not a submodule
+        self.distill_weight = distill_weight
+
+    def forward(self, model: nn.Module, batch, routing_key: Tensor | None = None) -> dict[str, Tensor]:
+        imgs = batch[0]
+        key = routing_key if routing_key is not None else (batch[2] if len(batch) > 2 else None)
+        out = self.reconstruct(model, imgs, key)
+        per_patch = (out["pred"] - out["target"]).pow(2).mean(-1)
+        recon = (per_patch * out["mask"]).sum() / out["mask"].sum()
+        result = {"loss": recon, "recon_loss": recon.detach()}
+        if self.distill_weight:
+            with torch.no_grad():
+                t_tokens = self.teacher[0].forward_visible(imgs, out["ids_keep"])
+            distill = distillation_loss(out["tokens"], t_tokens)
+            result["loss"] = recon + self.distill_weight * distill
+            result["distill_loss"] = distill.detach()
+        return result
+
+
+@dataclass
+class ClusterSelection:
+    """Which cluster a downstream set maps to."""
+
+    cluster: int
+    histogram: Tensor  # (m,) images per cluster
+    share: float  # fraction of the downstream images in the chosen cluster
+
+
+@torch.no_grad()
+def select_cluster(encoder: nn.Module, clustering: Clustering, x: Tensor, *, pool: str = "mean") -> ClusterSelection:
+    """Assign the downstream images ``x`` to clusters with the dense MAE encoder's features and
+    the learned centroids; pick the largest cluster (MoCE deployment)."""
+    ids = clustering.assign(extract_features(encoder, x, pool=pool))
+    hist = torch.bincount(ids, minlength=clustering.num_clusters)
+    c = int(hist.argmax())
+    return ClusterSelection(c, hist, float(hist[c]) / max(len(ids), 1))
+
+
+def deploy(moce_model: VisionTransformer, cluster: int) -> VisionTransformer:
+    """The plain dense ViT holding the experts (and combine weights) ``cluster`` routes to;
+    it computes the same features as the MoCE model for images of that cluster."""
+    for _, layer in moce_model.moe_layers():
+        if not isinstance(layer.router, ClusterRouter):
+            raise ValueError("deploy needs a MoCE model (cluster-conditional routers)")
+    return moce_model.extract_dense(key=cluster)

@@ -1,0 +1,65 @@
+"""MoCE pieces: build from an MAE encoder + clustering, distillation, cluster selection, deployment."""
+
+import pytest
+import torch
+
+from visionmoe.clustering import ClusterConfig, fit_clusters
+from visionmoe.data import load_dataset
+from visionmoe.eval import extract_features
+from visionmoe.models import VisionTransformer
+from visionmoe.recipes.moce import MoCEObjective, build_moce, deploy, select_cluster
+
+ARGS = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=3, num_heads=2, num_classes=0)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    enc = VisionTransformer(**ARGS).eval()
+    d = load_dataset("digits")
+    feats = extract_features(enc, d.x_train[:400])
+    cl = fit_clusters(feats, ClusterConfig(num_clusters=4, epochs=3, batch_size=100))
+    return enc, d, cl
+
+
+def test_build_moce_starts_equal_to_the_encoder_when_exact(setup):
+    enc, d, cl = setup
+    moce = build_moce(enc, cl, blocks=[1, 2], num_experts=3, noise=0.0, renormalize=True).eval()
+    assert moce.moe_blocks == [1, 2]
+    for _, layer in moce.moe_layers():
+        torch.testing.assert_close(layer.router.embed.weight, cl.centroids)
+    x = d.x_test[:6]
+    keys = torch.tensor([0, 1, 2, 3, 0, 1])
+    torch.testing.assert_close(moce.forward_features(x, routing_key=keys), enc.forward_features(x),
+                               rtol=1e-5, atol=1e-5)
+    # with the distillation teacher equal to the student, the distillation loss is zero
+    obj = MoCEObjective(moce, enc, mask_ratio=0.5, decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    out = obj(moce, (x, None, keys))
+    assert out["distill_loss"].item() < 1e-10
+    assert "teacher" not in dict(obj.named_modules())  # the teacher is not trained or saved
+
+
+def test_perturbed_experts_differ_and_width_mismatch_is_refused(setup):
+    enc, _, cl = setup
+    moce = build_moce(enc, cl, blocks=[2], num_experts=2, noise=0.05)
+    w = moce.blocks[2].mlp.experts.fc1_weight
+    assert not torch.equal(w[0], w[1])
+    bad = type(cl)(torch.randn(4, 7), cl.config)
+    with pytest.raises(ValueError, match="width"):
+        build_moce(enc, bad, blocks=[2])
+
+
+def test_select_cluster_and_deploy_exact(setup):
+    enc, d, cl = setup
+    moce = build_moce(enc, cl, blocks=[1, 2], num_experts=3, noise=0.05).eval()
+    for _, layer in moce.moe_layers():
+        torch.nn.init.normal_(layer.router.proj.weight, std=1.0)  # clusters map to different experts
+    sel = select_cluster(enc, cl, d.x_test[:100])
+    assert sel.histogram.sum() == 100 and sel.histogram[sel.cluster] == sel.histogram.max()
+    assert 0 < sel.share <= 1
+    dense = deploy(moce, sel.cluster).eval()
+    assert not dense.is_moe
+    x = d.x_test[:8]
+    key = torch.full((8,), sel.cluster)
+    torch.testing.assert_close(dense.forward_features(x), moce.forward_features(x, routing_key=key),
+                               rtol=1e-5, atol=1e-5)
