@@ -73,3 +73,10 @@ def test_streaming_source_gives_the_same_kind_of_result():
     assert len(torch.unique(assign_clusters(feats, cl.centroids))) == 3
     with pytest.raises(ValueError, match="dim="):
         fit_clusters(stream, ClusterConfig(num_clusters=3))
+
+
+def test_balanced_assignment_has_equal_cluster_sizes():
+    feats, _ = _digit_features()
+    cl = fit_clusters(feats, ClusterConfig(num_clusters=4, epochs=2, batch_size=256))
+    sizes = torch.bincount(cl.assign_balanced(feats, iters=100), minlength=4)
+    assert sizes.max() - sizes.min() <= 0.1 * len(feats) / 4 + 2

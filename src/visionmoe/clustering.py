@@ -87,6 +87,13 @@ class Clustering:
         """Hard cluster ids ``(N,)`` of features ``(N, d)`` (normalised here)."""
         return assign_clusters(features, self.centroids)
 
+    def assign_balanced(self, features: Tensor, *, iters: int = 50) -> Tensor:
+        """Cluster ids ``(N,)`` from the Sinkhorn-Knopp assignment ``Q`` over all of ``features``
+        (equal cluster sizes, as the paper takes Q for the pre-training images); new images
+        such as a downstream set use :meth:`assign` (nearest centroid)."""
+        scores = F.normalize(features.float(), dim=-1) @ self.centroids.float().t()  # (N, m)
+        return sinkhorn_knopp(scores, eps=self.config.eps, iters=iters).argmax(-1)
+
     def save(self, path: str | Path) -> Path:
         """Write centroids + config + feature source as one safetensors file."""
         from safetensors.torch import save

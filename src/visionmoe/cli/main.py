@@ -19,6 +19,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if res["test_accuracy"] > 0.1 else 1
 
 
+def _cmd_moce_demo(args: argparse.Namespace) -> int:
+    from ..recipes.moce_demo import MoCEDemoConfig, run_moce_demo
+
+    cfg = MoCEDemoConfig.quick() if args.quick else MoCEDemoConfig()
+    if args.seeds:
+        cfg.seeds = list(range(args.seeds))
+    res = run_moce_demo(cfg, out=args.out, progress=not args.no_progress)
+    return 0 if res["tasks"] else 1
+
+
 def _cmd_list_models(args: argparse.Namespace) -> int:
     from ..models import list_models
     from ..models._registry import _REGISTRY
@@ -125,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
     d.set_defaults(fn=_cmd_demo)
+
+    md = sub.add_parser("moce-demo", help="MoCE end to end (MAE, clustering, MoCE vs MAE* vs TokenMoE, transfer)")
+    md.add_argument("--quick", action="store_true", help="small sizes, one seed (a few minutes)")
+    md.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, quick 1)")
+    md.add_argument("--out", default="runs/moce_demo")
+    md.add_argument("--no-progress", action="store_true")
+    md.set_defaults(fn=_cmd_moce_demo)
 
     lm = sub.add_parser("list-models", help="list registered model variants")
     lm.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'vmoe*'")
