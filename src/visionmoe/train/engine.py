@@ -352,6 +352,8 @@ class Trainer:
                         tb.add_scalar(f"test/{headline}", last_eval[headline], self.step)
                 if self.step % c.run.checkpoint_every == 0 or self.step == end:
                     self.save()
+        if not last_eval:  # nothing ran (e.g. resuming a finished run) or no evaluation was due
+            last_eval = self.evaluate()
         elapsed = time.perf_counter() - t0
         summary = {"run_dir": str(self.run_dir), "step": self.step, "total_steps": self.total_steps,
                    "finished": self.step >= self.total_steps, "train_seconds": elapsed,
