@@ -229,7 +229,7 @@ def _save_plots(sd: Path, mae: Trainer, enc, moce, clustering, pool: TensorSplit
         p = mae.objective.patch_size
         masked = unpatchify(
             torch.where(out["mask"].unsqueeze(-1).bool(), torch.zeros_like(out["target"]),
-                        _raw_patches(x, p)), p, 1, x.shape[-2], x.shape[-1])
+                        patchify(x, p)), p, 1, x.shape[-2], x.shape[-1])
         rec = unpatchify(_denorm(out["pred"], x, p), p, 1, x.shape[-2], x.shape[-1])
     fig, axes = plt.subplots(3, 8, figsize=(10, 4))
     for i in range(8):
@@ -273,10 +273,6 @@ def _save_plots(sd: Path, mae: Trainer, enc, moce, clustering, pool: TensorSplit
     fig.tight_layout()
     fig.savefig(sd / "cluster_expert.png", dpi=100)
     plt.close(fig)
-
-
-def _raw_patches(x, p):
-    return patchify(x, p)
 
 
 def _denorm(pred, x, p):
