@@ -121,11 +121,18 @@ class MAEObjective(nn.Module):
         pred = self.decoder(tokens, ids_restore)  # (B, N, p*p*C)
         return {"pred": pred, "mask": mask, "target": self.target(imgs), "tokens": tokens, "ids_keep": ids_keep}
 
+    @staticmethod
+    def masked_loss(out: dict[str, Tensor], per_image: bool = False) -> Tensor:
+        """Mean squared error over the masked patches of :meth:`reconstruct`'s output: one scalar,
+        or ``(B,)`` per image."""
+        per_patch = (out["pred"] - out["target"]).pow(2).mean(-1)  # (B, N)
+        if per_image:
+            return (per_patch * out["mask"]).sum(-1) / out["mask"].sum(-1)
+        return (per_patch * out["mask"]).sum() / out["mask"].sum()
+
     def forward(self, model: nn.Module, batch, routing_key: Tensor | None = None) -> dict[str, Tensor]:
         imgs = batch[0] if isinstance(batch, (tuple, list)) else batch
         if routing_key is None and isinstance(batch, (tuple, list)) and len(batch) > 2:
             routing_key = batch[2]
-        out = self.reconstruct(model, imgs, routing_key)
-        per_patch = (out["pred"] - out["target"]).pow(2).mean(-1)  # (B, N)
-        loss = (per_patch * out["mask"]).sum() / out["mask"].sum()
+        loss = self.masked_loss(self.reconstruct(model, imgs, routing_key))
         return {"loss": loss, "recon_loss": loss.detach()}

@@ -85,8 +85,7 @@ class MoCEObjective(MAEObjective):
         imgs = batch[0]
         key = routing_key if routing_key is not None else (batch[2] if len(batch) > 2 else None)
         out = self.reconstruct(model, imgs, key)
-        per_patch = (out["pred"] - out["target"]).pow(2).mean(-1)
-        recon = (per_patch * out["mask"]).sum() / out["mask"].sum()
+        recon = self.masked_loss(out)
         result = {"loss": recon, "recon_loss": recon.detach()}
         if self.distill_weight:
             with torch.no_grad():

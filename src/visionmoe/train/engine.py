@@ -228,8 +228,7 @@ class Trainer:
             with self._autocast():
                 if mae:
                     out = self.objective.reconstruct(model, x, routing_key=key, generator=gen)
-                    per = ((out["pred"] - out["target"]).pow(2).mean(-1) * out["mask"]).sum(-1) / out["mask"].sum(-1)
-                    loss_sum += float(per.sum())
+                    loss_sum += float(self.objective.masked_loss(out, per_image=True).sum())
                 else:
                     logits = model(x) if key is None else model(x, routing_key=key)
                     correct += int((logits.argmax(-1) == y).sum())
