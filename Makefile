@@ -3,8 +3,10 @@
 setup:
 	bash scripts/setup.sh
 
+DEMO_ARGS ?=
+
 demo: setup
-	.venv/bin/visionmoe demo
+	.venv/bin/visionmoe demo $(DEMO_ARGS)
 
 test: setup
 	.venv/bin/python -m pytest -q -m "not slow"

@@ -18,7 +18,49 @@ def test_unknown_model_is_a_clear_error(capsys):
 
 
 def test_quick_demo_runs_and_beats_chance(tmp_path):
-    assert main(["demo", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--vmoe", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "demo.json").read_text())
     assert res["test_accuracy"] > 0.5
     assert set(res["routing"]) == {"blocks.1", "blocks.3"}
+
+
+def test_train_then_analyze_routing(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "model.name=vmoe_nano_patch4_32", "data.name=digits", "data.augment=none",
+                 "model.args={img_size: 8, patch_size: 2, embed_dim: 24, depth: 2}", "moe.num_experts=4",
+                 "schedule.max_steps=10", "run.progress=false", "--run-dir", str(run)]) == 0
+    ckpt = next((run / "checkpoints").glob("*.safetensors"))
+    out = tmp_path / "analysis"
+    assert main(["analyze", str(ckpt), "--limit", "200", "--out", str(out)]) == 0
+    res = json.loads((out / "analysis.json").read_text())
+    assert res["num_experts"] == 4 and res["routing_degree"] == 4 ** len(res["blocks"])  # top-1
+    for d in res["layers"].values():
+        assert abs(sum(d["load"]) - 1) < 1e-5 and 1 <= d["distinct_experts_mean"] <= 4
+        assert all(abs(d["similarity"][i][i] - 1) < 1e-6 for i in range(4) if d["load"][i] > 0)
+    for f in ("report.md", "routing_analysis.png", "token_routing.png"):
+        assert (out / f).stat().st_size > 0
+
+
+def test_sweep_grid_over_routers_and_models(tmp_path):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "data.name=digits", "data.augment=none", "data.img_size=32", "schedule.max_steps=3",
+                 "run.eval_every_epochs=100", "--grid", "model.name=[vmoe_nano_patch4_32, convnext_moe_cpu]",
+                 "--grid", "moe.router=[linear, cosine, l2]", "--out", str(out), "--no-progress"]) == 0
+    rows = json.loads((out / "sweep.json").read_text())
+    assert len(rows) == 6
+    for r in rows:
+        assert 0 <= r["test_acc"] <= 1 and r["active_params"] < r["params"] and r["gflops_per_image"] > 0
+    assert "| model.name |" in (out / "sweep.md").read_text()
+    assert main(["sweep", "data.name=digits", "--grid", "moe.top_k=2"]) == 2  # not a list: clear error
+
+
+def test_layer_scan_plots_accuracy_and_routing_degree(tmp_path):
+    out = tmp_path / "scan"
+    assert main(["layer-scan", "model.name=vmoe_nano_patch4_32", "data.name=digits", "data.augment=none",
+                 "model.args={img_size: 8, patch_size: 2, embed_dim: 24, depth: 2}", "moe.num_experts=4",
+                 "schedule.max_steps=3", "--out", str(out), "--no-progress"]) == 0
+    rows = json.loads((out / "sweep.json").read_text())
+    assert sorted((r["layers"], r["moe.shared_expert"]) for r in rows) == [
+        (n, s) for n in range(3) for s in (False, True)]
+    assert {r["layers"]: r["routing_degree"] for r in rows} == {0: 1, 1: 4, 2: 16}
+    assert (out / "layer_scan.png").stat().st_size > 0

@@ -179,7 +179,7 @@ def test_registry_errors_and_overrides():
     assert m.moe_blocks == [2, 3] and m.moe_config.num_experts == 4
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", [n for n in list_models() if not n.startswith("convnext")])
 def test_every_registered_variant_builds(name):
     args = model_args(name)
     if args["img_size"] <= 32:
@@ -201,3 +201,33 @@ def test_every_registered_variant_builds(name):
 def test_public_api():
     assert "vmoe_tiny_patch4_32" in visionmoe.list_models()
     assert callable(visionmoe.moeify)
+
+
+@pytest.mark.parametrize("name", list_models("convnext*"))
+def test_convnext_variants_build_and_place_experts(name):
+    from visionmoe.moe import moe_layers
+
+    args = model_args(name)
+    small = "cpu" in name
+    with torch.device("cpu" if small else "meta"):
+        m = create_model(name, num_classes=3, in_chans=1)
+    if small:
+        assert m(torch.randn(2, 1, 32, 32)).shape == (2, 3)
+    n_blocks = sum(args["depths"])
+    layers = list(moe_layers(m))
+    if args.get("moe"):
+        expected = {"every_2": n_blocks // 2, "last_2": 2}[args["moe"]["placement"]]
+        assert len(layers) == expected
+    else:
+        assert not layers
+
+
+def test_convnext_stage_placement_and_gates():
+    from visionmoe.moe import moe_layers
+
+    m = create_model("convnext_moe_cpu", num_classes=3, in_chans=1, placement="stage_2", router="l2", top_k=2)
+    names = [n for n, _ in moe_layers(m)]
+    assert names and all(n.startswith("stages.2.") for n in names) and len(names) == 2
+    assert m(torch.randn(2, 1, 32, 32)).shape == (2, 3)
+    with pytest.raises(ValueError, match="no MLP blocks in stage 7"):
+        create_model("convnext_moe_cpu", placement="stage_7")

@@ -1,25 +1,43 @@
-"""The MoCE pipeline runs end to end on tiny real data and writes its report."""
+"""The MoCE demo runs end to end from the command line on tiny real data and writes its report."""
 
 import json
 
-from visionmoe.recipes.moce_demo import MoCEDemoConfig, run_moce_demo
+from visionmoe.cli.main import main
+
+TINY = ["sources=[digits, faces]", "tasks=[digits, faces, mnist5k]", "per_source=200", "img_size=16",
+        "vit={patch_size: 4, embed_dim: 32, depth: 3, num_heads: 2}", "mae_steps=15", "extra_steps=8",
+        "finetune_steps=8", "num_clusters=4", "num_experts=2", "batch_size=32", "seeds=[0]",
+        "finetune_train_limit=200", "finetune_test_limit=100", "compare_selection=true", "selection_probe_steps=3",
+        "finetune_lrs=[0.01, 0.1]"]
 
 
-def test_tiny_moce_pipeline_end_to_end(tmp_path):
-    cfg = MoCEDemoConfig(sources=["digits", "faces"], per_source=200, img_size=16,
-                         vit=dict(patch_size=4, embed_dim=32, depth=3, num_heads=2), mae_steps=15, extra_steps=8,
-                         finetune_steps=8, num_clusters=4, num_experts=2, batch_size=32, seeds=[0],
-                         finetune_train_limit=200)
-    res = run_moce_demo(cfg, out=tmp_path, progress=False)
-    assert set(res["tasks"]) == {"digits", "faces"}
+def test_tiny_moce_demo_end_to_end(tmp_path):
+    assert main(["demo", "--no-progress", "--out", str(tmp_path), *TINY]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert set(res["tasks"]) == {"digits", "faces", "mnist5k"}  # mnist5k: a task the pre-training never saw
     for m in res["tasks"].values():
         assert set(m) == {"MAE*", "TokenMoE", "MoCE"}
         assert all(0.0 <= v["mean"] <= 1.0 for v in m.values())
     run = res["runs"][0]
     assert len(run["blocks"]) == 2 and sum(run["cluster_sizes"]) == 200 + 150  # faces has 150 train images
     assert res["params"]["deployed_dense"] == res["params"]["mae"]  # deployment gives a plain dense ViT
+    assert res["params"]["moce_total"] > res["params"]["mae"]
+    assert set(res["speed"]) >= {"deployed dense ViT", "MoCE (all experts)"}
+    # the lr search picked one of the candidates for every task and method
+    assert all(v["chosen"] in (0.01, 0.1) for d in res["lr"].values() for v in d.values())
+    sel = run["selection_methods"]
+    for task in res["tasks"]:
+        d = sel[task]
+        assert d["exhaustive_worst"] <= d["picked"]["k-NN"]["test_acc"] <= d["exhaustive_best"]
+        assert set(d["picked"]) == {"largest cluster (MoCE)", "k-NN", "LogME", "early-stop search"}
     report = (tmp_path / "report.md").read_text()
-    assert "| digits |" in report and "MoCE" in report
-    for png in ("mae_loss", "reconstructions", "clusters", "cluster_expert"):
+    assert "| digits |" in report and "Expert selection methods" in report and "images/s" in report
+    assert all(5 < v < 60 for d in run["psnr"].values() for v in d.values())  # dB, finite and plausible
+    assert all(0 < v <= 1 for d in run["collapse"].values() for v in d.values())
+    for png in ("mae_loss", "reconstructions", "clusters", "cluster_expert", "routing"):
         assert (tmp_path / "seed0" / f"{png}.png").stat().st_size > 0
-    assert json.loads((tmp_path / "results.json").read_text())["runs"][0]["seed"] == 0
+
+
+def test_demo_setting_errors_are_clear(capsys, tmp_path):
+    assert main(["demo", "--out", str(tmp_path), "num_expert=8"]) == 2
+    assert "Did you mean 'num_experts'" in capsys.readouterr().err

@@ -4,7 +4,9 @@ import pytest
 
 from visionmoe.train import ConfigError, apply_overrides, config_from_dict, load_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = sorted(p for p in ROOT.rglob("*.yaml") if p.parent.name != "moce")
+MOCE_CONFIGS = sorted((ROOT / "moce").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
@@ -13,6 +15,27 @@ def test_every_config_file_validates(path):
     from visionmoe.models import list_models
 
     assert cfg.model.name in list_models()
+
+
+@pytest.mark.parametrize("path", MOCE_CONFIGS, ids=lambda p: p.name)
+def test_every_moce_demo_config_validates(path):
+    from visionmoe.recipes.moce_demo import MoCEDemoConfig
+
+    cfg = MoCEDemoConfig.from_yaml(path)
+    assert cfg.num_experts >= 1 and cfg.task_names
+    if path.name == "demo.yaml":  # the documented defaults are the real defaults
+        assert cfg == MoCEDemoConfig()
+
+
+def test_moce_demo_config_errors():
+    from visionmoe.recipes.moce_demo import MoCEDemoConfig
+
+    with pytest.raises(ConfigError, match=r"'num_expert'.*Did you mean 'num_experts'"):
+        MoCEDemoConfig.from_yaml(None, ["num_expert=8"])
+    with pytest.raises(ConfigError, match="finetune_lrs"):
+        MoCEDemoConfig.from_yaml(None, ["finetune_lrs=[]"])
+    cfg = MoCEDemoConfig.from_yaml(None, ["num_experts=8", "blocks=[0, 1]"], quick=True)
+    assert cfg.num_experts == 8 and cfg.blocks == [0, 1] and cfg.seeds == [0]
 
 
 def test_unknown_keys_name_the_path_and_suggest():
@@ -53,3 +76,11 @@ def test_yaml_with_python_tags_is_refused(tmp_path):
         load_config(p)
     with pytest.raises(FileNotFoundError):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_unknown_objective_args_are_refused_early():
+    with pytest.raises(ConfigError, match=r"'objective_args.ogar_weigth'.*Did you mean 'ogar_weight'"):
+        config_from_dict({"objective": "moco", "objective_args": {"ogar_weigth": 0.1}})
+    with pytest.raises(ConfigError, match=r"objective_args.mask_ration"):
+        config_from_dict({"objective": "mae", "objective_args": {"mask_ration": 0.5}})
+    assert config_from_dict({"objective": "moco", "objective_args": {"ogar_weight": 0.1}}).objective == "moco"

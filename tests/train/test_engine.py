@@ -118,3 +118,22 @@ def test_routing_keys_flow_from_data_to_cluster_router(tmp_path, digits):
     assert 0.0 <= res["test_acc"] <= 1.0
     with pytest.raises(ValueError, match="one entry per image"):
         d.with_keys(keys_train[:5], d.y_test)
+
+
+def test_init_from_dense_checkpoint_upcycles_with_shared_expert(tmp_path, digits):
+    dense_cfg = {**QUICK, "model": {**QUICK["model"], "dense": True}, "schedule": {"max_steps": 3}}
+    t = Trainer(config_from_dict(dense_cfg), run_dir=tmp_path / "dense", data=digits)
+    t.fit()
+    ckpt = t.latest_checkpoint()
+    moe_cfg = {**QUICK, "model": {**QUICK["model"], "init": str(ckpt)},
+               "moe": {"num_experts": 4, "top_k": 1, "placement": "all", "shared_expert": True, "noise_std": 0.0}}
+    up = Trainer(config_from_dict(moe_cfg), run_dir=tmp_path / "moe", data=digits)
+    dense_blocks = t.model.blocks
+    for i, blk in enumerate(up.model.blocks):  # every expert and the shared expert start as the dense MLP
+        fc1 = dense_blocks[i].mlp.fc1.weight
+        assert all(torch.equal(blk.mlp.experts.fc1_weight[e], fc1) for e in range(4))
+        assert torch.equal(blk.mlp.shared_expert.fc1.weight, fc1)
+    torch.testing.assert_close(up.model.patch_embed.proj.weight, t.model.patch_embed.proj.weight)
+    bad = {**moe_cfg, "model": {**moe_cfg["model"], "args": {**QUICK["model"]["args"], "embed_dim": 36}}}
+    with pytest.raises((ValueError, RuntimeError), match="size mismatch|does not match"):
+        Trainer(config_from_dict(bad), run_dir=tmp_path / "bad", data=digits)

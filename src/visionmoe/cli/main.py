@@ -12,21 +12,115 @@ import yaml
 __all__ = ["main"]
 
 
+def _config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """``CONFIG key=value ...`` where CONFIG is optional: a first word with ``=`` that is not a
+    file is an override."""
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).exists():
+        config, overrides = None, [config, *overrides]
+    return config, overrides
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from ..recipes.demo import run_demo
+    if args.vmoe:
+        from ..recipes.demo import run_demo
 
-    res = run_demo(quick=args.quick, seed=args.seed, out=args.out, progress=not args.no_progress)
-    return 0 if res["test_accuracy"] > 0.1 else 1
-
-
-def _cmd_moce_demo(args: argparse.Namespace) -> int:
+        if any(_config_and_overrides(args)):
+            raise ValueError("--vmoe takes no config or overrides (only --quick, --seed, --out)")
+        res = run_demo(quick=args.quick, seed=args.seed or 0, out=args.out or "runs/demo",
+                       progress=not args.no_progress)
+        return 0 if res["test_accuracy"] > 0.1 else 1
     from ..recipes.moce_demo import MoCEDemoConfig, run_moce_demo
 
-    cfg = MoCEDemoConfig.quick() if args.quick else MoCEDemoConfig()
+    cfg = MoCEDemoConfig.from_yaml(*_config_and_overrides(args), quick=args.quick)
     if args.seeds:
         cfg.seeds = list(range(args.seeds))
-    res = run_moce_demo(cfg, out=args.out, progress=not args.no_progress)
+    if args.seed is not None:
+        cfg.seeds = [args.seed]
+    res = run_moce_demo(cfg, out=args.out or "runs/moce_demo", progress=not args.no_progress)
     return 0 if res["tasks"] else 1
+
+
+def _cmd_crmoe(args: argparse.Namespace) -> int:
+    from ..recipes.crmoe import CRMoEStudyConfig, run_crmoe_study
+
+    cfg = CRMoEStudyConfig.from_overrides(args.overrides, quick=args.quick)
+    res = run_crmoe_study(cfg, out=args.out, progress=not args.no_progress)
+    return 0 if res["runs"] else 1
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from ..data import load_dataset
+    from ..recipes.crmoe import _limit, evaluate_backbone
+
+    model, cfg, st, _ = _model_from_checkpoint(args.checkpoint)
+    size = st.get("img_size") or model.patch_embed.img_size[0]
+    channels = st.get("in_chans", 1)
+    tasks = {}
+    for name in args.data:
+        t = _limit(load_dataset(name), args.train_limit, args.test_limit, size)
+        if channels != 1:
+            from ..data import adapt
+
+            t = type(t)(t.name, adapt(t.x_train, channels=channels), t.y_train, adapt(t.x_test, channels=channels),
+                        t.y_test, t.classes)
+        tasks[name] = t
+    first = next(iter(tasks.values()))
+    res = evaluate_backbone(model, tasks, shots=args.shots, episodes=args.episodes, semi=first,
+                            semi_fractions=args.semi, semi_steps=args.semi_steps,
+                            consistency_x=first.x_test[:512], run_dir=Path(args.out))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "probe.json").write_text(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from ..analysis.report import analyze_routing
+    from ..data import adapt, load_dataset
+
+    model, cfg, st, _ = _model_from_checkpoint(args.checkpoint)
+    d = load_dataset(args.data or cfg.data.name, **(cfg.data.args if not args.data else {}))
+    n = min(args.limit, len(d.x_test))
+    x = adapt(d.x_test[:n], channels=st.get("in_chans", 1), size=st.get("img_size") or model.patch_embed.img_size[0])
+    res = analyze_routing(model, x, d.y_test[:n], d.classes, args.out)
+    print(f"routing degree {res['routing_degree']:,}; report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from ..sweep import parse_grid, run_sweep
+    from ..train.config import apply_overrides
+
+    config, overrides = _config_and_overrides(args)
+    base: dict = {}
+    if config is not None:
+        if not Path(config).is_file():
+            raise FileNotFoundError(f"config file {config} does not exist")
+        base = yaml.safe_load(Path(config).read_text()) or {}
+    base = apply_overrides(base, overrides)
+    rows = run_sweep(base, parse_grid(args.grid), out=args.out, progress=not args.no_progress)
+    print((Path(args.out) / "sweep.md").read_text())
+    return 0 if rows else 1
+
+
+def _cmd_layer_scan(args: argparse.Namespace) -> int:
+    from ..sweep import run_layer_scan
+    from ..train import config_from_dict
+    from ..train.config import apply_overrides
+
+    config, overrides = _config_and_overrides(args)
+    base: dict = yaml.safe_load(Path(config).read_text()) if config else {}
+    base = apply_overrides(base or {}, overrides)
+    depth = args.depth
+    if depth is None:
+        from ..train import build_model
+
+        depth = len(build_model(config_from_dict(base), num_classes=2, in_chans=1).blocks)
+    shared = {"both": (False, True), "yes": (True,), "no": (False,)}[args.shared]
+    run_layer_scan(base, depth, shared=shared, out=args.out, progress=not args.no_progress)
+    print((Path(args.out) / "sweep.md").read_text())
+    return 0
 
 
 def _cmd_list_models(args: argparse.Namespace) -> int:
@@ -77,10 +171,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from ..train import Trainer, load_config
 
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config and not Path(config).exists():
-        config, overrides = None, [config, *overrides]  # only overrides were given
-    cfg = load_config(config, overrides)
+    cfg = load_config(*_config_and_overrides(args))
     trainer = Trainer(cfg, run_dir=args.run_dir)
     summary = trainer.fit(resume=args.resume)
     print(json.dumps({k: v for k, v in summary.items() if k != "routing"}, indent=2))
@@ -129,19 +220,71 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="visionmoe", description="Vision Mixture-of-Experts: train, analyse, deploy.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="train a small V-MoE on bundled real images and show its routing")
-    d.add_argument("--quick", action="store_true", help="a shorter run (~15 s)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    d = sub.add_parser(
+        "demo", help="MoCE end to end on bundled real images: MAE, clustering, MoCE vs MAE* vs TokenMoE, transfer",
+        description="MAE pre-training, balanced clustering, MoCE / MAE* / TokenMoE with equal extra compute, "
+                    "deployment and fine-tuning on several real tasks, 3 seeds; writes report.md with plots "
+                    "(about 15 minutes on 2 CPU cores; --quick about 2). --vmoe runs the one-minute V-MoE "
+                    "digits demo instead.")
+    d.add_argument("config", nargs="?", default=None,
+                   help="optional YAML file of demo settings (configs/moce/*.yaml), e.g. an ablation")
+    d.add_argument("overrides", nargs="*", help="settings as key=value, e.g. num_experts=8 distill_weight=0")
+    d.add_argument("--quick", action="store_true", help="small sizes and one seed (about 2 minutes)")
+    d.add_argument("--seeds", type=int, default=None, help="run seeds 0..N-1 (default 3; quick 1)")
+    d.add_argument("--seed", type=int, default=None, help="run this one seed")
+    d.add_argument("--out", default=None, help="output folder (default runs/moce_demo, or runs/demo with --vmoe)")
+    d.add_argument("--vmoe", action="store_true", help="the V-MoE digits demo (about a minute) instead")
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
     d.set_defaults(fn=_cmd_demo)
 
-    md = sub.add_parser("moce-demo", help="MoCE end to end (MAE, clustering, MoCE vs MAE* vs TokenMoE, transfer)")
-    md.add_argument("--quick", action="store_true", help="small sizes, one seed (a few minutes)")
-    md.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, quick 1)")
-    md.add_argument("--out", default="runs/moce_demo")
-    md.add_argument("--no-progress", action="store_true")
-    md.set_defaults(fn=_cmd_moce_demo)
+    cr = sub.add_parser("crmoe", help="CR-MoE study: MoCo v3 dense / V-MoE / V-MoE+OGAR, evaluation protocols",
+                        description="MoCo v3 pre-training of a dense ViT, a V-MoE and a V-MoE with OGAR at equal "
+                                    "steps, 3 seeds, then linear probe, k-NN, few-shot, semi-supervised and routing "
+                                    "consistency; writes report.md (about 15 minutes; --quick about 1).")
+    cr.add_argument("overrides", nargs="*", help="settings as key=value, e.g. ogar_weight=0.01 steps=300")
+    cr.add_argument("--quick", action="store_true")
+    cr.add_argument("--out", default="runs/crmoe")
+    cr.add_argument("--no-progress", action="store_true")
+    cr.set_defaults(fn=_cmd_crmoe)
+
+    pr = sub.add_parser("probe", help="evaluation protocols on a checkpoint: linear probe, k-NN, few-shot, "
+                                      "semi-supervised, routing consistency")
+    pr.add_argument("checkpoint")
+    pr.add_argument("--data", nargs="+", default=["fashion_mnist"], help="labelled data sets to evaluate on")
+    pr.add_argument("--shots", type=int, nargs="*", default=[4, 10])
+    pr.add_argument("--episodes", type=int, default=5, help="sampled few-shot splits")
+    pr.add_argument("--semi", type=float, nargs="*", default=[], help="label fractions to fine-tune on, e.g. 0.01 0.1")
+    pr.add_argument("--semi-steps", type=int, default=100)
+    pr.add_argument("--train-limit", type=int, default=5000)
+    pr.add_argument("--test-limit", type=int, default=2000)
+    pr.add_argument("--out", default="runs/probe")
+    pr.set_defaults(fn=_cmd_probe)
+
+    an = sub.add_parser("analyze", help="routing analysis of a MoE checkpoint: load, distinct experts, class "
+                                        "occurrence, expert similarity, token maps, routing degree")
+    an.add_argument("checkpoint")
+    an.add_argument("--data", default=None, help="labelled data set (default: the one it was trained on)")
+    an.add_argument("--limit", type=int, default=2000, help="test images to analyse")
+    an.add_argument("--out", default="runs/analysis")
+    an.set_defaults(fn=_cmd_analyze)
+
+    sw = sub.add_parser("sweep", help="train a grid of configs and tabulate accuracy, params, FLOPs, throughput")
+    sw.add_argument("config", nargs="?", default=None, help="base YAML experiment file")
+    sw.add_argument("overrides", nargs="*", help="overrides of the base, key=value")
+    sw.add_argument("--grid", action="append", default=[], help="key=[v1, v2] (repeatable; the product is trained)")
+    sw.add_argument("--out", default="runs/sweep")
+    sw.add_argument("--no-progress", action="store_true")
+    sw.set_defaults(fn=_cmd_sweep)
+
+    ls_ = sub.add_parser("layer-scan", help="ViMoE layer scan: MoE in the last L blocks, L = 0..depth, "
+                                            "with/without shared expert; accuracy and routing degree vs L")
+    ls_.add_argument("config", nargs="?", default=None)
+    ls_.add_argument("overrides", nargs="*")
+    ls_.add_argument("--depth", type=int, default=None, help="largest L (default: the model's depth)")
+    ls_.add_argument("--shared", choices=["both", "yes", "no"], default="both")
+    ls_.add_argument("--out", default="runs/layer_scan")
+    ls_.add_argument("--no-progress", action="store_true")
+    ls_.set_defaults(fn=_cmd_layer_scan)
 
     lm = sub.add_parser("list-models", help="list registered model variants")
     lm.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'vmoe*'")

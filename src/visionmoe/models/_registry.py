@@ -90,6 +90,9 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
             hint = did_you_mean(k, _VIT_ARGS | _MOE_ARGS | {"moe"}, n=3)
             raise ValueError(f"unknown argument {k!r} for model {name!r}.{hint}")
     kwargs.update(overrides)
+    if entry.builder is not VisionTransformer:
+        for k in ("img_size",):  # ViT-only sizing arguments the Trainer may pass to any model
+            kwargs.pop(k, None)
     return entry.builder(moe=moe, **kwargs)
 
 
@@ -167,3 +170,41 @@ register_model(
              aux_weights={"gshard": 0.01}),
     **_VIT_S14_DINOV2,
 )
+
+
+# ---------------------------------------------------------------------------- ConvNeXt (Sweet spot)
+def _convnext(*, moe: dict | None = None, **kwargs: Any) -> nn.Module:
+    """timm's ConvNeXt with linear (``conv_mlp=False``) MLPs, optionally turned into a MoE by
+    :func:`visionmoe.moe.moeify` (experts = the pointwise MLPs, gate over every position).
+    One stage with a patch stem and no downsampling is the isotropic ConvNeXt."""
+    from timm.models.convnext import ConvNeXt
+
+    from ..moe.upcycle import moeify
+
+    depths, dims = tuple(kwargs.pop("depths")), tuple(kwargs.pop("dims"))
+    isotropic = len(depths) == 1
+    if isotropic:  # timm builds 4 stages: put every block in the first and drop the empty rest
+        depths, dims = (depths[0], 0, 0, 0), dims * 4
+    model = ConvNeXt(conv_mlp=False, depths=depths, dims=dims, **kwargs)
+    if isotropic:
+        model.stages = model.stages[:1]
+    if moe:
+        moeify(model, **moe)
+    return model
+
+
+_CONVNEXT_MOE = dict(placement="every_2", num_experts=8, top_k=1, noise_std=1.0, capacity_factor=None)
+register_model("convnext_cpu", _convnext, "CPU-sized hierarchical ConvNeXt: depths 2-2-2-2, dims 32-64-128-256",
+               depths=(2, 2, 2, 2), dims=(32, 64, 128, 256))
+register_model("convnext_moe_cpu", _convnext, "CPU-sized ConvNeXt MoE: every-2, 8 experts, top-1",
+               depths=(2, 2, 2, 2), dims=(32, 64, 128, 256), moe=dict(_CONVNEXT_MOE))
+register_model("convnext_tiny", _convnext, "ConvNeXt-T: depths 3-3-9-3, dims 96-192-384-768",
+               depths=(3, 3, 9, 3), dims=(96, 192, 384, 768))
+register_model("convnext_moe_tiny", _convnext, "ConvNeXt-T MoE (Sweet spot): last-2, 8 experts, top-1",
+               depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), moe=dict(_CONVNEXT_MOE, placement="last_2"))
+register_model("convnext_iso_cpu", _convnext, "CPU-sized isotropic ConvNeXt: patch 4, 6 blocks, width 64",
+               depths=(6,), dims=(64,), patch_size=4)
+register_model("convnext_iso_moe_cpu", _convnext, "CPU-sized isotropic ConvNeXt MoE: every-2, 8 experts, top-1",
+               depths=(6,), dims=(64,), patch_size=4, moe=dict(_CONVNEXT_MOE))
+register_model("convnext_iso_small", _convnext, "isotropic ConvNeXt-S: patch 16, 18 blocks, width 384",
+               depths=(18,), dims=(384,), patch_size=16)

@@ -123,18 +123,22 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
 
 
 def load_dense_into_moe(
-    model: nn.Module, dense_sd: Mapping[str, Tensor], *, layout: str = "auto", noise: float = 0.0, seed: int = 0
+    model: nn.Module, dense_sd: Mapping[str, Tensor], *, layout: str = "auto", noise: float = 0.0, seed: int = 0,
+    skip: tuple[str, ...] = (),
 ) -> None:
     """Load a dense ViT checkpoint into a (MoE) :class:`VisionTransformer`, upcycling the MLPs
-    of its MoE blocks; routers stay freshly initialised. Raises on any other mismatch."""
-    sd = to_timm(dense_sd, layout)
+    of its MoE blocks; routers stay freshly initialised. Keys starting with a ``skip`` prefix
+    (e.g. ``"head."`` to fine-tune on new classes) are neither loaded nor required. Raises on
+    any other mismatch, naming the tensors."""
+    sd = {k: v for k, v in to_timm(dense_sd, layout).items() if not k.startswith(skip)} if skip else to_timm(
+        dense_sd, layout)
     moe_blocks = getattr(model, "moe_blocks", [])
     shared = bool(getattr(model, "moe_config", None) and model.moe_config.shared_expert)
     num_experts = model.moe_config.num_experts if moe_blocks else 0
     if moe_blocks:
         sd = upcycle_state_dict(sd, moe_blocks, num_experts, noise=noise, seed=seed, shared_expert=shared)
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if ".mlp.router." not in k]
+    missing = [k for k in missing if ".mlp.router." not in k and not (skip and k.startswith(skip))]
     if missing or unexpected:
         raise ValueError(
             "checkpoint does not match the model: "

@@ -107,6 +107,9 @@ class MoE(nn.Module):
         self.dim = experts.dim
         self.route_key: Tensor | None = None  # set by the `routing_key` context manager
         self.last: MoEResult | None = None
+        # True: ``last.extra["probs"]`` keeps the differentiable (S, E) gate probabilities
+        # (for losses on the gates, e.g. CR-MoE's OGAR)
+        self.keep_probs = False
 
     @property
     def num_experts(self) -> int:
@@ -138,6 +141,8 @@ class MoE(nn.Module):
             y = y + self.shared_expert(x)
         route.kept = info.kept
         self.last = self._record(route, info, units)
+        if self.keep_probs:
+            self.last.extra["probs"] = route.probs
         return y
 
     def _record(self, route: RouterOutput, info, units: Tensor) -> MoEResult:

@@ -185,6 +185,20 @@ def _mlp_kind(mlp: nn.Module) -> str | None:
     return None
 
 
+def _resolve_stage(placement: Any, blocks: list[tuple[str, nn.Module]]) -> list[int] | None:
+    """``"stage_<i>"``: every MLP block of stage ``i`` of a hierarchical model (timm's
+    ``stages.<i>.`` module names, e.g. ConvNeXt / Swin); None for other policies."""
+    if not (isinstance(placement, str) and placement.startswith("stage_")):
+        return None
+    stage = placement.removeprefix("stage_")
+    chosen = [i for i, (name, _) in enumerate(blocks) if name.startswith(f"stages.{stage}.")]
+    if not chosen:
+        stages = sorted({n.split(".")[1] for n, _ in blocks if n.startswith("stages.")})
+        raise ValueError(f"placement {placement!r}: no MLP blocks in stage {stage}; "
+                         f"this model's stages: {stages or 'none (not a hierarchical model)'}")
+    return chosen
+
+
 def moeify(
     model: nn.Module,
     *,
@@ -217,7 +231,9 @@ def moeify(
             f"{type(model).__name__} has no blocks with an `mlp` made of fc1/fc2 linear or 1x1-conv layers; "
             "moeify supports timm ViT/DeiT/DINOv2/Swin/ConvNeXt (conv_mlp=False) style models"
         )
-    chosen = resolve_placement(cfg.placement, len(blocks))
+    chosen = _resolve_stage(cfg.placement, blocks)
+    if chosen is None:
+        chosen = resolve_placement(cfg.placement, len(blocks))
     g = torch.Generator().manual_seed(seed)
     for i in chosen:
         name, block = blocks[i]

@@ -2,5 +2,7 @@
 
 from .classification import ClassificationObjective
 from .mae import MAEDecoder, MAEObjective, patchify, random_masking, unpatchify
+from .moco import MoCoObjective, TwoViewAugment, match_patches, ogar_loss, patch_boxes
 
-__all__ = ["ClassificationObjective", "MAEObjective", "MAEDecoder", "random_masking", "patchify", "unpatchify"]
+__all__ = ["ClassificationObjective", "MAEObjective", "MAEDecoder", "random_masking", "patchify", "unpatchify",
+           "MoCoObjective", "TwoViewAugment", "match_patches", "ogar_loss", "patch_boxes"]

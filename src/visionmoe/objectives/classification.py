@@ -40,3 +40,11 @@ class ClassificationObjective:
             loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
         acc = (logits.argmax(-1) == y).float().mean()
         return {"loss": loss, "acc": acc.detach()}
+
+    @torch.no_grad()
+    def eval_batch(self, model: nn.Module, x: Tensor, y: Tensor, key: Tensor | None = None,
+                   generator: torch.Generator | None = None) -> dict[str, float]:
+        """Sums over the batch: correct predictions (``acc``) and cross-entropy (``loss``)."""
+        logits = model(x) if key is None else model(x, routing_key=key)
+        return {"acc": float((logits.argmax(-1) == y).sum()),
+                "loss": float(F.cross_entropy(logits.float(), y, reduction="sum"))}

@@ -130,6 +130,13 @@ class MAEObjective(nn.Module):
             return (per_patch * out["mask"]).sum(-1) / out["mask"].sum(-1)
         return (per_patch * out["mask"]).sum() / out["mask"].sum()
 
+    @torch.no_grad()
+    def eval_batch(self, model: nn.Module, x: Tensor, y: Tensor, key: Tensor | None = None,
+                   generator: torch.Generator | None = None) -> dict[str, float]:
+        """Sum over the batch of the per-image masked-patch loss (``recon_loss``)."""
+        out = self.reconstruct(model, x, routing_key=key, generator=generator)
+        return {"recon_loss": float(self.masked_loss(out, per_image=True).sum())}
+
     def forward(self, model: nn.Module, batch, routing_key: Tensor | None = None) -> dict[str, Tensor]:
         imgs = batch[0] if isinstance(batch, (tuple, list)) else batch
         if routing_key is None and isinstance(batch, (tuple, list)) and len(batch) > 2:

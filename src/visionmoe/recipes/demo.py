@@ -1,7 +1,5 @@
-"""Interim demo: a small V-MoE classifier trained on real bundled digits in about a minute.
-
-(The project's main demo, MoCE end to end, replaces this once that pipeline lands.)
-"""
+"""The V-MoE demo (``visionmoe demo --vmoe``): a small V-MoE classifier trained on real
+bundled digits in about a minute, with its routing statistics."""
 
 from __future__ import annotations
 
@@ -10,29 +8,12 @@ from pathlib import Path
 
 import torch
 
+from ..analysis import class_expert_table
 from ..data import load_digits
 from ..models import count_parameters, create_model
 from ..train import evaluate, train_classifier
 
-__all__ = ["run_demo", "class_expert_table"]
-
-
-@torch.no_grad()
-def class_expert_table(model, x, y, num_classes: int, batch_size: int = 256) -> dict[int, torch.Tensor]:
-    """For each MoE block: ``(num_classes, E)`` share of each class's tokens sent to each expert
-    (first choice)."""
-    model.eval()
-    tables: dict[int, torch.Tensor] = {}
-    for i in range(0, len(x), batch_size):
-        model(x[i : i + batch_size])
-        yb = y[i : i + batch_size]
-        for blk, rec in model.routing().items():
-            top1 = rec.indices[:, 0]
-            per_unit = rec.tokens_per_unit if rec.level == "image" else 1
-            labels = yb.repeat_interleave(top1.numel() // len(yb)) if rec.level == "token" else yb
-            t = tables.setdefault(blk, torch.zeros(num_classes, rec.probs.shape[-1]))
-            t.index_put_((labels, top1), torch.full_like(top1, per_unit, dtype=torch.float32), accumulate=True)
-    return {b: t / t.sum(1, keepdim=True).clamp_min(1) for b, t in tables.items()}
+__all__ = ["run_demo"]
 
 
 def run_demo(*, quick: bool = False, seed: int = 0, out: str | Path = "runs/demo", progress: bool = True) -> dict:

@@ -28,7 +28,8 @@ from ..moe.routers import ClusterRouter
 from ..moe.upcycle import upcycle_state_dict
 from ..objectives import MAEObjective
 
-__all__ = ["build_moce", "MoCEObjective", "ClusterSelection", "select_cluster", "deploy"]
+__all__ = ["build_moce", "MoCEObjective", "ClusterSelection", "select_cluster", "deploy", "expert_choices",
+           "distinct_candidates", "score_candidates", "SELECTION_SCORES"]
 
 
 def build_moce(
@@ -122,3 +123,68 @@ def deploy(moce_model: VisionTransformer, cluster: int) -> VisionTransformer:
         if not isinstance(layer.router, ClusterRouter):
             raise ValueError("deploy needs a MoCE model (cluster-conditional routers)")
     return moce_model.extract_dense(key=cluster)
+
+
+@torch.no_grad()
+def expert_choices(moce_model: VisionTransformer) -> dict[int, tuple[tuple[int, ...], ...]]:
+    """Cluster id -> the experts its gates pick in each MoE block (top-k, in block order)."""
+    choices: dict[int, list] = {}
+    for _, layer in moce_model.moe_layers():
+        r = layer.router
+        if not isinstance(r, ClusterRouter):
+            raise ValueError("expert_choices needs a MoCE model (cluster-conditional routers)")
+        was = r.training
+        r.eval()
+        out = r(torch.zeros(r.num_keys, 1, 1), torch.arange(r.num_keys))
+        r.train(was)
+        for key, experts in enumerate(out.indices.reshape(r.num_keys, -1).tolist()):
+            choices.setdefault(key, []).append(tuple(experts))
+    return {k: tuple(v) for k, v in choices.items()}
+
+
+def distinct_candidates(moce_model: VisionTransformer, cluster_sizes: Tensor | None = None) -> list[int]:
+    """One cluster per distinct expert choice (the largest cluster of each group when
+    ``cluster_sizes`` is given): the dense models worth comparing in a selection search."""
+    groups: dict[tuple, list[int]] = {}
+    for key, choice in expert_choices(moce_model).items():
+        groups.setdefault(choice, []).append(key)
+    if cluster_sizes is None:
+        return sorted(g[0] for g in groups.values())
+    return sorted(max(g, key=lambda k: int(cluster_sizes[k])) for g in groups.values())
+
+
+SELECTION_SCORES = ("knn", "logme")
+
+
+def score_candidates(
+    moce_model: VisionTransformer,
+    clusters: list[int],
+    x_train: Tensor,
+    y_train: Tensor,
+    *,
+    method: str = "knn",
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    k: int = 20,
+) -> dict[int, float]:
+    """Score each cluster's deployed dense model on a downstream set without fine-tuning:
+    ``"knn"`` = weighted k-NN accuracy of its frozen features on a held-out ``val_fraction``
+    of ``(x_train, y_train)``; ``"logme"`` = LogME of its features. Higher is better.
+    (Fine-tuning based searches, early-stop and exhaustive, need a trainer; the MoCE demo
+    runs them.)"""
+    from ..eval import knn_accuracy, logme
+
+    if method not in SELECTION_SCORES:
+        raise ValueError(f"method must be one of {SELECTION_SCORES}, got {method!r}")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(x_train), generator=g)
+    n_val = max(1, round(len(perm) * val_fraction))
+    val, tr = perm[:n_val], perm[n_val:]
+    scores = {}
+    for cl in clusters:
+        f = extract_features(deploy(moce_model, cl), x_train)
+        if method == "knn":
+            scores[cl] = knn_accuracy(f[tr], y_train[tr], f[val], y_train[val], k=k)
+        else:
+            scores[cl] = logme(f, y_train)
+    return scores

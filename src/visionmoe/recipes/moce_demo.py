@@ -24,8 +24,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
-from ..analysis import gradient_magnitude_scores
+from ..analysis import class_expert_table, dominant_expert_share, gradient_magnitude_scores
 from ..clustering import ClusterConfig, fit_clusters
 from ..data import TensorSplits, load_dataset, make_mixture
 from ..eval import extract_features
@@ -34,36 +35,100 @@ from ..moe.placement import by_scores
 from ..moe.upcycle import upcycle_state_dict
 from ..objectives import MAEObjective, patchify, unpatchify
 from ..train import Trainer, config_from_dict
-from .moce import MoCEObjective, build_moce, deploy, select_cluster
+from .moce import (
+    MoCEObjective,
+    build_moce,
+    deploy,
+    distinct_candidates,
+    expert_choices,
+    score_candidates,
+    select_cluster,
+)
 
 __all__ = ["MoCEDemoConfig", "run_moce_demo"]
 
 
 @dataclass
 class MoCEDemoConfig:
-    """Sizes and budgets of the demo (defaults: about 15 minutes on 2 CPU cores)."""
+    """Sizes and budgets of the demo (defaults: about 15 minutes on 2 CPU cores).
+
+    Ablations are plain fields: ``num_experts``, ``num_clusters``, ``blocks`` (explicit MoE
+    blocks; default: the ``moe_blocks`` MLPs with the largest MAE-loss gradient),
+    ``imbalance_weight`` / ``distill_weight`` (0 switches a loss off). ``renormalize``: the
+    top-1 combine weight is 1 (TokenMoE and MoCE start exactly as the MAE encoder; with
+    ``False`` the expert output is scaled by its gate probability, eq. 1 as written). ``tasks`` are the
+    downstream classification sets (default: every pre-training source plus ``digits``, a
+    source the pre-training never saw). ``finetune_lrs`` with more than one value runs a
+    learning-rate search on a validation split (first seed) for every task and method.
+    ``compare_selection`` adds the paper's other expert-selection methods (first seed).
+    """
 
     sources: list[str] = field(default_factory=lambda: ["fashion_mnist", "mnist5k", "textures", "faces"])
+    tasks: list[str] | None = None
     per_source: int = 2000
     img_size: int = 28
     vit: dict = field(default_factory=lambda: dict(patch_size=4, embed_dim=64, depth=6, num_heads=4))
-    mae_steps: int = 600
-    extra_steps: int = 300
-    finetune_steps: int = 150
-    finetune_lr: float = 0.03
-    finetune_train_limit: int = 2000
+    mae_steps: int = 500
+    mae_lr: float = 1.5e-3
+    extra_steps: int = 200
+    extra_lr_scale: float = 0.1
+    finetune_steps: int = 60
+    finetune_batch_size: int = 64
+    finetune_lrs: list[float] = field(default_factory=lambda: [0.03])
+    finetune_train_limit: int = 1000
+    finetune_test_limit: int | None = 2000
     num_clusters: int = 16
     num_experts: int = 4
     moe_blocks: int = 2
+    blocks: list[int] | None = None
+    imbalance_weight: float = 0.01
+    distill_weight: float = 0.01
+    renormalize: bool = True
     batch_size: int = 128
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    compare_selection: bool = False
+    selection_probe_steps: int = 30
     threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 1 or self.num_clusters < 1:
+            raise ValueError("num_experts and num_clusters must be >= 1")
+        if not self.seeds:
+            raise ValueError("seeds must list at least one seed")
+        if not self.finetune_lrs:
+            raise ValueError("finetune_lrs must list at least one learning rate")
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks) if self.tasks is not None else [*self.sources, "digits"]
 
     @classmethod
     def quick(cls) -> MoCEDemoConfig:
+        """About 2 minutes: small sizes, one seed."""
         return cls(per_source=400, mae_steps=60, extra_steps=30, finetune_steps=30, num_clusters=8,
                    vit=dict(patch_size=4, embed_dim=32, depth=4, num_heads=2), seeds=[0],
-                   finetune_train_limit=400, batch_size=64)
+                   finetune_train_limit=400, finetune_test_limit=1000, batch_size=64, finetune_batch_size=32)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None = None, overrides: list[str] | None = None,
+                  *, quick: bool = False) -> MoCEDemoConfig:
+        """Defaults (or :meth:`quick`), then a YAML file's keys, then ``key=value`` overrides;
+        unknown keys and wrong types are refused with a suggestion."""
+        import yaml
+
+        from ..train.config import ConfigError, _from_dict, apply_overrides
+
+        d: dict = {}
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise FileNotFoundError(f"config file {path} does not exist")
+            d = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(d, dict):
+                raise ConfigError(f"{path}: the top level must be a mapping")
+        d = apply_overrides(d, list(overrides or []))
+        base = asdict(cls.quick() if quick or d.pop("quick", False) else cls())
+        return _from_dict(cls, {**base, **d})
 
 
 def _cfg(objective: str, steps: int, bs: int, lr: float, optim: str = "adamw", seed: int = 0, wd: float = 0.05,
@@ -81,33 +146,79 @@ def _mae_kwargs(c: MoCEDemoConfig) -> dict:
                 decoder_heads=c.vit["num_heads"])
 
 
-def _train(model, data: TensorSplits, cfg: dict, run_dir: Path, objective=None) -> Trainer:
-    t = Trainer(config_from_dict(cfg), data=data, model=model, objective=objective, run_dir=run_dir)
-    t.fit()
-    return t
+class _Stages:
+    """One progress bar over every training step of the demo, with an ETA."""
+
+    def __init__(self, bar, total: int) -> None:
+        self.bar = bar
+        self.task = bar.add_task("MoCE demo", total=total, stage="")
+
+    def add(self, steps: int) -> None:
+        """Grow the total when a stage's size is known only at run time."""
+        self.bar.update(self.task, total=self.bar.tasks[self.task].total + steps)
+
+    def train(self, model, data: TensorSplits, cfg: dict, run_dir: Path, stage: str, objective=None):
+        self.bar.update(self.task, stage=stage)
+        t = Trainer(config_from_dict(cfg), data=data, model=model, objective=objective, run_dir=run_dir)
+        summary = t.fit(on_step=lambda *_: self.bar.advance(self.task))
+        return t, summary
 
 
-def _finetune(backbone: VisionTransformer, task: TensorSplits, c: MoCEDemoConfig, seed: int, run_dir: Path,
-              routing_key: int | None = None) -> float:
+def _subset(task: TensorSplits, n: int | None, n_test: int | None, seed: int) -> TensorSplits:
+    g = torch.Generator().manual_seed(seed)
+    xtr, ytr, xte, yte = task.x_train, task.y_train, task.x_test, task.y_test
+    if n is not None and len(xtr) > n:
+        idx = torch.randperm(len(xtr), generator=g)[:n]
+        xtr, ytr = xtr[idx], ytr[idx]
+    if n_test is not None and len(xte) > n_test:
+        idx = torch.randperm(len(xte), generator=torch.Generator().manual_seed(10_000))[:n_test]  # same for seeds
+        xte, yte = xte[idx], yte[idx]
+    return TensorSplits(task.name, xtr, ytr, xte, yte, task.classes)
+
+
+def _val_split(task: TensorSplits, seed: int, fraction: float = 0.2) -> TensorSplits:
+    """Hold out ``fraction`` of the training images as the 'test' split (for searches)."""
+    perm = torch.randperm(len(task.x_train), generator=torch.Generator().manual_seed(seed + 777))
+    n_val = max(1, round(len(perm) * fraction))
+    val, tr = perm[:n_val], perm[n_val:]
+    return TensorSplits(task.name, task.x_train[tr], task.y_train[tr], task.x_train[val], task.y_train[val],
+                        task.classes)
+
+
+def _finetune(stages: _Stages, backbone: VisionTransformer, task: TensorSplits, c: MoCEDemoConfig, seed: int,
+              run_dir: Path, lr: float, steps: int | None = None) -> float:
+    """Fine-tune a copy of ``backbone`` with a new head on ``task`` (SGD momentum 0.9, no weight
+    decay, cosine; MoCE appendix A.5); returns its test accuracy."""
     model = copy.deepcopy(backbone)
     model.reset_classifier(task.num_classes, global_pool="avg")
     model.head.reset_parameters()
-    if task.num_classes and len(task.x_train) > c.finetune_train_limit:
-        g = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(len(task.x_train), generator=g)[: c.finetune_train_limit]
-        task = TensorSplits(task.name, task.x_train[idx], task.y_train[idx], task.x_test, task.y_test,
-                            task.classes)
-    if routing_key is not None:  # a keyed MoE fine-tuned as is: every image takes the task's key
-        task = task.with_keys(torch.full((len(task.x_train),), routing_key),
-                              torch.full((len(task.x_test),), routing_key))
-    cfg = _cfg("classification", c.finetune_steps, c.batch_size, c.finetune_lr, optim="sgd", seed=seed, wd=0.0)
-    return _train(model, task, cfg, run_dir).evaluate()["test_acc"]
+    cfg = _cfg("classification", steps or c.finetune_steps, c.finetune_batch_size, lr, optim="sgd", seed=seed,
+               wd=0.0)
+    return stages.train(model, task, cfg, run_dir, f"fine-tune {run_dir.name}")[1]["test_acc"]
+
+
+METHODS = ("MAE*", "TokenMoE", "MoCE")
+
+
+def _total_steps(c: MoCEDemoConfig) -> int:
+    ft = len(METHODS) * len(c.task_names) * c.finetune_steps
+    per_seed = c.mae_steps + len(METHODS) * c.extra_steps + ft
+    search = ft * len(c.finetune_lrs) if len(c.finetune_lrs) > 1 else 0
+    return per_seed * len(c.seeds) + search
 
 
 def run_moce_demo(c: MoCEDemoConfig | None = None, *, out: str | Path = "runs/moce_demo",
                   progress: bool = True) -> dict:
     """Run the whole pipeline; returns the results and writes ``report.md`` with plots to ``out``."""
     from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     c = c or MoCEDemoConfig()
     if c.threads:
@@ -116,88 +227,248 @@ def run_moce_demo(c: MoCEDemoConfig | None = None, *, out: str | Path = "runs/mo
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    timings: dict[str, float] = {}
     sources = [load_dataset(n) for n in c.sources]
-    tasks = {s.name: TensorSplits(s.name, *(_adapt_all(s, c.img_size)), s.classes) for s in sources}
+    by_name = {s.name: s for s in sources}
+    tasks = {}
+    for name in c.task_names:
+        s = by_name.get(name) or load_dataset(name)
+        s = TensorSplits(s.name, *_adapt_all(s, c.img_size), s.classes)
+        tasks[name] = _subset(s, c.finetune_train_limit, c.finetune_test_limit, 0)
     mix = make_mixture(sources, size=c.img_size, channels=1, per_source=c.per_source, seed=0)
     pool = mix.as_splits("source")
-    console.print(f"[bold]MoCE demo[/]: pool of {len(pool.x_train)} images from {mix.sources}; "
-                  f"tasks {list(tasks)}; seeds {c.seeds}")
-    results: dict = {"config": asdict(c), "tasks": {}, "runs": []}
-    for seed in c.seeds:
-        torch.manual_seed(seed)
-        sd = out / f"seed{seed}"
-        vit_args = dict(img_size=c.img_size, in_chans=1, num_classes=0, **c.vit)
-        # 2. dense MAE
-        t0 = time.perf_counter()
-        enc = VisionTransformer(**vit_args)
-        mae = _train(enc, pool, _cfg("mae", c.mae_steps, c.batch_size, 1.5e-3, seed=seed, **_mae_kwargs(c)),
-                     sd / "mae")
-        timings[f"mae_s{seed}"] = time.perf_counter() - t0
-        console.print(f"seed {seed}: MAE done ({timings[f'mae_s{seed}']:.0f} s)")
-        # 3. clustering
-        feats = extract_features(enc, pool.x_train)
-        clustering = fit_clusters(feats, ClusterConfig(num_clusters=c.num_clusters, batch_size=512, seed=seed),
-                                  feature_source=f"seed{seed}/mae")
-        clustering.save(sd / "clusters.safetensors")
-        keys_tr = clustering.assign_balanced(feats)  # Q of eq. 2 for the pre-training images
-        keys_te = clustering.assign(extract_features(enc, pool.x_test))
-        # 4. placement by gradient magnitude under the MAE loss
-        probe = MAEObjective(enc, **_mae_kwargs(c))
-        probe.decoder.load_state_dict(mae.objective.decoder.state_dict())
-        batches = [(pool.x_train[i : i + c.batch_size],) for i in range(0, 4 * c.batch_size, c.batch_size)]
-        scores = gradient_magnitude_scores(enc, batches, lambda m, b, probe=probe: probe(m, b)["loss"])
-        blocks = by_scores(scores, c.moe_blocks)
-        # 5. equal extra compute
-        extra = _cfg("mae", c.extra_steps, c.batch_size, 1.5e-4, seed=seed, **_mae_kwargs(c))  # base lr x 0.1
-        mae_star = copy.deepcopy(enc)
-        obj = MAEObjective(mae_star, **_mae_kwargs(c))
-        obj.decoder.load_state_dict(mae.objective.decoder.state_dict())
-        t_star = _train(mae_star, pool, extra, sd / "mae_star", objective=obj)
-        token = VisionTransformer(moe=dict(num_experts=c.num_experts, top_k=1, placement=blocks, noise_std=1.0),
-                                  **vit_args)
-        token.load_state_dict(upcycle_state_dict(enc.state_dict(), blocks, c.num_experts, noise=0.01, seed=seed),
-                              strict=False)
-        obj = MAEObjective(token, **_mae_kwargs(c))
-        obj.decoder.load_state_dict(mae.objective.decoder.state_dict())
-        t_tok = _train(token, pool, extra, sd / "tokenmoe", objective=obj)
-        moce = build_moce(enc, clustering, blocks=blocks, num_experts=c.num_experts, noise=0.01, seed=seed)
-        obj = MoCEObjective(moce, enc, **_mae_kwargs(c))
-        obj.decoder.load_state_dict(mae.objective.decoder.state_dict())
-        t_moce = _train(moce, pool.with_keys(keys_tr, keys_te), extra, sd / "moce", objective=obj)
-        run = {"seed": seed, "blocks": blocks, "grad_scores": scores,
-               "cluster_sizes": torch.bincount(keys_tr, minlength=c.num_clusters).tolist(),
-               "recon": {"mae_star": t_star.evaluate()["test_recon_loss"],
-                         "tokenmoe": t_tok.evaluate()["test_recon_loss"],
-                         "moce": t_moce.evaluate()["test_recon_loss"]},
-               "tokenmoe_routing": t_tok.evaluate()["routing"], "acc": {}, "selection": {}}
-        # 6. transfer
-        for name, task in tasks.items():
-            sel = select_cluster(enc, clustering, task.x_train)
-            run["selection"][name] = {"cluster": sel.cluster, "share": sel.share}
-            deployed = deploy(moce, sel.cluster)
-            run["acc"][name] = {
-                "MAE*": _finetune(mae_star, task, c, seed, sd / f"ft_mae_{name}"),
-                "TokenMoE": _finetune(token, task, c, seed, sd / f"ft_tok_{name}"),
-                "MoCE": _finetune(deployed, task, c, seed, sd / f"ft_moce_{name}"),
-            }
-            console.print(f"seed {seed} {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in run["acc"][name].items()))
-        results["runs"].append(run)
-        results["params"] = {"moce_total": count_parameters(moce)["total"],
-                             "deployed_dense": count_parameters(deploy(moce, 0))["total"],
-                             "tokenmoe_total": count_parameters(token)["total"], "mae": count_parameters(enc)["total"]}
-        _save_plots(sd, mae, enc, moce, clustering, pool, keys_tr, c)
-    for name in tasks:
+    console.print(f"[bold]MoCE demo[/]: pre-training pool of {len(pool.x_train)} images from {mix.sources}; "
+                  f"downstream tasks {list(tasks)}; seeds {c.seeds}")
+    results: dict = {"config": asdict(c), "tasks": {}, "runs": [], "lr": {}}
+    cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[stage]}")]
+    with Progress(*cols, console=console, disable=not progress) as bar:
+        stages = _Stages(bar, _total_steps(c))
+        for i, seed in enumerate(c.seeds):
+            run = _run_seed(stages, c, seed, mix, tasks, out, results, first=i == 0, console=bar.console)
+            results["runs"].append(run)
+            results["seconds"] = time.perf_counter() - t_start
+            _write_results(out, results)  # after every seed: a stopped run keeps what it finished
+    console.print(_summary_table(results))
+    console.print(f"report: {out / 'report.md'} ({results['seconds']:.0f} s)")
+    return results
+
+
+def _write_results(out: Path, results: dict) -> None:
+    """Aggregate the finished seeds (mean ± std per task and method) and write
+    ``results.json`` and ``report.md`` atomically."""
+    from .._utils import atomic_write_bytes
+
+    results["tasks"] = {}
+    for name in results["runs"][0]["acc"]:
         results["tasks"][name] = {}
-        for method in ("MAE*", "TokenMoE", "MoCE"):
+        for method in METHODS:
             vals = [r["acc"][name][method] for r in results["runs"]]
             results["tasks"][name][method] = {"mean": statistics.mean(vals),
                                               "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
-    results["seconds"] = time.perf_counter() - t_start
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_bytes(out / "results.json", json.dumps(results, indent=2).encode())
     _write_report(out, results)
-    console.print(f"report: {out / 'report.md'} ({results['seconds']:.0f} s)")
-    return results
+
+
+def _run_seed(stages: _Stages, c: MoCEDemoConfig, seed: int, mix, tasks: dict, out: Path,
+              results: dict, *, first: bool, console) -> dict:
+    pool = mix.as_splits("source")
+    torch.manual_seed(seed)
+    sd = out / f"seed{seed}"
+    vit_args = dict(img_size=c.img_size, in_chans=1, num_classes=0, **c.vit)
+    mk = _mae_kwargs(c)
+    timings: dict[str, float] = {}
+    # 2. dense MAE pre-training
+    t0 = time.perf_counter()
+    enc = VisionTransformer(**vit_args)
+    mae, _ = stages.train(enc, pool, _cfg("mae", c.mae_steps, c.batch_size, c.mae_lr, seed=seed, **mk),
+                          sd / "mae", f"seed {seed}: MAE pre-training")
+    timings["mae"] = time.perf_counter() - t0
+    # 3. balanced clustering of unit-norm MAE features
+    t0 = time.perf_counter()
+    feats = extract_features(enc, pool.x_train)
+    clustering = fit_clusters(feats, ClusterConfig(num_clusters=c.num_clusters, batch_size=512, seed=seed),
+                              feature_source=f"seed{seed}/mae")
+    clustering.save(sd / "clusters.safetensors")
+    keys_tr = clustering.assign_balanced(feats)  # Q of eq. 2 for the pre-training images
+    keys_te = clustering.assign(extract_features(enc, pool.x_test))
+    timings["clustering"] = time.perf_counter() - t0
+    # 4. placement by gradient magnitude under the MAE loss
+    probe = MAEObjective(enc, **mk)
+    probe.decoder.load_state_dict(mae.objective.decoder.state_dict())
+    batches = [(pool.x_train[i : i + c.batch_size],) for i in range(0, 4 * c.batch_size, c.batch_size)]
+    scores = gradient_magnitude_scores(enc, batches, lambda m, b, probe=probe: probe(m, b)["loss"])
+    blocks = list(c.blocks) if c.blocks is not None else by_scores(scores, c.moe_blocks)
+    # 5. equal extra compute for MAE*, TokenMoE and MoCE (base lr x extra_lr_scale, paper 0.1)
+    extra = _cfg("mae", c.extra_steps, c.batch_size, c.mae_lr * c.extra_lr_scale, seed=seed, **mk)
+
+    def continue_mae(model, name, data=pool, objective_cls=MAEObjective, **kw):
+        obj = objective_cls(model, **kw, **mk)
+        obj.decoder.load_state_dict(mae.objective.decoder.state_dict())
+        t0 = time.perf_counter()
+        trainer, summary = stages.train(model, data, extra, sd / name, f"seed {seed}: {name}", objective=obj)
+        timings[name] = time.perf_counter() - t0
+        return trainer, summary
+
+    mae_star = copy.deepcopy(enc)
+    t_star, s_star = continue_mae(mae_star, "mae_star")
+    token = VisionTransformer(moe=dict(num_experts=c.num_experts, top_k=1, placement=blocks, noise_std=1.0,
+                                       renormalize=c.renormalize), **vit_args)
+    token.load_state_dict(upcycle_state_dict(enc.state_dict(), blocks, c.num_experts, noise=0.01, seed=seed),
+                          strict=False)
+    t_tok, s_tok = continue_mae(token, "tokenmoe")
+    moce = build_moce(enc, clustering, blocks=blocks, num_experts=c.num_experts, noise=0.01, seed=seed,
+                      imbalance_weight=c.imbalance_weight, renormalize=c.renormalize)
+    t_moce, s_moce = continue_mae(moce, "moce", data=pool.with_keys(keys_tr, keys_te), objective_cls=MoCEObjective,
+                             teacher=enc, distill_weight=c.distill_weight)
+    sizes = torch.bincount(keys_tr, minlength=c.num_clusters)
+    run = {"seed": seed, "blocks": blocks, "grad_scores": scores, "cluster_sizes": sizes.tolist(),
+           "recon": {"MAE*": s_star["test_recon_loss"], "TokenMoE": s_tok["test_recon_loss"],
+                     "MoCE": s_moce["test_recon_loss"]},
+           "tokenmoe_routing": s_tok["routing"], "moce_routing": s_moce["routing"], "acc": {}, "selection": {},
+           "expert_choices": {str(k): v for k, v in expert_choices(moce).items()}}
+    # reconstruction PSNR per downstream task (MoCE Fig. 3d) and class-by-expert routing (Fig. 3a/3c)
+    cont = {"MAE*": (t_star, None), "TokenMoE": (t_tok, None), "MoCE": (t_moce, clustering)}
+    run["psnr"] = {name: {m: _psnr(t.objective, t.model, task.x_test[:512], enc, cl) for m, (t, cl) in cont.items()}
+                   for name, task in tasks.items()}
+    fine_y = mix.y_test
+    tables = {"TokenMoE": class_expert_table(token, pool.x_test, fine_y, len(mix.classes)),
+              "MoCE": class_expert_table(moce, pool.x_test, fine_y, len(mix.classes), routing_key=keys_te)}
+    run["collapse"] = {m: {str(b): dominant_expert_share(t) for b, t in tb.items()} for m, tb in tables.items()}
+    # 6. transfer: pick each task's cluster, deploy a dense ViT, fine-tune; baselines fine-tune as is
+    backbones = {}
+    for name, task in tasks.items():
+        sel = select_cluster(enc, clustering, task.x_train)
+        run["selection"][name] = {"cluster": sel.cluster, "share": sel.share, "histogram": sel.histogram.tolist()}
+        backbones[name] = {"MAE*": mae_star, "TokenMoE": token, "MoCE": deploy(moce, sel.cluster)}
+    if first and len(c.finetune_lrs) > 1:  # small lr search on a validation split, reused for every seed
+        for name, task in tasks.items():
+            val = _val_split(task, seed)
+            results["lr"][name] = {}
+            for method, bb in backbones[name].items():
+                accs = {lr: _finetune(stages, bb, val, c, seed, sd / f"lr_{method}_{name}_{lr:g}", lr)
+                        for lr in c.finetune_lrs}
+                results["lr"][name][method] = {"chosen": max(accs, key=accs.get), "val_acc": accs}
+    for name, task in tasks.items():
+        run["acc"][name] = {}
+        for method, bb in backbones[name].items():
+            lr = results["lr"].get(name, {}).get(method, {}).get("chosen", c.finetune_lrs[0])
+            tag = {"MAE*": "mae", "TokenMoE": "tok", "MoCE": "moce"}[method]
+            run["acc"][name][method] = _finetune(stages, bb, task, c, seed, sd / f"ft_{tag}_{name}", lr)
+        console.print(f"seed {seed} {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in run["acc"][name].items()))
+    if first and c.compare_selection:
+        lrs = {name: results["lr"].get(name, {}).get("MoCE", {}).get("chosen", c.finetune_lrs[0]) for name in tasks}
+        run["selection_methods"] = _compare_selection(stages, c, seed, moce, sizes, tasks, run, sd, lrs)
+    results["params"] = {"mae": count_parameters(enc)["total"], "tokenmoe_total": count_parameters(token)["total"],
+                         "moce_total": count_parameters(moce)["total"],
+                         "deployed_dense": count_parameters(backbones[next(iter(tasks))]["MoCE"])["total"]}
+    if "speed" not in results:
+        results["speed"] = _speed(enc, moce, token, c)
+    run["timings_s"] = timings
+    _save_plots(sd, mae, enc, moce, clustering, pool, keys_tr, c, tasks=run["selection"])
+    _plot_routing(sd / "routing.png", tables, mix)
+    return run
+
+
+def _compare_selection(stages: _Stages, c: MoCEDemoConfig, seed: int, moce: VisionTransformer, sizes: Tensor,
+                       tasks: dict, run: dict, sd: Path, lrs: dict[str, float]) -> dict:
+    """The paper's other ways to pick experts for a task (MoCE Table 5), on the candidates with
+    distinct expert choices: k-NN accuracy and LogME of frozen features, early-stop search
+    (short fine-tunes scored on a validation split) and exhaustive search (full fine-tunes:
+    best and worst test accuracy)."""
+    cands = distinct_candidates(moce, sizes)
+    choice = expert_choices(moce)
+    rep = {k: next(r for r in cands if choice[r] == choice[k]) for k in choice}  # cluster -> its candidate
+    out = {"candidates": cands}
+    stages.add(len(tasks) * len(cands) * (c.finetune_steps + c.selection_probe_steps))
+    for name, task in tasks.items():
+        lr = lrs[name]
+        full = {cl: _finetune(stages, deploy(moce, cl), task, c, seed, sd / f"sel_full_{name}_{cl}", lr)
+                for cl in cands}
+        val = _val_split(task, seed)
+        early = {cl: _finetune(stages, deploy(moce, cl), val, c, seed, sd / f"sel_early_{name}_{cl}", lr,
+                               steps=c.selection_probe_steps) for cl in cands}
+        knn = score_candidates(moce, cands, task.x_train, task.y_train, method="knn", seed=seed)
+        lme = score_candidates(moce, cands, task.x_train, task.y_train, method="logme", seed=seed)
+        picks = {"largest cluster (MoCE)": rep[run["selection"][name]["cluster"]],
+                 "k-NN": max(knn, key=knn.get), "LogME": max(lme, key=lme.get),
+                 "early-stop search": max(early, key=early.get)}
+        out[name] = {"test_acc": {str(k): v for k, v in full.items()}, "knn": knn, "logme": lme, "early": early,
+                     "picked": {m: {"cluster": cl, "test_acc": full[cl]} for m, cl in picks.items()},
+                     "exhaustive_best": max(full.values()), "exhaustive_worst": min(full.values())}
+    return out
+
+
+@torch.no_grad()
+def _psnr(objective: MAEObjective, model: VisionTransformer, x: Tensor, enc, clustering=None) -> float:
+    """Mean PSNR (dB) of the masked patches of ``x`` reconstructed in pixel space (the targets'
+    per-patch normalisation undone with the true patch statistics, as MAE's visualisation
+    does); a MoCE model routes each image by its assigned cluster."""
+    was = model.training
+    model.eval()
+    key = clustering.assign(extract_features(enc, x)) if clustering is not None else None
+    out = objective.reconstruct(model, x, key, generator=torch.Generator().manual_seed(0))
+    p = objective.patch_size
+    err = (_denorm(out["pred"], x, p).clamp(0, 1) - patchify(x, p)).pow(2).mean(-1)  # (B, N)
+    mse = (err * out["mask"]).sum(-1) / out["mask"].sum(-1)
+    model.train(was)
+    return float((10 * torch.log10(1 / mse.clamp_min(1e-10))).mean())
+
+
+def _plot_routing(path: Path, tables: dict, mix) -> None:
+    """Class-by-expert share of tokens, TokenMoE vs MoCE, every MoE block (MoCE Fig. 3a/3c)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ncol = max(len(t) for t in tables.values())
+    fig, axes = plt.subplots(len(tables), ncol, figsize=(3.2 * ncol + 1, 0.22 * len(mix.classes) * len(tables) + 1),
+                             squeeze=False)
+    for r, (method, tb) in enumerate(tables.items()):
+        for col, (blk, t) in enumerate(tb.items()):
+            ax = axes[r, col]
+            ax.imshow(t.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+            ax.set_title(f"{method}, block {blk}: share {dominant_expert_share(t):.0%}", fontsize=8)
+            ax.set_xlabel("expert", fontsize=8)
+            ax.set_xticks(range(t.shape[1]))
+            ax.set_yticks(range(len(mix.classes)), mix.classes if col == 0 else [], fontsize=5)
+    fig.suptitle("share of each class's tokens per expert ('share': most classes on one expert)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def _speed(enc: VisionTransformer, moce: VisionTransformer, token: VisionTransformer, c: MoCEDemoConfig,
+           batch: int = 256, reps: int = 5) -> dict:
+    """Inference images/s of the deployed dense ViT, the MoCE MoE (keyed) and TokenMoE, one run."""
+    x = torch.rand(batch, 1, c.img_size, c.img_size)
+    key = torch.zeros(batch, dtype=torch.long)
+    dense = deploy(moce, 0).eval()
+    models = {"deployed dense ViT": (dense, {}), "MoCE (all experts)": (moce.eval(), {"routing_key": key}),
+              "TokenMoE": (token.eval(), {}), "MAE encoder (dense)": (enc.eval(), {})}
+    res = {}
+    for name, (m, kw) in models.items():
+        m.forward_features(x, **kw)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            m.forward_features(x, **kw)
+        res[name] = batch * reps / (time.perf_counter() - t0)
+    return res
+
+
+def _summary_table(res: dict):
+    from rich.table import Table
+
+    t = Table(title="fine-tuned test accuracy, mean ± std over seeds")
+    t.add_column("task")
+    for m in METHODS:
+        t.add_column(m, justify="right")
+    for task, m in res["tasks"].items():
+        best = max(METHODS, key=lambda k: m[k]["mean"])
+        t.add_row(task, *[("[bold]" if k == best else "") + f"{m[k]['mean']:.4f} ± {m[k]['std']:.4f}"
+                          for k in METHODS])
+    return t
 
 
 def _adapt_all(s: TensorSplits, size: int):
@@ -206,25 +477,37 @@ def _adapt_all(s: TensorSplits, size: int):
     return adapt(s.x_train, channels=1, size=size), s.y_train, adapt(s.x_test, channels=1, size=size), s.y_test
 
 
-def _save_plots(sd: Path, mae: Trainer, enc, moce, clustering, pool: TensorSplits, keys, c: MoCEDemoConfig) -> None:
+def _curve(run_dir: Path, key: str = "loss") -> tuple[list, list]:
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if key in r]
+    return [r["step"] for r in rows], [r[key] for r in rows]
+
+
+def _save_plots(sd: Path, mae: Trainer, enc, moce, clustering, pool: TensorSplits, keys, c: MoCEDemoConfig,
+                tasks: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(ln) for ln in (mae.run_dir / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "loss" in r]
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
-    ax.set_xlabel("step")
-    ax.set_ylabel("MAE loss (masked patches)")
+    # loss curves: MAE pre-training, then the three continuations with equal extra compute
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    axes[0].plot(*_curve(mae.run_dir))
+    axes[0].set_title("dense MAE pre-training", fontsize=9)
+    for name, label in (("mae_star", "MAE*"), ("tokenmoe", "TokenMoE"), ("moce", "MoCE")):
+        axes[1].plot(*_curve(sd / name, "recon_loss"), label=label)
+    axes[1].set_title("continuation (equal steps): masked-patch loss", fontsize=9)
+    axes[1].legend(fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.set_ylabel("MAE loss")
     fig.tight_layout()
     fig.savefig(sd / "mae_loss.png", dpi=100)
     plt.close(fig)
     # reconstructions
     with torch.no_grad():
         enc.eval()
-        x = pool.x_test[:8]
+        x = pool.x_test[torch.randperm(len(pool.x_test), generator=torch.Generator().manual_seed(0))[:8]]
         out = mae.objective.reconstruct(enc, x, generator=torch.Generator().manual_seed(0))
         p = mae.objective.patch_size
         masked = unpatchify(
@@ -244,32 +527,43 @@ def _save_plots(sd: Path, mae: Trainer, enc, moce, clustering, pool: TensorSplit
     plt.close(fig)
     # cluster sizes and example images
     sizes = torch.bincount(keys, minlength=clustering.num_clusters)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.5), gridspec_kw={"width_ratios": [1, 2]})
+    shown = min(12, clustering.num_clusters)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 1.6]})
     axes[0].bar(range(len(sizes)), sizes.tolist())
     axes[0].set_xlabel("cluster")
-    axes[0].set_ylabel("images")
+    axes[0].set_ylabel("pre-training images")
+    axes[0].set_title("balanced clustering (Sinkhorn-Knopp)", fontsize=9)
     grid = []
-    for k in range(min(8, clustering.num_clusters)):
-        idx = (keys == k).nonzero().flatten()[:8]
-        row = [pool.x_train[i, 0] for i in idx] + [torch.zeros(c.img_size, c.img_size)] * (8 - len(idx))
+    for k in range(shown):
+        idx = (keys == k).nonzero().flatten()[:10]
+        row = [pool.x_train[i, 0] for i in idx] + [torch.zeros(c.img_size, c.img_size)] * (10 - len(idx))
         grid.append(torch.cat(row, dim=1))
     axes[1].imshow(torch.cat(grid, dim=0).numpy(), cmap="gray")
-    axes[1].set_title("8 images from each of the first 8 clusters (one row per cluster)", fontsize=9)
+    axes[1].set_title(f"10 images from each of clusters 0-{shown - 1} (one row per cluster)", fontsize=9)
     axes[1].axis("off")
     fig.tight_layout()
     fig.savefig(sd / "clusters.png", dpi=100)
     plt.close(fig)
-    # cluster -> expert gate matrix of each MoCE layer
+    # cluster -> expert gate matrix of each MoCE layer, and where each task's images fall
     layers = moce.moe_layers()
-    fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(layers) + 1, figsize=(4 * (len(layers) + 1), 4), squeeze=False)
     for ax, (blk, layer) in zip(axes[0], layers):
         with torch.no_grad():
             layer.router.eval()
             r = layer.router(torch.zeros(clustering.num_clusters, 1, 1), torch.arange(clustering.num_clusters))
-        ax.imshow(r.probs.numpy(), aspect="auto", cmap="viridis")
-        ax.set_xlabel("expert")
+        im = ax.imshow(r.probs.numpy(), aspect="auto", cmap="viridis")
+        ax.scatter(r.indices[:, 0].numpy(), range(clustering.num_clusters), marker="x", color="red", s=12)
+        ax.set_xlabel("expert (x: chosen)")
+        ax.set_xticks(range(r.probs.shape[1]))
         ax.set_ylabel("cluster")
         ax.set_title(f"block {blk}: gate probabilities", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    ax = axes[0, -1]
+    hist = torch.tensor([v["histogram"] for v in tasks.values()], dtype=torch.float)
+    ax.imshow((hist / hist.sum(1, keepdim=True)).numpy(), aspect="auto", cmap="magma")
+    ax.set_yticks(range(len(tasks)), list(tasks), fontsize=8)
+    ax.set_xlabel("cluster")
+    ax.set_title("share of each task's images per cluster", fontsize=9)
     fig.tight_layout()
     fig.savefig(sd / "cluster_expert.png", dpi=100)
     plt.close(fig)
@@ -282,26 +576,67 @@ def _denorm(pred, x, p):
 
 
 def _write_report(out: Path, res: dict) -> None:
+    cfg = res["config"]
     lines = ["# MoCE demo report", "",
-             f"Seeds {[r['seed'] for r in res['runs']]}, {res['seconds']:.0f} s in total. "
-             "Accuracy after fine-tuning on each downstream task (mean ± std over seeds):", "",
+             f"Pre-training pool: {cfg['per_source']} images per source from {cfg['sources']}; ViT {cfg['vit']}; "
+             f"{cfg['mae_steps']} MAE steps, then {cfg['extra_steps']} extra steps each for MAE*, TokenMoE and MoCE "
+             f"({cfg['num_experts']} experts, {cfg['num_clusters']} clusters); fine-tuning {cfg['finetune_steps']} "
+             f"SGD steps on up to {cfg['finetune_train_limit']} images per task. "
+             f"Seeds {[r['seed'] for r in res['runs']]}, {res['seconds'] / 60:.1f} min in total.", "",
+             "## Fine-tuned accuracy per downstream task (mean ± std over seeds)", "",
              "| task | MAE* | TokenMoE | MoCE |", "|---|---|---|---|"]
     for task, m in res["tasks"].items():
-        lines.append(f"| {task} | " + " | ".join(f"{m[k]['mean']:.4f} ± {m[k]['std']:.4f}"
-                                                for k in ("MAE*", "TokenMoE", "MoCE")) + " |")
-    means = {k: statistics.mean(res["tasks"][t][k]["mean"] for t in res["tasks"]) for k in ("MAE*", "TokenMoE", "MoCE")}
-    lines += [f"| **average** | {means['MAE*']:.4f} | {means['TokenMoE']:.4f} | {means['MoCE']:.4f} |", ""]
-    p = res.get("params", {})
-    lines += ["Parameters: MAE encoder {mae}, TokenMoE {tokenmoe_total}, MoCE (all experts) {moce_total}, "
-              "deployed dense model {deployed_dense}.".format(**p) if p else "", ""]
+        best = max(METHODS, key=lambda k: m[k]["mean"])
+        lines.append(f"| {task} | " + " | ".join(("**{:.4f}**" if k == best else "{:.4f}").format(m[k]["mean"])
+                                                + f" ± {m[k]['std']:.4f}" for k in METHODS) + " |")
+    means = {k: statistics.mean(res["tasks"][t][k]["mean"] for t in res["tasks"]) for k in METHODS}
+    lines += ["| **average** | " + " | ".join(f"{means[k]:.4f}" for k in METHODS) + " |", ""]
+    if res.get("lr"):
+        lines += ["Fine-tuning learning rate chosen on a validation split (first seed): "
+                  + "; ".join(f"{t}: " + ", ".join(f"{m} {v['chosen']:g}" for m, v in d.items())
+                              for t, d in res["lr"].items()), ""]
+    p, sp = res.get("params", {}), res.get("speed", {})
+    if p:
+        lines += ["## Deployment: parameters and inference speed", "",
+                  "| model | parameters | images/s (inference, one run) |", "|---|---|---|",
+                  f"| deployed dense ViT (MoCE, one cluster's experts) | {p['deployed_dense']:,} | "
+                  f"{sp.get('deployed dense ViT', float('nan')):.0f} |",
+                  f"| MoCE with all experts | {p['moce_total']:,} | {sp.get('MoCE (all experts)', float('nan')):.0f} |",
+                  f"| TokenMoE | {p['tokenmoe_total']:,} | {sp.get('TokenMoE', float('nan')):.0f} |",
+                  f"| MAE encoder (dense) | {p['mae']:,} | {sp.get('MAE encoder (dense)', float('nan')):.0f} |", ""]
     for r in res["runs"]:
         s = r["seed"]
-        lines += [f"## Seed {s}", "", f"Experts in blocks {r['blocks']} (largest MLP gradient under the MAE loss: "
+        lines += [f"## Seed {s}", "", f"Experts in blocks {r['blocks']} (MLP gradient norms under the MAE loss: "
                   + ", ".join(f"{v:.3g}" for v in r["grad_scores"]) + ").", "",
-                  "Masked-patch reconstruction loss on held-out pool images (lower is better): "
-                  + ", ".join(f"{k} {v:.4f}" for k, v in r["recon"].items()) + ".", "",
+                  "Masked-patch reconstruction loss on held-out pool images after the extra steps (lower is "
+                  "better): " + ", ".join(f"{k} {v:.4f}" for k, v in r["recon"].items()) + ".", "",
                   "Cluster chosen for each task (share of its images): "
                   + ", ".join(f"{t} -> {v['cluster']} ({v['share']:.0%})" for t, v in r["selection"].items()), "",
-                  f"![MAE loss](seed{s}/mae_loss.png) ![reconstructions](seed{s}/reconstructions.png)", "",
-                  f"![clusters](seed{s}/clusters.png)", "", f"![cluster to expert](seed{s}/cluster_expert.png)", ""]
-    (out / "report.md").write_text("\n".join(lines))
+                  "Time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in r.get("timings_s", {}).items()), "",
+                  "Reconstruction PSNR (dB) on each task's test images (MoCE Fig. 3d): "
+                  + "; ".join(f"{t}: " + ", ".join(f"{m} {v:.2f}" for m, v in d.items())
+                              for t, d in r.get("psnr", {}).items()), "",
+                  "Routing collapse, the largest share of the pool's classes whose main expert is one "
+                  "expert (1.0 = every class on the same expert): "
+                  + "; ".join(f"{m} " + ", ".join(f"block {b} {v:.2f}" for b, v in d.items())
+                              for m, d in r.get("collapse", {}).items()), "",
+                  f"![loss curves](seed{s}/mae_loss.png)", "", f"![reconstructions](seed{s}/reconstructions.png)", "",
+                  f"![clusters](seed{s}/clusters.png)", "", f"![cluster to expert](seed{s}/cluster_expert.png)", "",
+                  f"![routing by class](seed{s}/routing.png)", ""]
+        sel = r.get("selection_methods")
+        if sel:
+            lines += ["### Expert selection methods (MoCE Table 5)", "",
+                      f"Candidates: clusters {sel['candidates']} (one per distinct expert choice). "
+                      "Test accuracy of the dense model each method picks, after full fine-tuning:", "",
+                      "| task | largest cluster (MoCE) | k-NN | LogME | early-stop search | exhaustive best "
+                      "| exhaustive worst |", "|---|---|---|---|---|---|---|"]
+            for t, d in sel.items():
+                if t == "candidates":
+                    continue
+                pk = d["picked"]
+                lines.append(f"| {t} | " + " | ".join(f"{pk[m]['test_acc']:.4f}" for m in pk)
+                             + f" | {d['exhaustive_best']:.4f} | {d['exhaustive_worst']:.4f} |")
+            lines.append("")
+    from .._utils import atomic_write_bytes
+
+    atomic_write_bytes(out / "report.md", "\n".join(lines).encode())

@@ -41,11 +41,17 @@ class ConfigError(ValueError):
 class ModelConfig:
     """``name``: a registered variant (``visionmoe list-models``); ``args``: overrides passed to
     ``create_model`` (``num_classes`` and ``in_chans`` default to the data set's);
-    ``dense``: drop the variant's MoE layers."""
+    ``dense``: drop the variant's MoE layers; ``init``: start from a dense checkpoint (a
+    visionmoe run checkpoint, or a timm / MAE / MoCo v3 / DINOv2 state dict in safetensors or a
+    plain torch file) whose MLPs are upcycled into the experts (ViMoE), with relative noise
+    ``init_noise``; ``init_skip``: key prefixes not loaded (default the classifier head)."""
 
     name: str = "vit_tiny_patch4_32"
     args: dict[str, Any] = field(default_factory=dict)
     dense: bool = False
+    init: str | None = None
+    init_noise: float = 0.0
+    init_skip: list[str] = field(default_factory=lambda: ["head."])
 
 
 @dataclass
@@ -112,8 +118,10 @@ class RunConfig:
 class ExperimentConfig:
     """A whole experiment. ``moe`` holds :class:`~visionmoe.moe.MoEConfig` fields merged onto
     the model variant's MoE settings (``moe.num_experts=16`` on the command line);
-    ``objective`` is ``classification`` or ``mae`` (``objective_args``: ``mask_ratio``,
-    ``norm_pix_loss``, ``decoder_dim``, ``decoder_depth``, ``decoder_heads``)."""
+    ``objective`` is ``classification``, ``mae`` (``objective_args``: ``mask_ratio``,
+    ``norm_pix_loss``, ``decoder_dim``, ``decoder_depth``, ``decoder_heads``) or ``moco``
+    (MoCo v3 with optional CR-MoE OGAR; ``objective_args``: the keywords of
+    :class:`~visionmoe.objectives.MoCoObjective`, e.g. ``ogar_weight``, ``alpha``, ``dim``)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: dict[str, Any] = field(default_factory=dict)
@@ -121,7 +129,7 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    objective: Literal["classification", "mae"] = "classification"
+    objective: Literal["classification", "mae", "moco"] = "classification"
     objective_args: dict[str, Any] = field(default_factory=dict)
     description: str = ""
 
@@ -212,9 +220,25 @@ def _from_dict(cls, d: dict, prefix: str = ""):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from e
 
 
+def _check_objective_args(objective: str, args: dict) -> None:
+    """Unknown ``objective_args`` keys are refused here, with a suggestion, not deep in a run."""
+    import inspect
+
+    from ..objectives import ClassificationObjective, MAEObjective, MoCoObjective
+
+    cls = {"classification": ClassificationObjective, "mae": MAEObjective, "moco": MoCoObjective}[objective]
+    params = inspect.signature(cls.__init__).parameters
+    valid = [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY or (n not in ("self", "model", "num_classes")
+                                                                           and p.kind == p.POSITIONAL_OR_KEYWORD)]
+    for key in args:
+        if key not in valid:
+            raise ConfigError(_unknown_msg(f"objective_args.{key}", key, valid))
+
+
 def config_from_dict(d: dict | None) -> ExperimentConfig:
     """Validate a plain dict into an :class:`ExperimentConfig`."""
     cfg = _from_dict(ExperimentConfig, d or {})
+    _check_objective_args(cfg.objective, cfg.objective_args)
     if cfg.moe:  # validate MoE fields and values early, with their own clear errors
         try:
             MoEConfig.from_dict({**MoEConfig().to_dict(), **cfg.moe})

@@ -9,6 +9,7 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 from ..data import TensorSplits, adapt, build_train_transform, load_dataset
 from ..models import count_parameters, create_model
 from ..moe.layer import collect_aux_loss, collect_routing_stats
-from ..objectives import ClassificationObjective, MAEObjective
+from ..objectives import ClassificationObjective, MAEObjective, MoCoObjective
 from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from .config import ExperimentConfig, config_from_dict, config_to_dict
 
@@ -55,7 +56,16 @@ def build_model(cfg: ExperimentConfig, *, num_classes: int, in_chans: int) -> nn
         args["moe"] = None
     elif cfg.moe:
         args["moe"] = dict(cfg.moe)
-    return create_model(cfg.model.name, **args)
+    model = create_model(cfg.model.name, **args)
+    if cfg.model.init:
+        from ..models import load_dense_into_moe, load_state_dict_file
+
+        try:
+            sd = load_checkpoint(cfg.model.init)["model"]  # a visionmoe run checkpoint
+        except (ValueError, KeyError, OSError):
+            sd = load_state_dict_file(cfg.model.init)
+        load_dense_into_moe(model, sd, noise=cfg.model.init_noise, seed=cfg.run.seed, skip=tuple(cfg.model.init_skip))
+    return model
 
 
 def build_optimizer(model: nn.Module, cfg, extra: nn.Module | None = None) -> torch.optim.Optimizer:
@@ -123,10 +133,15 @@ class Trainer:
         pe = getattr(self.model, "patch_embed", None)
         default_size = pe.img_size[0] if pe is not None and getattr(pe, "img_size", None) else None
         self.img_size = c.data.img_size or default_size or self.data.x_train.shape[-1]
+        self.steps_per_epoch = max(1, len(self.data.x_train) // c.data.batch_size)
+        self.total_steps = c.schedule.max_steps or max(1, math.ceil(c.schedule.epochs * self.steps_per_epoch))
+        self.warmup_steps = min(round(c.schedule.warmup_epochs * self.steps_per_epoch), self.total_steps // 2)
         if objective is not None:
             self.objective = objective
         elif c.objective == "mae":
             self.objective = MAEObjective(self.model, **c.objective_args)
+        elif c.objective == "moco":
+            self.objective = MoCoObjective(self.model, **{"total_steps": self.total_steps, **c.objective_args})
         else:
             self.objective = ClassificationObjective(self.data.num_classes, label_smoothing=c.run.label_smoothing,
                                                      mixup=c.run.mixup, cutmix=c.run.cutmix, **c.objective_args)
@@ -139,9 +154,6 @@ class Trainer:
             self.ema = ModelEmaV3(self.model, decay=c.run.ema_decay)
         self.train_model = torch.compile(self.model) if c.run.compile else self.model
         self.transform = build_train_transform(c.data.augment, self.img_size)
-        self.steps_per_epoch = max(1, len(self.data.x_train) // c.data.batch_size)
-        self.total_steps = c.schedule.max_steps or max(1, math.ceil(c.schedule.epochs * self.steps_per_epoch))
-        self.warmup_steps = min(round(c.schedule.warmup_epochs * self.steps_per_epoch), self.total_steps // 2)
         self.step = 0
         self.run_dir = Path(run_dir) if run_dir else Path(c.run.out_dir) / (
             c.run.name or f"{c.model.name}-{self.data.name}-{datetime.now():%Y%m%d-%H%M%S}")
@@ -211,28 +223,24 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module | None = None) -> dict[str, Any]:
-        """Test accuracy and loss (classification) or masked reconstruction loss (MAE, fixed
-        masks), and routing statistics over the whole test set."""
+        """The objective's test metrics (``eval_batch`` sums averaged over the test set:
+        accuracy and loss, masked reconstruction loss with fixed masks, ...) and routing
+        statistics over the whole test set."""
         model = model or (self.ema.module if self.ema is not None else self.model)
         model.eval()
         if isinstance(self.objective, nn.Module):
             self.objective.eval()
         bs = self.cfg.data.eval_batch_size
-        correct, loss_sum, n = 0, 0.0, 0
+        sums: dict[str, float] = {}
+        n = 0
         loads: dict[str, list] = {}
-        mae = isinstance(self.objective, MAEObjective)
-        gen = torch.Generator().manual_seed(1234)  # the same masks at every evaluation
+        gen = torch.Generator().manual_seed(1234)  # the same masks / views at every evaluation
         for i in range(0, len(self._x_test), bs):
             x, y = self._x_test[i : i + bs], self.data.y_test[i : i + bs]
             key = self.data.keys_test[i : i + bs] if self.data.keys_test is not None else None
             with self._autocast():
-                if mae:
-                    out = self.objective.reconstruct(model, x, routing_key=key, generator=gen)
-                    loss_sum += float(self.objective.masked_loss(out, per_image=True).sum())
-                else:
-                    logits = model(x) if key is None else model(x, routing_key=key)
-                    correct += int((logits.argmax(-1) == y).sum())
-                    loss_sum += float(torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
+                for k, v in self.objective.eval_batch(model, x, y, key, gen).items():
+                    sums[k] = sums.get(k, 0.0) + v
             n += len(y)
             for name, s in self.routing_stats(model).items():
                 loads.setdefault(name, []).append((len(y), s))
@@ -244,9 +252,7 @@ class Trainer:
             }
             routing[name]["load"] = [
                 round(sum(w * s["load"][e] for w, s in items) / total, 4) for e in range(len(items[0][1]["load"]))]
-        if mae:
-            return {"test_recon_loss": loss_sum / max(n, 1), "routing": routing}
-        return {"test_acc": correct / max(n, 1), "test_loss": loss_sum / max(n, 1), "routing": routing}
+        return {f"test_{k}": v / max(n, 1) for k, v in sums.items()} | {"routing": routing}
 
     # ---------------------------------------------------------------- checkpoints
     @property
@@ -294,9 +300,11 @@ class Trainer:
             keep = [ln for ln in path.read_text().splitlines() if json.loads(ln).get("step", 0) <= self.step]
             path.write_text("".join(ln + "\n" for ln in keep))
 
-    def fit(self, *, resume: bool | str | Path = False, stop_after: int | None = None) -> dict[str, Any]:
+    def fit(self, *, resume: bool | str | Path = False, stop_after: int | None = None,
+            on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
         """Train to ``total_steps`` (or stop early after ``stop_after`` steps, e.g. to test
-        resumption); ``resume=True`` continues from the run's latest checkpoint."""
+        resumption); ``resume=True`` continues from the run's latest checkpoint; ``on_step(step,
+        metrics)`` is called after every step (e.g. to drive an outer progress bar)."""
         c = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(c), sort_keys=False))
@@ -333,6 +341,8 @@ class Trainer:
                 ips = seen / (time.perf_counter() - t0)
                 acc = f" acc {m['acc']:.2f}" if "acc" in m else ""
                 bar.update(task, advance=1, info=f"loss {m['loss']:.3f}{acc} {ips:.0f} img/s")
+                if on_step is not None:
+                    on_step(self.step, m)
                 if self.step % c.run.log_every == 0 or self.step == self.total_steps:
                     rec = {"step": self.step, "epoch": self.step / self.steps_per_epoch, **m, "img_per_s": ips,
                            "elapsed_s": round(time.perf_counter() - t0, 2),
@@ -345,9 +355,10 @@ class Trainer:
                     last_eval = self.evaluate()
                     self._log({"step": self.step, "epoch": self.step / self.steps_per_epoch,
                                "elapsed_s": round(time.perf_counter() - t0, 2), **last_eval})
-                    headline = next(k for k in ("test_acc", "test_recon_loss") if k in last_eval)
-                    bar.console.print(f"step {self.step}: {headline} {last_eval[headline]:.4f}")
-                    if tb is not None:
+                    headline = next((k for k in last_eval if k != "routing"), None)
+                    if headline is not None:  # None: no test images
+                        bar.console.print(f"step {self.step}: {headline} {last_eval[headline]:.4f}")
+                    if tb is not None and headline is not None:
                         tb.add_scalar(f"test/{headline}", last_eval[headline], self.step)
                 if self.step % c.run.checkpoint_every == 0 or self.step == end:
                     self.save()
