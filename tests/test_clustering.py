@@ -80,3 +80,20 @@ def test_balanced_assignment_has_equal_cluster_sizes():
     cl = fit_clusters(feats, ClusterConfig(num_clusters=4, epochs=2, batch_size=256))
     sizes = torch.bincount(cl.assign_balanced(feats, iters=100), minlength=4)
     assert sizes.max() - sizes.min() <= 0.1 * len(feats) / 4 + 2
+
+
+def test_centering_removes_a_hub_cluster_and_round_trips(tmp_path):
+    # a shared offset direction in every feature: with plain cosine, nearest-centroid assignment
+    # piles most images onto one "hub" centroid; centring the unit features first does not
+    feats, labels = _digit_features()
+    shifted = feats + 2 * torch.nn.functional.normalize(torch.ones(feats.shape[1]), dim=0)
+    plain = fit_clusters(shifted, ClusterConfig(num_clusters=3, batch_size=128, seed=0))
+    assert torch.bincount(plain.assign(shifted), minlength=3).max() > 0.7 * len(feats)
+    cl = fit_clusters(shifted, ClusterConfig(num_clusters=3, batch_size=128, seed=0, center=True))
+    ids = cl.assign(shifted)
+    assert torch.bincount(ids, minlength=3).min() > 0.2 * len(feats)
+    purity = sum(torch.bincount(labels[ids == c]).max().item() for c in range(3) if (ids == c).any()) / len(ids)
+    assert purity > 0.6, purity  # chance: about 0.34
+    back = Clustering.load(cl.save(tmp_path / "c.safetensors"))
+    torch.testing.assert_close(back.mean, cl.mean)
+    assert torch.equal(back.assign(shifted), ids) and back.config.center

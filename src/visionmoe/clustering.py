@@ -68,6 +68,7 @@ class ClusterConfig:
     weight_decay: float = 0.9
     batch_size: int = 1024
     seed: int = 0
+    center: bool = False  # subtract the mean unit feature first (counters a dominant "hub" centroid)
 
 
 @dataclass
@@ -78,20 +79,25 @@ class Clustering:
     config: ClusterConfig
     feature_source: str = ""  # e.g. the feature extractor's checkpoint or name
     history: list | None = None
+    mean: Tensor | None = None  # (d,) mean unit feature subtracted before clustering (config.center)
 
     @property
     def num_clusters(self) -> int:
         return self.centroids.shape[0]
 
+    def prepare(self, features: Tensor) -> Tensor:
+        """The unit vectors the centroids live with: normalise, centre (if fitted so), normalise."""
+        return _prepare(features, self.mean)
+
     def assign(self, features: Tensor) -> Tensor:
-        """Hard cluster ids ``(N,)`` of features ``(N, d)`` (normalised here)."""
-        return assign_clusters(features, self.centroids)
+        """Hard cluster ids ``(N,)`` of features ``(N, d)`` (normalised here): nearest centroid."""
+        return assign_clusters(self.prepare(features), self.centroids)
 
     def assign_balanced(self, features: Tensor, *, iters: int = 50) -> Tensor:
         """Cluster ids ``(N,)`` from the Sinkhorn-Knopp assignment ``Q`` over all of ``features``
         (equal cluster sizes, as the paper takes Q for the pre-training images); new images
         such as a downstream set use :meth:`assign` (nearest centroid)."""
-        scores = F.normalize(features.float(), dim=-1) @ self.centroids.float().t()  # (N, m)
+        scores = self.prepare(features) @ self.centroids.float().t()  # (N, m)
         return sinkhorn_knopp(scores, eps=self.config.eps, iters=iters).argmax(-1)
 
     def save(self, path: str | Path) -> Path:
@@ -101,7 +107,10 @@ class Clustering:
         meta = {"config": json.dumps(asdict(self.config)), "feature_source": self.feature_source,
                 "history": json.dumps(self.history or [])}
         path = Path(path)
-        atomic_write_bytes(path, save({"centroids": self.centroids.contiguous()}, metadata=meta))
+        tensors = {"centroids": self.centroids.contiguous()}
+        if self.mean is not None:
+            tensors["mean"] = self.mean.contiguous()
+        atomic_write_bytes(path, save(tensors, metadata=meta))
         return path
 
     @classmethod
@@ -111,10 +120,16 @@ class Clustering:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             centroids = f.get_tensor("centroids")
+            mean = f.get_tensor("mean") if "mean" in f.keys() else None
         if "config" not in meta:
             raise ValueError(f"{path} is not a visionmoe clustering file (no config metadata)")
         return cls(centroids, ClusterConfig(**json.loads(meta["config"])), meta.get("feature_source", ""),
-                   json.loads(meta.get("history", "[]")))
+                   json.loads(meta.get("history", "[]")), mean)
+
+
+def _prepare(features: Tensor, mean: Tensor | None) -> Tensor:
+    f = F.normalize(features.float(), dim=-1)
+    return f if mean is None else F.normalize(f - mean.to(f.device), dim=-1)
 
 
 def assign_clusters(features: Tensor, centroids: Tensor) -> Tensor:
@@ -161,6 +176,15 @@ def fit_clusters(
         if dim is None:
             raise ValueError("a streaming feature source needs dim= (or init=)")
         c0 = torch.randn(cfg.num_clusters, dim, generator=gen)
+    mean = None
+    if cfg.center:  # one pass for the mean unit feature
+        total, n = 0.0, 0
+        for fb in _batches(features, cfg.batch_size, gen):
+            total = total + F.normalize(fb.float(), dim=-1).sum(0)
+            n += len(fb)
+        mean = total / max(n, 1)
+        if init is None and isinstance(features, Tensor):
+            c0 = _prepare(c0, mean)
     centroids = torch.nn.Parameter(F.normalize(c0, dim=-1))
     opt = torch.optim.SGD([centroids], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     history = []
@@ -171,7 +195,7 @@ def fit_clusters(
         for epoch in range(cfg.epochs):
             total, count = 0.0, 0
             for fb in _batches(features, cfg.batch_size, gen):
-                fb = F.normalize(fb.float(), dim=-1)  # (B, d)
+                fb = _prepare(fb, mean)  # (B, d) unit rows
                 scores = fb @ centroids.t()  # (B, m)
                 q = sinkhorn_knopp(scores.detach(), eps=cfg.eps, iters=cfg.sinkhorn_iters)  # (B, m)
                 loss = -(q * F.log_softmax(scores / cfg.tau, dim=-1)).sum(-1).mean()
@@ -184,4 +208,4 @@ def fit_clusters(
                 count += len(fb)
             history.append({"epoch": epoch + 1, "loss": total / max(count, 1)})
             bar.update(task, advance=1)
-    return Clustering(centroids.detach().clone(), cfg, feature_source, history)
+    return Clustering(centroids.detach().clone(), cfg, feature_source, history, mean)

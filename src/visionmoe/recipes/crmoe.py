@@ -51,12 +51,12 @@ class CRMoEStudyConfig:
     lr: float = 1.5e-3
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    probe_train_limit: int = 5000
-    probe_test_limit: int = 2000
+    probe_train_limit: int = 3000
+    probe_test_limit: int = 1000
     shots: list[int] = field(default_factory=lambda: [4, 10])
     episodes: int = 5
     semi_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1])
-    semi_steps: int = 60
+    semi_steps: int = 40
     consistency_images: int = 512
 
     def __post_init__(self) -> None:
