@@ -69,3 +69,16 @@ def test_collect_routing_counts_tokens_per_expert():
     tokens = 1 + 4  # CLS + 2x2 patches
     torch.testing.assert_close(rec["counts"], tokens * torch.nn.functional.one_hot(keys, 3).float())
     assert rec["top1"].tolist() == [[0], [2], [2], [1]]
+    assert rec["kept"].tolist() == [1.0] * 4  # dropless: nothing dropped
+
+
+def test_collect_routing_reports_capacity_drops():
+    from visionmoe.analysis import collect_routing
+
+    torch.manual_seed(0)
+    moe = dict(num_experts=2, top_k=1, placement=[0], noise_std=0.0, capacity_factor=0.5, eval_capacity_factor=0.5)
+    model = VisionTransformer(img_size=8, patch_size=4, in_chans=1, embed_dim=16, depth=1, num_heads=2,
+                              num_classes=0, moe=moe)
+    rec = collect_routing(model, torch.rand(6, 1, 8, 8))[0]
+    # capacity 0.5 x (tokens / experts) per expert: at most half of all tokens are kept
+    assert float(rec["kept"].mean()) <= 0.5 + 1e-6

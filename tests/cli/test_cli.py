@@ -36,6 +36,7 @@ def test_train_then_analyze_routing(tmp_path):
     assert res["num_experts"] == 4 and res["routing_degree"] == 4 ** len(res["blocks"])  # top-1
     for d in res["layers"].values():
         assert abs(sum(d["load"]) - 1) < 1e-5 and 1 <= d["distinct_experts_mean"] <= 4
+        assert d["dropped_fraction"] == 0.0  # vmoe_nano is dropless
         assert all(abs(d["similarity"][i][i] - 1) < 1e-6 for i in range(4) if d["load"][i] > 0)
     for f in ("report.md", "routing_analysis.png", "token_routing.png"):
         assert (out / f).stat().st_size > 0

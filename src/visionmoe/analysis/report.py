@@ -80,7 +80,6 @@ def analyze_routing(model: nn.Module, x: Tensor, y: Tensor, classes: list[str], 
     res: dict = {"blocks": blocks, "num_experts": e, "top_k": k, "layers": {},
                  "routing_degree": routing_degree(e, k, len(blocks)),
                  "measured_paths": routing_paths({b: rec[b]["top1"] for b in blocks})}
-    stats = model.routing_stats() if hasattr(model, "routing_stats") else {}
     fig, axes = plt.subplots(4, len(blocks), figsize=(3.6 * len(blocks), 12), squeeze=False)
     for j, b in enumerate(blocks):
         counts = rec[b]["counts"]
@@ -89,7 +88,7 @@ def analyze_routing(model: nn.Module, x: Tensor, y: Tensor, classes: list[str], 
         v, p = cdf(dist)
         sim = expert_similarity(counts)
         res["layers"][str(b)] = {
-            "load": load.tolist(), "dropped_fraction_last_batch": stats.get(f"blocks.{b}", {}).get("dropped_fraction"),
+            "load": load.tolist(), "dropped_fraction": 1 - float(rec[b]["kept"].mean()),
             "distinct_experts_mean": float(dist.float().mean()), "distinct_experts_cdf": [v.tolist(), p.tolist()],
             "class_expert": tables[b].tolist(), "dominant_expert_share": dominant_expert_share(tables[b]),
             "similarity": sim.tolist()}
@@ -117,11 +116,12 @@ def analyze_routing(model: nn.Module, x: Tensor, y: Tensor, classes: list[str], 
              f"{res['routing_degree']:,}; measured: {res['measured_paths']['mean_paths_per_image']:.1f} distinct "
              f"first-choice paths among the tokens of an image, {res['measured_paths']['distinct_image_paths']} "
              "distinct image-level paths.", "",
-             "| block | max load | distinct experts per image | classes on one expert |", "|---|---|---|---|"]
+             "| block | max load | dropped | distinct experts per image | classes on one expert |",
+             "|---|---|---|---|---|"]
     for b in blocks:
         d = res["layers"][str(b)]
-        lines.append(f"| {b} | {max(d['load']):.3f} | {d['distinct_experts_mean']:.2f} | "
-                     f"{d['dominant_expert_share']:.2f} |")
+        lines.append(f"| {b} | {max(d['load']):.3f} | {d['dropped_fraction']:.3f} | "
+                     f"{d['distinct_experts_mean']:.2f} | {d['dominant_expert_share']:.2f} |")
     lines += ["", "Rows: load per expert, CDF of distinct experts per image, class-by-expert share, expert "
               "similarity.", "", "![analysis](routing_analysis.png)", "", "![token routing](token_routing.png)", ""]
     (out / "report.md").write_text("\n".join(lines))

@@ -50,7 +50,8 @@ def collect_routing(model: nn.Module, x: Tensor, *, routing_key: Tensor | None =
                     batch_size: int = 256) -> dict[int, dict[str, Tensor]]:
     """Run ``model`` over ``x`` and keep, per MoE block, ``counts`` ``(N, E)`` (tokens of each
     image sent to each expert, all K choices, image-level routes count every token) and
-    ``top1`` ``(N, T)`` (each token's first-choice expert; one column for image-level routes)."""
+    ``top1`` ``(N, T)`` (each token's first-choice expert; one column for image-level routes) and
+    ``kept`` ``(N,)`` (share of each image's (unit, choice) assignments that capacity kept)."""
     was = model.training
     model.eval()
     out: dict[int, dict[str, list]] = {}
@@ -65,9 +66,11 @@ def collect_routing(model: nn.Module, x: Tensor, *, routing_key: Tensor | None =
             weight = rec.tokens_per_unit if rec.level == "image" else 1
             counts = torch.zeros(b, e).scatter_add_(1, idx.reshape(b, -1), torch.full(idx.reshape(b, -1).shape,
                                                                                           float(weight)))
-            d = out.setdefault(blk, {"counts": [], "top1": []})
+            d = out.setdefault(blk, {"counts": [], "top1": [], "kept": []})
             d["counts"].append(counts)
             d["top1"].append(idx[..., 0])
+            kept = rec.kept if rec.kept is not None else torch.ones_like(rec.indices, dtype=torch.bool)
+            d["kept"].append(kept.reshape(b, -1).float().mean(-1))  # (B,) kept share of the image's choices
     model.train(was)
     return {blk: {k: torch.cat(v) for k, v in d.items()} for blk, d in out.items()}
 

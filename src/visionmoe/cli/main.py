@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     cr = sub.add_parser("crmoe", help="CR-MoE study: MoCo v3 dense / V-MoE / V-MoE+OGAR, evaluation protocols",
                         description="MoCo v3 pre-training of a dense ViT, a V-MoE and a V-MoE with OGAR at equal "
                                     "steps, 3 seeds, then linear probe, k-NN, few-shot, semi-supervised and routing "
-                                    "consistency; writes report.md (about 15 minutes; --quick about 1).")
+                                    "consistency; writes report.md (about 20 minutes; --quick about 1).")
     cr.add_argument("overrides", nargs="*", help="settings as key=value, e.g. ogar_weight=0.01 steps=300")
     cr.add_argument("--quick", action="store_true")
     cr.add_argument("--out", default="runs/crmoe")

@@ -130,8 +130,9 @@ def load_dense_into_moe(
     of its MoE blocks; routers stay freshly initialised. Keys starting with a ``skip`` prefix
     (e.g. ``"head."`` to fine-tune on new classes) are neither loaded nor required. Raises on
     any other mismatch, naming the tensors."""
-    sd = {k: v for k, v in to_timm(dense_sd, layout).items() if not k.startswith(skip)} if skip else to_timm(
-        dense_sd, layout)
+    sd = to_timm(dense_sd, layout)
+    if skip:
+        sd = {k: v for k, v in sd.items() if not k.startswith(skip)}
     moe_blocks = getattr(model, "moe_blocks", [])
     shared = bool(getattr(model, "moe_config", None) and model.moe_config.shared_expert)
     num_experts = model.moe_config.num_experts if moe_blocks else 0

@@ -28,7 +28,7 @@ VARIANTS = ("dense", "vmoe", "vmoe_ogar")
 
 @dataclass
 class CRMoEStudyConfig:
-    """Defaults: about 15 minutes on 2 CPU cores. The V-MoE has the CR-MoE shape (every other
+    """Defaults: about 20 minutes on 2 CPU cores (measured 21). The V-MoE has the CR-MoE shape (every other
     block, 16 experts, top-2, expert hidden 2D, no noise, no capacity limit, importance loss
     0.01); OGAR: ``ogar_weight`` w_G, ``alpha``, ``ogar_parts`` (``both``/``cls``/``patch``)."""
 

@@ -589,6 +589,18 @@ def _denorm(pred, x, p):
     return pred * (t.var(-1, keepdim=True) + 1e-6) ** 0.5 + t.mean(-1, keepdim=True)
 
 
+def _method_table(title: str, table: dict) -> list[str]:
+    """A markdown section: one row per task (mean ± std of each method, the best in bold) and
+    the average over tasks."""
+    lines = [f"## {title}", "", "| task | " + " | ".join(METHODS) + " |", "|---" * (len(METHODS) + 1) + "|"]
+    for task, m in table.items():
+        best = max(METHODS, key=lambda k: m[k]["mean"])
+        lines.append(f"| {task} | " + " | ".join(("**{:.4f}**" if k == best else "{:.4f}").format(m[k]["mean"])
+                                                + f" ± {m[k]['std']:.4f}" for k in METHODS) + " |")
+    means = {k: statistics.mean(table[t][k]["mean"] for t in table) for k in METHODS}
+    return [*lines, "| **average** | " + " | ".join(f"{means[k]:.4f}" for k in METHODS) + " |", ""]
+
+
 def _write_report(out: Path, res: dict) -> None:
     cfg = res["config"]
     lines = ["# MoCE demo report", "",
@@ -597,23 +609,9 @@ def _write_report(out: Path, res: dict) -> None:
              f"({cfg['num_experts']} experts, {cfg['num_clusters']} clusters); fine-tuning {cfg['finetune_steps']} "
              f"SGD steps on up to {cfg['finetune_train_limit']} images per task. "
              f"Seeds {[r['seed'] for r in res['runs']]}, {res['seconds'] / 60:.1f} min in total.", "",
-             "## Fine-tuned accuracy per downstream task (mean ± std over seeds)", "",
-             "| task | MAE* | TokenMoE | MoCE |", "|---|---|---|---|"]
-    for task, m in res["tasks"].items():
-        best = max(METHODS, key=lambda k: m[k]["mean"])
-        lines.append(f"| {task} | " + " | ".join(("**{:.4f}**" if k == best else "{:.4f}").format(m[k]["mean"])
-                                                + f" ± {m[k]['std']:.4f}" for k in METHODS) + " |")
-    means = {k: statistics.mean(res["tasks"][t][k]["mean"] for t in res["tasks"]) for k in METHODS}
-    lines += ["| **average** | " + " | ".join(f"{means[k]:.4f}" for k in METHODS) + " |", ""]
+             *_method_table("Fine-tuned accuracy per downstream task (mean ± std over seeds)", res["tasks"])]
     if res.get("probe"):
-        lines += ["## Linear probe on frozen features (same images; mean ± std over seeds)", "",
-                  "| task | MAE* | TokenMoE | MoCE |", "|---|---|---|---|"]
-        for task, m in res["probe"].items():
-            best = max(METHODS, key=lambda k: m[k]["mean"])
-            lines.append(f"| {task} | " + " | ".join(("**{:.4f}**" if k == best else "{:.4f}").format(m[k]["mean"])
-                                                    + f" ± {m[k]['std']:.4f}" for k in METHODS) + " |")
-        pm = {k: statistics.mean(res["probe"][t][k]["mean"] for t in res["probe"]) for k in METHODS}
-        lines += ["| **average** | " + " | ".join(f"{pm[k]:.4f}" for k in METHODS) + " |", ""]
+        lines += _method_table("Linear probe on frozen features (same images; mean ± std over seeds)", res["probe"])
     if res.get("lr"):
         lines += ["Fine-tuning learning rate chosen on a validation split (first seed): "
                   + "; ".join(f"{t}: " + ", ".join(f"{m} {v['chosen']:g}" for m, v in d.items())
