@@ -112,7 +112,7 @@ class MoCEDemoConfig:
 
     @classmethod
     def quick(cls) -> MoCEDemoConfig:
-        """About 2 minutes: small sizes, one seed."""
+        """About a minute: small sizes, one seed."""
         return cls(per_source=400, mae_steps=60, extra_steps=30, finetune_steps=30, num_clusters=8,
                    vit=dict(patch_size=4, embed_dim=32, depth=4, num_heads=2), seeds=[0],
                    finetune_train_limit=400, finetune_test_limit=1000, batch_size=64, finetune_batch_size=32)
