@@ -546,7 +546,7 @@ def _save_plots(sd: Path, mae: Trainer, enc, moce, clustering, pool: TensorSplit
     axes[0].bar(range(len(sizes)), sizes.tolist())
     axes[0].set_xlabel("cluster")
     axes[0].set_ylabel("pre-training images")
-    axes[0].set_title("balanced clustering (Sinkhorn-Knopp)", fontsize=9)
+    axes[0].set_title("Sinkhorn-Knopp clusters (argmax of Q)", fontsize=9)
     grid = []
     for k in range(shown):
         idx = (keys == k).nonzero().flatten()[:10]
