@@ -65,3 +65,12 @@ def test_layer_scan_plots_accuracy_and_routing_degree(tmp_path):
         (n, s) for n in range(3) for s in (False, True)]
     assert {r["layers"]: r["routing_degree"] for r in rows} == {0: 1, 1: 4, 2: 16}
     assert (out / "layer_scan.png").stat().st_size > 0
+
+
+def test_sweep_and_scan_refuse_missing_or_bad_config_files(tmp_path, capsys):
+    assert main(["sweep", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    assert main(["layer-scan", str(bad)]) == 2
+    assert "top level must be a mapping" in capsys.readouterr().err

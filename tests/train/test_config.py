@@ -34,6 +34,8 @@ def test_moce_demo_config_errors():
         MoCEDemoConfig.from_yaml(None, ["num_expert=8"])
     with pytest.raises(ConfigError, match="finetune_lrs"):
         MoCEDemoConfig.from_yaml(None, ["finetune_lrs=[]"])
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        MoCEDemoConfig.from_yaml(ROOT / "../README.md")  # markdown is not a YAML mapping
     cfg = MoCEDemoConfig.from_yaml(None, ["num_experts=8", "blocks=[0, 1]"], quick=True)
     assert cfg.num_experts == 8 and cfg.blocks == [0, 1] and cfg.seeds == [0]
 

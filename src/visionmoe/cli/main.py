@@ -90,15 +90,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from ..sweep import parse_grid, run_sweep
-    from ..train.config import apply_overrides
+    from ..train.config import apply_overrides, load_yaml_dict
 
     config, overrides = _config_and_overrides(args)
-    base: dict = {}
-    if config is not None:
-        if not Path(config).is_file():
-            raise FileNotFoundError(f"config file {config} does not exist")
-        base = yaml.safe_load(Path(config).read_text()) or {}
-    base = apply_overrides(base, overrides)
+    base = apply_overrides(load_yaml_dict(config), overrides)
     rows = run_sweep(base, parse_grid(args.grid), out=args.out, progress=not args.no_progress)
     print((Path(args.out) / "sweep.md").read_text())
     return 0 if rows else 1
@@ -107,11 +102,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_layer_scan(args: argparse.Namespace) -> int:
     from ..sweep import run_layer_scan
     from ..train import config_from_dict
-    from ..train.config import apply_overrides
+    from ..train.config import apply_overrides, load_yaml_dict
 
     config, overrides = _config_and_overrides(args)
-    base: dict = yaml.safe_load(Path(config).read_text()) if config else {}
-    base = apply_overrides(base or {}, overrides)
+    base = apply_overrides(load_yaml_dict(config), overrides)
     depth = args.depth
     if depth is None:
         from ..train import build_model

@@ -122,19 +122,9 @@ class MoCEDemoConfig:
                   *, quick: bool = False) -> MoCEDemoConfig:
         """Defaults (or :meth:`quick`), then a YAML file's keys, then ``key=value`` overrides;
         unknown keys and wrong types are refused with a suggestion."""
-        import yaml
+        from ..train.config import _from_dict, apply_overrides, load_yaml_dict
 
-        from ..train.config import ConfigError, _from_dict, apply_overrides
-
-        d: dict = {}
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise FileNotFoundError(f"config file {path} does not exist")
-            d = yaml.safe_load(path.read_text()) or {}
-            if not isinstance(d, dict):
-                raise ConfigError(f"{path}: the top level must be a mapping")
-        d = apply_overrides(d, list(overrides or []))
+        d = apply_overrides(load_yaml_dict(path), list(overrides or []))
         base = asdict(cls.quick() if quick or d.pop("quick", False) else cls())
         return _from_dict(cls, {**base, **d})
 

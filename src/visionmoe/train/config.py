@@ -27,6 +27,7 @@ __all__ = [
     "RunConfig",
     "ExperimentConfig",
     "load_config",
+    "load_yaml_dict",
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
@@ -271,17 +272,23 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
     return d
 
 
+def load_yaml_dict(path: str | Path | None) -> dict:
+    """The top-level mapping of a YAML file read with the safe loader (``{}`` for no path);
+    a missing file, invalid YAML or a non-mapping top level is refused with a clear error."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML (only plain YAML is accepted): {e}") from e
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return d
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read a YAML experiment file (safe loader only), apply overrides, validate."""
-    d: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        try:
-            d = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML (only plain YAML is accepted): {e}") from e
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
-    return config_from_dict(apply_overrides(d, list(overrides or [])))
+    return config_from_dict(apply_overrides(load_yaml_dict(path), list(overrides or [])))
