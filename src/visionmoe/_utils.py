@@ -8,7 +8,15 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["did_you_mean", "atomic_write_bytes"]
+__all__ = ["did_you_mean", "atomic_write_bytes", "mean_std"]
+
+
+def mean_std(values: Iterable[float]) -> dict[str, float]:
+    """``{"mean", "std"}`` of a sample (std: the unbiased sample standard deviation, 0 for one value)."""
+    import statistics
+
+    vals = list(values)
+    return {"mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

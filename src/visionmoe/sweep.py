@@ -54,14 +54,15 @@ def flops_per_image(model: nn.Module, x: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def inference_throughput(model: nn.Module, x: torch.Tensor, reps: int = 3) -> float:
-    """Images per second of ``model(x)`` in eval mode (after one warm-up call)."""
+def inference_throughput(model: nn.Module, x: torch.Tensor, reps: int = 3, **kwargs: Any) -> float:
+    """Images per second of ``model(x, **kwargs)`` in eval mode (after one warm-up call);
+    ``kwargs`` e.g. ``routing_key`` for keyed routers."""
     was = model.training
     model.eval()
-    model(x)
+    model(x, **kwargs)
     t0 = time.perf_counter()
     for _ in range(reps):
-        model(x)
+        model(x, **kwargs)
     model.train(was)
     return reps * len(x) / (time.perf_counter() - t0)
 

@@ -10,13 +10,13 @@ own with ``visionmoe probe CHECKPOINT --data NAME``.
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from .._utils import atomic_write_bytes, mean_std
 from ..data import TensorSplits, adapt, load_dataset
 from ..eval import extract_features, few_shot, knn_accuracy, label_subset, linear_probe, routing_consistency
 from ..train import Trainer, config_from_dict
@@ -180,17 +180,13 @@ def run_crmoe_study(c: CRMoEStudyConfig | None = None, *, out: str | Path = "run
             bar.console.print(f"{variant} seed {seed}: linear " + ", ".join(
                 f"{k} {v:.3f}" for k, v in ev["linear"].items()))
             _aggregate(results)
-            (out / "results.json").write_text(json.dumps(results, indent=2))
+            atomic_write_bytes(out / "results.json", json.dumps(results, indent=2).encode())
     results["seconds"] = time.perf_counter() - t0
     _aggregate(results)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_bytes(out / "results.json", json.dumps(results, indent=2).encode())
     _report(out, results)
     console.print(f"report: {out / 'report.md'} ({results['seconds'] / 60:.1f} min)")
     return results
-
-
-def _ms(vals: list[float]) -> dict:
-    return {"mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
 
 
 def _aggregate(res: dict) -> None:
@@ -202,13 +198,13 @@ def _aggregate(res: dict) -> None:
             continue
         a: dict = {"linear": {}, "knn": {}, "few_shot": {}, "semi": {}, "consistency": {}}
         for t in rs[0]["linear"]:
-            a["linear"][t] = _ms([r["linear"][t] for r in rs])
-            a["knn"][t] = _ms([r["knn"][t] for r in rs])
-            a["few_shot"][t] = {s: _ms([r["few_shot"][t][s]["mean"] for r in rs]) for s in rs[0]["few_shot"][t]}
+            a["linear"][t] = mean_std([r["linear"][t] for r in rs])
+            a["knn"][t] = mean_std([r["knn"][t] for r in rs])
+            a["few_shot"][t] = {s: mean_std([r["few_shot"][t][s]["mean"] for r in rs]) for s in rs[0]["few_shot"][t]}
         for f in rs[0]["semi"]:
-            a["semi"][f] = _ms([r["semi"][f] for r in rs])
+            a["semi"][f] = mean_std([r["semi"][f] for r in rs])
         for b in rs[0].get("consistency", {}):
-            a["consistency"][b] = {k: _ms([r["consistency"][b][k] for r in rs]) for k in ("matched", "random")}
+            a["consistency"][b] = {k: mean_std([r["consistency"][b][k] for r in rs]) for k in ("matched", "random")}
         agg[v] = a
     res["summary"] = agg
 
@@ -267,4 +263,4 @@ def _report(out: Path, res: dict) -> None:
         fig.savefig(out / "routing_consistency.png", dpi=100)
         plt.close(fig)
         lines += ["", "![routing consistency](routing_consistency.png)"]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(out / "report.md", ("\n".join(lines) + "\n").encode())

@@ -254,16 +254,14 @@ def run_moce_demo(c: MoCEDemoConfig | None = None, *, out: str | Path = "runs/mo
 def _write_results(out: Path, results: dict) -> None:
     """Aggregate the finished seeds (mean ± std per task and method) and write
     ``results.json`` and ``report.md`` atomically."""
-    from .._utils import atomic_write_bytes
+    from .._utils import atomic_write_bytes, mean_std
 
     for key, field_ in (("tasks", "acc"), ("probe", "probe")):
         results[key] = {}
         for name in results["runs"][0][field_]:
             results[key][name] = {}
             for method in METHODS:
-                vals = [r[field_][name][method] for r in results["runs"]]
-                results[key][name][method] = {"mean": statistics.mean(vals),
-                                              "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+                results[key][name][method] = mean_std([r[field_][name][method] for r in results["runs"]])
     atomic_write_bytes(out / "results.json", json.dumps(results, indent=2).encode())
     _write_report(out, results)
 
@@ -445,20 +443,15 @@ def _plot_routing(path: Path, tables: dict, mix) -> None:
 @torch.no_grad()
 def _speed(enc: VisionTransformer, moce: VisionTransformer, token: VisionTransformer, c: MoCEDemoConfig,
            batch: int = 256, reps: int = 5) -> dict:
-    """Inference images/s of the deployed dense ViT, the MoCE MoE (keyed) and TokenMoE, one run."""
+    """Inference images/s of the deployed dense ViT, the MoCE MoE (keyed), TokenMoE and the dense
+    encoder (:func:`visionmoe.sweep.inference_throughput`, one run each)."""
+    from ..sweep import inference_throughput
+
     x = torch.rand(batch, 1, c.img_size, c.img_size)
     key = torch.zeros(batch, dtype=torch.long)
-    dense = deploy(moce, 0).eval()
-    models = {"deployed dense ViT": (dense, {}), "MoCE (all experts)": (moce.eval(), {"routing_key": key}),
-              "TokenMoE": (token.eval(), {}), "MAE encoder (dense)": (enc.eval(), {})}
-    res = {}
-    for name, (m, kw) in models.items():
-        m.forward_features(x, **kw)  # warm-up
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            m.forward_features(x, **kw)
-        res[name] = batch * reps / (time.perf_counter() - t0)
-    return res
+    models = {"deployed dense ViT": (deploy(moce, 0), {}), "MoCE (all experts)": (moce, {"routing_key": key}),
+              "TokenMoE": (token, {}), "MAE encoder (dense)": (enc, {})}
+    return {name: inference_throughput(m, x, reps, **kw) for name, (m, kw) in models.items()}
 
 
 def _summary_table(res: dict):
