@@ -248,19 +248,23 @@ class MoCoObjective(nn.Module):
         v1, g1, v2, g2 = self.views(x)
         return self.loss(model, v1, g1, v2, g2)
 
-    def loss(self, model: nn.Module, v1: Tensor, g1: Tensor, v2: Tensor, g2: Tensor) -> dict[str, Tensor]:
+    def _contrast(self, model: nn.Module, v1: Tensor, v2: Tensor):
+        """Symmetric InfoNCE of the two views, the base encoder's gate probabilities of each view
+        and the balance loss of view 1 (the Trainer adds view 2's, the last forward)."""
         f1, gates1 = self._embed(model, v1)
-        aux1 = model.moe_aux_loss() if self._moe else None  # the Trainer adds view 2's
+        aux1 = model.moe_aux_loss() if self._moe else None
         f2, gates2 = self._embed(model, v2)
         q1, q2 = self.predictor(self.projector(f1)), self.predictor(self.projector(f2))
-        if self.training:
-            m = moco_momentum(int(self.step), self.total_steps, self.base_momentum)
-            self.update_momentum(model, m)
-            self.step += 1
         with torch.no_grad():
             k1 = self.momentum_projector(self._embed(self.momentum_encoder, v1)[0])
             k2 = self.momentum_projector(self._embed(self.momentum_encoder, v2)[0])
-        ctr = self.contrastive(q1, k2) + self.contrastive(q2, k1)
+        return self.contrastive(q1, k2) + self.contrastive(q2, k1), gates1, gates2, aux1
+
+    def loss(self, model: nn.Module, v1: Tensor, g1: Tensor, v2: Tensor, g2: Tensor) -> dict[str, Tensor]:
+        if self.training:  # the keys come from the momentum copy of the current weights (MoCo v3)
+            self.update_momentum(model, moco_momentum(int(self.step), self.total_steps, self.base_momentum))
+            self.step += 1
+        ctr, gates1, gates2, aux1 = self._contrast(model, v1, v2)
         out = {"loss": ctr, "ctr_loss": ctr.detach()}
         if aux1 is not None:
             out["loss"] = out["loss"] + aux1
@@ -293,10 +297,5 @@ class MoCoObjective(nn.Module):
         """Sum over the batch of the contrastive loss on views drawn from a fixed seed."""
         with torch.random.fork_rng():
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (), generator=generator)) if generator else 0)
-            v1, g1, v2, g2 = self.views(x)
-        f1, _ = self._embed(model, v1)
-        f2, _ = self._embed(model, v2)
-        k1 = self.momentum_projector(self._embed(self.momentum_encoder, v1)[0])
-        k2 = self.momentum_projector(self._embed(self.momentum_encoder, v2)[0])
-        q1, q2 = self.predictor(self.projector(f1)), self.predictor(self.projector(f2))
-        return {"ctr_loss": float(self.contrastive(q1, k2) + self.contrastive(q2, k1)) * len(x)}
+            v1, _, v2, _ = self.views(x)
+        return {"ctr_loss": float(self._contrast(model, v1, v2)[0]) * len(x)}

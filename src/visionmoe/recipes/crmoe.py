@@ -9,6 +9,7 @@ own with ``visionmoe probe CHECKPOINT --data NAME``.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -126,8 +127,6 @@ def evaluate_backbone(model, tasks: dict[str, TensorSplits], *, shots=(4, 10), e
         out["few_shot"][name] = {str(s): few_shot(ftr, t.y_train, fte, t.y_test, shots=s, episodes=episodes,
                                                   seed=seed, num_classes=t.num_classes) for s in shots}
     for frac in semi_fractions:
-        import copy
-
         idx = label_subset(semi.y_train, fraction=frac, seed=seed)
         sub = TensorSplits(semi.name, semi.x_train[idx], semi.y_train[idx], semi.x_test, semi.y_test, semi.classes)
         m = copy.deepcopy(model)
