@@ -53,7 +53,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     from ..data import load_dataset
     from ..recipes.crmoe import _limit, evaluate_backbone
 
-    model, cfg, st, _ = _model_from_checkpoint(args.checkpoint)
+    model, cfg, st = _model_from_checkpoint(args.checkpoint)
     size = st.get("img_size") or model.patch_embed.img_size[0]
     channels = st.get("in_chans", 1)
     tasks = {}
@@ -79,7 +79,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from ..analysis.report import analyze_routing
     from ..data import adapt, load_dataset
 
-    model, cfg, st, _ = _model_from_checkpoint(args.checkpoint)
+    model, cfg, st = _model_from_checkpoint(args.checkpoint)
     d = load_dataset(args.data or cfg.data.name, **(cfg.data.args if not args.data else {}))
     n = min(args.limit, len(d.x_test))
     x = adapt(d.x_test[:n], channels=st.get("in_chans", 1), size=st.get("img_size") or model.patch_embed.img_size[0])
@@ -127,14 +127,9 @@ def _cmd_list_models(args: argparse.Namespace) -> int:
 
 
 def _model_from_checkpoint(path: str):
-    from ..train import build_model, config_from_dict, load_checkpoint
+    from ..train import load_trained_model
 
-    ck = load_checkpoint(path)
-    st = ck["state"]
-    cfg = config_from_dict(st["config"])
-    model = build_model(cfg, num_classes=st["num_classes"], in_chans=st["in_chans"])
-    model.load_state_dict(ck["model"])
-    return model, cfg, st, ck
+    return load_trained_model(path)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -145,7 +140,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from ..models import count_parameters, create_model
 
     if Path(args.model).is_file():
-        model, cfg, st, _ = _model_from_checkpoint(args.model)
+        model, cfg, st = _model_from_checkpoint(args.model)
         print(f"checkpoint {args.model}: model {cfg.model.name}, step {st['step']}, data {cfg.data.name} "
               f"({st['num_classes']} classes, {st['in_chans']} channels, {st['img_size']} px)")
         name = cfg.model.name
@@ -176,7 +171,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from ..data import adapt, load_dataset
     from ..train import Trainer
 
-    model, cfg, st, _ = _model_from_checkpoint(args.checkpoint)
+    model, cfg, st = _model_from_checkpoint(args.checkpoint)
     if args.data:
         cfg.data.name = args.data
         cfg.data.args = {}
@@ -192,6 +187,51 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     trainer._x_test = adapt(data.x_test, channels=st["in_chans"], size=st["img_size"])
     res = trainer.evaluate(model)
     print(json.dumps(res, indent=2))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ..export import export_onnx
+
+    model, cfg, st = _model_from_checkpoint(args.checkpoint)
+    out = args.out or str(Path(args.checkpoint).with_suffix(".onnx"))
+    res = export_onnx(model, out, input_shape=(st["in_chans"], st["img_size"], st["img_size"]), key=args.key,
+                      check=not args.no_check, dynamo=not args.legacy)
+    diff = "" if res["max_abs_diff"] is None else f"; onnxruntime matches PyTorch within {res['max_abs_diff']:.2g}"
+    print(f"wrote {res['path']} ({res['kind']}, input {res['input_shape']}){diff}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from ..data import read_image
+    from ..export import predict_images
+
+    model, cfg, st = _model_from_checkpoint(args.checkpoint)
+    if args.key is not None:
+        model = model.extract_dense(key=args.key).eval()
+    xs, names = [], []
+    for p in args.images:
+        try:
+            xs.append(read_image(p, size=st["img_size"], channels=st["in_chans"]))
+            names.append(p)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is reported and skipped
+            print(f"skipping {p}: not a readable image ({type(e).__name__}: {e})", file=sys.stderr)
+    if not xs:
+        raise ValueError("none of the given files is a readable image")
+    x = torch.from_numpy(np.stack(xs))
+    preds = []
+    for i in range(0, len(x), 256):
+        preds += predict_images(model, x[i : i + 256], st.get("classes"), top=args.top, routing=args.routing)
+    if args.json:
+        print(json.dumps([{"image": n, **p} for n, p in zip(names, preds)], indent=2))
+        return 0
+    for name, p in zip(names, preds):
+        print(f"{name}: " + ", ".join(f"{c} {v:.1%}" for c, v in p["top"]))
+        for layer, experts in p.get("experts", {}).items():
+            print(f"    {layer}: " + ", ".join(f"expert {e} ({s:.0%})" for e, s in experts))
     return 0
 
 
@@ -297,6 +337,26 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-arg", action="append", default=[], help="loader argument key=value, repeatable")
     ev.set_defaults(fn=_cmd_eval)
 
+    ex = sub.add_parser("export", help="write a checkpoint as ONNX (dense, MoE with routing, or the dense model of "
+                                       "one cluster/task's experts) and check it in onnxruntime")
+    ex.add_argument("checkpoint")
+    ex.add_argument("-o", "--out", default=None, help="ONNX file (default: the checkpoint's name with .onnx)")
+    ex.add_argument("--key", type=int, default=None,
+                    help="MoCE / task-routed models: export the dense ViT of this cluster or task id's experts")
+    ex.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+    ex.add_argument("--legacy", action="store_true", help="use the TorchScript-based exporter (faster, deprecated)")
+    ex.set_defaults(fn=_cmd_export)
+
+    pd = sub.add_parser("predict", help="top-5 classes of image files with a trained checkpoint; --routing shows "
+                                        "which experts each image used")
+    pd.add_argument("checkpoint")
+    pd.add_argument("images", nargs="+", help="image files (any format PIL reads)")
+    pd.add_argument("--top", type=int, default=5)
+    pd.add_argument("--routing", action="store_true", help="print each MoE layer's experts per image")
+    pd.add_argument("--key", type=int, default=None, help="MoCE: predict with the dense model of this cluster id")
+    pd.add_argument("--json", action="store_true", help="print JSON")
+    pd.set_defaults(fn=_cmd_predict)
+
     from ..bench import build_parser as bench_parser
 
     b = bench_parser(sub.add_parser("bench", help="time MoE layers against dense, the naive loop and peers"))
@@ -318,6 +378,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"visionmoe: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from ..train import TrainingDiverged
+
+        if not isinstance(e, TrainingDiverged):
+            raise
+        print(f"visionmoe: training stopped: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":  # pragma: no cover

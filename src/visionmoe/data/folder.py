@@ -10,7 +10,19 @@ import torch
 
 from .sources import TensorSplits, _split
 
-__all__ = ["load_image_folder"]
+__all__ = ["load_image_folder", "read_image"]
+
+
+def read_image(path: str | Path, *, size: int, channels: int = 3) -> np.ndarray:
+    """One image file (any PIL format) as ``(channels, size, size)`` float32 in [0, 1]:
+    converted to greyscale (``channels=1``) or RGB and resized bilinearly, exactly as
+    :func:`load_image_folder` reads training images. Unreadable files raise PIL's error."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
+        arr = np.asarray(im, dtype=np.float32) / 255.0
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 
 def load_image_folder(
@@ -33,7 +45,6 @@ def load_image_folder(
         on_error: ``"skip"`` (default) counts and reports unreadable files and goes on;
             ``"raise"`` stops at the first one.
     """
-    from PIL import Image
     from torchvision.datasets import ImageFolder
 
     if on_error not in ("skip", "raise"):
@@ -52,18 +63,14 @@ def load_image_folder(
                 f"{folder} holds no images in class sub-folders (expected {folder}/<class>/<image>.png): {e}"
             ) from e
         xs, ys, bad = [], [], []
-        mode = "L" if channels == 1 else "RGB"
         for path, label in ds.samples:
             try:
-                with Image.open(path) as im:
-                    im = im.convert(mode).resize((size, size), Image.BILINEAR)
-                    arr = np.asarray(im, dtype=np.float32) / 255.0
+                xs.append(read_image(path, size=size, channels=channels))
             except Exception as e:  # noqa: BLE001 - any unreadable file is reported, not fatal
                 if on_error == "raise":
                     raise ValueError(f"cannot read image {path}: {e}") from e
                 bad.append(path)
                 continue
-            xs.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
             ys.append(label)
         if bad:
             warnings.warn(f"skipped {len(bad)} unreadable file(s) in {folder}, e.g. {bad[0]}", stacklevel=3)

@@ -7,6 +7,7 @@ from ._weights import (
     from_mae,
     from_mocov3,
     load_dense_into_moe,
+    load_matching_state_dict,
     load_state_dict_file,
     to_timm,
 )
@@ -26,4 +27,5 @@ __all__ = [
     "from_dinov2",
     "load_state_dict_file",
     "load_dense_into_moe",
+    "load_matching_state_dict",
 ]

@@ -25,7 +25,27 @@ __all__ = [
     "from_dinov2",
     "load_state_dict_file",
     "load_dense_into_moe",
+    "load_matching_state_dict",
 ]
+
+
+def load_matching_state_dict(model: nn.Module, sd: Mapping[str, Tensor], source: str = "the checkpoint") -> None:
+    """``model.load_state_dict(sd)`` that, when the architectures differ, raises a
+    ``ValueError`` naming the missing, unexpected and wrongly shaped tensors (a few of each)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items()
+              if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{label} ({len(items)}): {', '.join(items[:4])}{', ...' if len(items) > 4 else ''}"
+                 for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
+                 if items]
+        raise ValueError(
+            f"{source} does not fit this model ({type(model).__name__}): {'; '.join(parts)}. It was saved from a "
+            "different architecture; build the model it was trained with (its config is stored in the checkpoint), "
+            "or upcycle dense weights into a MoE with model.init=PATH")
+    model.load_state_dict(sd)
 
 
 def _unwrap(sd: Mapping) -> dict[str, Tensor]:

@@ -38,6 +38,13 @@ class VisionTransformer(_TimmViT):
     """
 
     def __init__(self, *, moe: MoEConfig | dict | None = None, **kwargs: Any) -> None:
+        img, patch = kwargs.get("img_size", 224), kwargs.get("patch_size", 16)
+        img = (img, img) if isinstance(img, int) else tuple(img)
+        patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+        if not kwargs.get("dynamic_img_size") and any(i % p for i, p in zip(img, patch)):
+            raise ValueError(f"img_size {img} is not a multiple of patch_size {patch}: the last "
+                             f"{[i % p for i, p in zip(img, patch)]} pixels would be dropped; use img_size "
+                             f"{tuple(i // p * p for i, p in zip(img, patch))} or resize the images")
         super().__init__(**kwargs)
         self.init_kwargs = dict(kwargs)
         self.moe_config = MoEConfig.from_dict(moe) if moe is not None else None
@@ -59,6 +66,7 @@ class VisionTransformer(_TimmViT):
     # ------------------------------------------------------------------ forward
     def forward_features(self, x: Tensor, routing_key: Tensor | None = None, **kwargs) -> Tensor:
         """``(B, C, H, W) -> (B, T, D)`` normed tokens; ``routing_key`` = cluster/task ids."""
+        self._check_input(x)
         if routing_key is None:
             return super().forward_features(x, **kwargs)
         with _routing_key(self, routing_key):
@@ -72,6 +80,7 @@ class VisionTransformer(_TimmViT):
         """Encode only the patches ``ids_keep`` (MAE): ``(B, C, H, W), (B, K) -> (B, P + K, D)``
         normed tokens, P prefix tokens (CLS, registers) first. Positions are added before
         the patches are dropped, as in MAE."""
+        self._check_input(x)
         with _routing_key(self, routing_key) if routing_key is not None else _nullcontext():
             t = self._pos_embed(self.patch_embed(x))  # (B, P + N, D)
             p = self.num_prefix_tokens
@@ -81,6 +90,17 @@ class VisionTransformer(_TimmViT):
             t = self.norm_pre(t)
             t = self.blocks(t)
             return self.norm(t)
+
+    def _check_input(self, x: Tensor) -> None:
+        pe = self.patch_embed
+        want_c = pe.proj.in_channels
+        size_ok = getattr(pe, "dynamic_img_size", False) or not getattr(pe, "strict_img_size", True) or (
+            pe.img_size is None or tuple(x.shape[-2:]) == tuple(pe.img_size))
+        if x.dim() != 4 or x.shape[1] != want_c or not size_ok:
+            h, w = pe.img_size if pe.img_size is not None else ("H", "W")
+            raise ValueError(
+                f"expected images of shape (B, {want_c}, {h}, {w}), got {tuple(x.shape)}; convert them with "
+                f"visionmoe.data.adapt(x, channels={want_c}, size={h})")
 
     def forward(self, x: Tensor, routing_key: Tensor | None = None, **kwargs) -> Tensor:
         """``(B, C, H, W) -> (B, num_classes)`` logits."""

@@ -110,6 +110,9 @@ class MoE(nn.Module):
         # True: ``last.extra["probs"]`` keeps the differentiable (S, E) gate probabilities
         # (for losses on the gates, e.g. CR-MoE's OGAR)
         self.keep_probs = False
+        # True: the static, export-friendly path (see :meth:`forward_static`); set by
+        # :func:`visionmoe.export.static_moe`
+        self.static = False
 
     @property
     def num_experts(self) -> int:
@@ -135,6 +138,8 @@ class MoE(nn.Module):
         else:
             units = x.reshape(-1, self.dim)  # (S, D)
         route: RouterOutput = self.router(units, key)
+        if self.static:
+            return self._forward_static(x, units, route)
         y, info = self.dispatcher(units, route, self.experts)
         y = y.reshape(shape)
         if self.shared_expert is not None:
@@ -143,6 +148,20 @@ class MoE(nn.Module):
         self.last = self._record(route, info, units)
         if self.keep_probs:
             self.last.extra["probs"] = route.probs
+        return y
+
+    def _forward_static(self, x: Tensor, units: Tensor, route: RouterOutput) -> Tensor:
+        """Dropless MoE with static shapes, for ONNX / torch.export: every expert runs on
+        every unit and a ``(S, E)`` combine matrix (zero off the top-k) mixes the results.
+        The same outputs as dropless dispatch at E/K times the expert FLOPs; nothing is
+        recorded in ``last``."""
+        combine = torch.zeros_like(route.probs, dtype=units.dtype).scatter(
+            1, route.indices, route.weights.to(units.dtype))  # (S, E)
+        combine = combine.reshape(combine.shape + (1,) * (units.dim() - 1))  # (S, E, 1[, 1])
+        y = sum(combine[:, e] * self.experts.expert(units, e) for e in range(self.num_experts))
+        y = y.reshape(x.shape)
+        if self.shared_expert is not None:
+            y = y + self.shared_expert(x)
         return y
 
     def _record(self, route: RouterOutput, info, units: Tensor) -> MoEResult:

@@ -3,10 +3,13 @@ JSON state (step, config, optimizer hyper-parameters, RNG scalars) in its metada
 
 Written atomically (temporary file in the same folder, fsync, rename), so a crash never
 leaves a half-written checkpoint under the final name; read without unpickling anything.
+A SHA-256 of every tensor's bytes and the JSON state is kept in the metadata and checked on
+load, so a truncated or tampered file is refused (and the newest good sibling named).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -22,7 +25,29 @@ from torch import Tensor
 
 from .._utils import atomic_write_bytes
 
-__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "atomic_write_bytes"]
+__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "atomic_write_bytes",
+           "CheckpointError", "ForeignCheckpointError", "verify_checkpoint"]
+
+FORMAT = "visionmoe-checkpoint-v1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be trusted: corrupt, truncated, tampered or not ours."""
+
+
+class ForeignCheckpointError(CheckpointError):
+    """A sound safetensors file that visionmoe's trainer did not write (e.g. timm weights)."""
+
+
+def _digest(tensors: dict[str, Tensor], meta_json: str) -> str:
+    """SHA-256 over the names, dtypes, shapes and raw bytes of the tensors (sorted by name)
+    and the JSON metadata."""
+    h = hashlib.sha256(meta_json.encode())
+    for k in sorted(tensors):
+        t = tensors[k].detach().contiguous().cpu()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -86,7 +111,7 @@ def save_checkpoint(
     tensors: dict[str, Tensor] = {f"model.{k}": v for k, v in model.items()}
     if objective:
         tensors.update({f"objective.{k}": v for k, v in objective.items()})
-    meta: dict[str, Any] = {"state": state, "format": "visionmoe-checkpoint-v1"}
+    meta: dict[str, Any] = {"state": state, "format": FORMAT}
     if optimizer is not None:
         opt_t, opt_meta = _split_optimizer(optimizer)
         tensors.update({f"optim.{k}": v for k, v in opt_t.items()})
@@ -103,7 +128,8 @@ def save_checkpoint(
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={"visionmoe": json.dumps(meta)})
+        meta_json = json.dumps(meta)
+        save_file(tensors, tmp, metadata={"visionmoe": meta_json, "sha256": _digest(tensors, meta_json)})
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -113,28 +139,66 @@ def save_checkpoint(
     return path
 
 
+def _good_siblings(path: Path) -> list[Path]:
+    """The trainer's other checkpoints (``step_*``) in ``path``'s folder that verify, newest first."""
+    return [p for p in sorted(path.parent.glob("step_*.safetensors"), reverse=True)
+            if p != path and verify_checkpoint(p) is None]
+
+
+def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    from safetensors import safe_open
+
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt, truncated or not a safetensors file ({e})") from e
+    raw = metadata.get("visionmoe")
+    if raw is None:
+        raise ForeignCheckpointError(f"{path} is a safetensors file but not a visionmoe checkpoint (no metadata)")
+    expected = metadata.get("sha256")
+    if expected is not None and _digest(tensors, raw) != expected:
+        raise CheckpointError(f"checkpoint {path} fails its SHA-256 check: it was modified or damaged after saving")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint {path} has unreadable metadata ({e})") from e
+    return tensors, meta
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """None if ``path`` is a sound visionmoe checkpoint, else the reason it is not."""
+    try:
+        _read(Path(path))
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`.
 
     Returns ``{"model", "state", "optimizer", "ema", "objective", "rng"}`` (None where absent).
+    Raises :class:`CheckpointError` (a ``ValueError``) for a corrupt, truncated or tampered
+    file, naming the newest good checkpoint beside it if there is one.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        tensors = load_file(str(path))
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("visionmoe")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"checkpoint {path} is corrupt or not a safetensors file: {e}") from e
-    if raw is None:
-        raise ValueError(f"{path} is a safetensors file but not a visionmoe checkpoint (no metadata)")
-    meta = json.loads(raw)
+        tensors, meta = _read(path)
+    except ForeignCheckpointError:
+        raise
+    except CheckpointError as e:
+        good = _good_siblings(path)
+        hint = f"; the newest good checkpoint beside it is {good[0]}" if good else ""
+        raise CheckpointError(f"{e}{hint}") from None
     groups: dict[str, dict[str, Tensor]] = {"model": {}, "optim": {}, "ema": {}, "rng": {}, "objective": {}}
     for k, v in tensors.items():
-        head, rest = k.split(".", 1)
+        head, _, rest = k.partition(".")
+        if head not in groups or not rest:
+            raise CheckpointError(f"checkpoint {path} has an unexpected tensor name {k!r}")
         groups[head][rest] = v
     return {
         "model": groups["model"],

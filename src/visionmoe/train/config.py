@@ -113,6 +113,28 @@ class RunConfig:
     tensorboard: bool = False
     progress: bool = True
     threads: int | None = None
+    # reliability: a step whose loss or gradient is NaN/Inf is skipped; more than this many
+    # skipped steps stop the run with an error
+    max_skipped_steps: int = 10
+    # router-collapse warning: one expert takes more than this share of a layer's assignments
+    # for collapse_steps steps in a row (None: off), or an expert gets nothing for dead_expert_steps
+    collapse_share: float | None = 0.9
+    collapse_steps: int = 50
+    dead_expert_steps: int = 200
+
+    def __post_init__(self) -> None:
+        for name in ("out_dir", "name"):
+            value = getattr(self, name)
+            if value is not None and ".." in Path(value).parts:
+                raise ValueError(f"run.{name}={value!r} may not contain '..': run folders stay inside out_dir")
+        if self.name is not None and (Path(self.name).is_absolute() or not self.name.strip()):
+            raise ValueError(f"run.name={self.name!r} must be a relative folder name (it is placed under run.out_dir)")
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"run.keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
+        if self.max_skipped_steps < 0:
+            raise ValueError(f"run.max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
+        if self.collapse_share is not None and not 0 < self.collapse_share <= 1:
+            raise ValueError(f"run.collapse_share must be in (0, 1] or null, got {self.collapse_share}")
 
 
 @dataclass

@@ -9,6 +9,7 @@ import contextlib
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -22,10 +23,16 @@ from ..data import TensorSplits, adapt, build_train_transform, load_dataset
 from ..models import count_parameters, create_model
 from ..moe.layer import collect_aux_loss, collect_routing_stats
 from ..objectives import ClassificationObjective, MAEObjective, MoCoObjective
-from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from .checkpoint import ForeignCheckpointError, load_checkpoint, save_checkpoint, set_rng_state, verify_checkpoint
 from .config import ExperimentConfig, config_from_dict, config_to_dict
+from .monitor import RoutingMonitor
 
-__all__ = ["Trainer", "build_model", "build_optimizer", "cosine_lr", "seed_everything"]
+__all__ = ["Trainer", "TrainingDiverged", "build_model", "build_optimizer", "cosine_lr", "seed_everything",
+           "load_trained_model"]
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many steps had a NaN/Inf loss or gradient (``run.max_skipped_steps``)."""
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -60,9 +67,12 @@ def build_model(cfg: ExperimentConfig, *, num_classes: int, in_chans: int) -> nn
     if cfg.model.init:
         from ..models import load_dense_into_moe, load_state_dict_file
 
-        try:
-            sd = load_checkpoint(cfg.model.init)["model"]  # a visionmoe run checkpoint
-        except (ValueError, KeyError, OSError):
+        if str(cfg.model.init).endswith(".safetensors"):
+            try:
+                sd = load_checkpoint(cfg.model.init)["model"]  # a visionmoe run checkpoint
+            except ForeignCheckpointError:  # plain weights (timm, DINOv2, ...)
+                sd = load_state_dict_file(cfg.model.init)
+        else:
             sd = load_state_dict_file(cfg.model.init)
         load_dense_into_moe(model, sd, noise=cfg.model.init_noise, seed=cfg.run.seed, skip=tuple(cfg.model.init_skip))
     return model
@@ -155,6 +165,8 @@ class Trainer:
         self.train_model = torch.compile(self.model) if c.run.compile else self.model
         self.transform = build_train_transform(c.data.augment, self.img_size)
         self.step = 0
+        self.skipped_steps = 0  # steps whose loss or gradient was not finite (not applied)
+        self.monitor = RoutingMonitor(c.run.collapse_share, c.run.collapse_steps, c.run.dead_expert_steps)
         self.run_dir = Path(run_dir) if run_dir else Path(c.run.out_dir) / (
             c.run.name or f"{c.model.name}-{self.data.name}-{datetime.now():%Y%m%d-%H%M%S}")
         self._x_train = adapt(self.data.x_train, channels=self.channels, size=self.img_size)
@@ -207,19 +219,41 @@ class Trainer:
             aux = self.aux_loss()
         loss = out["loss"] + aux
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        finite = bool(torch.isfinite(loss.detach()))
         grad_norm = None
-        if self.cfg.optim.clip_grad:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad))
+        if finite:
+            loss.backward()
+            grad_norm = float(self._grad_norm())
+            finite = math.isfinite(grad_norm)
+        metrics = {"loss": float(out["loss"].detach()), "aux_loss": float(aux.detach()), "lr": lr}
+        metrics.update({k: float(v) for k, v in out.items() if k != "loss"})
+        if not finite:  # skip: no update, no EMA; the schedule and the data order go on
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self.step += 1
+            metrics["skipped"] = 1.0
+            if self.skipped_steps > self.cfg.run.max_skipped_steps:
+                raise TrainingDiverged(
+                    f"step {self.step}: the loss or gradient was NaN/Inf in {self.skipped_steps} steps "
+                    f"(run.max_skipped_steps={self.cfg.run.max_skipped_steps}); stopping. Lower optim.lr, set "
+                    "optim.clip_grad, or use run.amp=none; the last good checkpoint is in " + str(self.checkpoint_dir))
+            return metrics
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model, step=self.step)
         self.step += 1
-        metrics = {"loss": float(out["loss"].detach()), "aux_loss": float(aux.detach()), "lr": lr}
-        metrics.update({k: float(v) for k, v in out.items() if k != "loss"})
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm
         return metrics
+
+    def _grad_norm(self) -> Tensor:
+        """Total gradient norm, clipped to ``optim.clip_grad`` when set."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.cfg.optim.clip_grad:
+            return torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad)
+        if not params:
+            return torch.zeros(())
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module | None = None) -> dict[str, Any]:
@@ -261,7 +295,8 @@ class Trainer:
 
     def save(self) -> Path:
         path = self.checkpoint_dir / f"step_{self.step:08d}.safetensors"
-        state = {"step": self.step, "config": config_to_dict(self.cfg), "num_classes": self.data.num_classes,
+        state = {"step": self.step, "skipped_steps": self.skipped_steps, "config": config_to_dict(self.cfg),
+                 "num_classes": self.data.num_classes,
                  "in_chans": self.channels, "img_size": self.img_size, "classes": list(self.data.classes)}
         obj = self.objective.state_dict() if isinstance(self.objective, nn.Module) else None
         save_checkpoint(path, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
@@ -273,12 +308,22 @@ class Trainer:
         return path
 
     def latest_checkpoint(self) -> Path | None:
-        ckpts = sorted(self.checkpoint_dir.glob("step_*.safetensors"))
-        return ckpts[-1] if ckpts else None
+        """The newest checkpoint that verifies. Damaged newer ones (a truncated or tampered
+        file) are renamed ``*.corrupt`` (kept for inspection) with a warning."""
+        for path in sorted(self.checkpoint_dir.glob("step_*.safetensors"), reverse=True):
+            problem = verify_checkpoint(path)
+            if problem is None:
+                return path
+            bad = path.with_name(path.name + ".corrupt")
+            path.rename(bad)
+            warnings.warn(f"{problem}; moved it to {bad.name} and looking for an older checkpoint", stacklevel=2)
+        return None
 
     def load(self, path: str | Path) -> None:
+        from ..models import load_matching_state_dict
+
         ck = load_checkpoint(path)
-        self.model.load_state_dict(ck["model"])
+        load_matching_state_dict(self.model, ck["model"], f"checkpoint {path}")
         if ck["optimizer"] is not None:
             self.optimizer.load_state_dict(ck["optimizer"])
         if isinstance(self.objective, nn.Module) and ck["objective"] is not None:
@@ -288,6 +333,7 @@ class Trainer:
         if ck["rng"] is not None:
             set_rng_state(*ck["rng"])
         self.step = int(ck["state"]["step"])
+        self.skipped_steps = int(ck["state"].get("skipped_steps", 0))
 
     # ---------------------------------------------------------------- loop
     def _log(self, record: dict) -> None:
@@ -297,7 +343,14 @@ class Trainer:
     def _truncate_log(self) -> None:
         path = self.run_dir / "metrics.jsonl"
         if path.exists():
-            keep = [ln for ln in path.read_text().splitlines() if json.loads(ln).get("step", 0) <= self.step]
+            keep = []
+            for ln in path.read_text().splitlines():
+                try:
+                    rec = json.loads(ln)
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    continue
+                if rec.get("step", 0) <= self.step:
+                    keep.append(ln)
             path.write_text("".join(ln + "\n" for ln in keep))
 
     def fit(self, *, resume: bool | str | Path = False, stop_after: int | None = None,
@@ -308,6 +361,8 @@ class Trainer:
         c = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(c), sort_keys=False))
+        for stale in self.checkpoint_dir.glob(".step_*.tmp"):  # left by a kill during a save
+            stale.unlink(missing_ok=True)
         if resume:
             path = self.latest_checkpoint() if resume is True else Path(resume)
             if path is None:
@@ -343,6 +398,14 @@ class Trainer:
                 bar.update(task, advance=1, info=f"loss {m['loss']:.3f}{acc} {ips:.0f} img/s")
                 if on_step is not None:
                     on_step(self.step, m)
+                if m.get("skipped"):
+                    bar.console.print(f"step {self.step}: NaN/Inf loss or gradient, update skipped "
+                                      f"({self.skipped_steps} of at most {c.run.max_skipped_steps})")
+                    self._log({"step": self.step, "skipped_step": True, "skipped_steps": self.skipped_steps})
+                for msg in self.monitor.update(self.model, self.step):
+                    warnings.warn(msg, RuntimeWarning, stacklevel=2)
+                    bar.console.print(f"[yellow]warning:[/] {msg}")
+                    self._log({"step": self.step, "warning": msg})
                 if self.step % c.run.log_every == 0 or self.step == self.total_steps:
                     rec = {"step": self.step, "epoch": self.step / self.steps_per_epoch, **m, "img_per_s": ips,
                            "elapsed_s": round(time.perf_counter() - t0, 2),
@@ -368,7 +431,7 @@ class Trainer:
         summary = {"run_dir": str(self.run_dir), "step": self.step, "total_steps": self.total_steps,
                    "finished": self.step >= self.total_steps, "train_seconds": elapsed,
                    "train_img_per_s": seen / elapsed if elapsed > 0 else 0.0,
-                   "steps_this_session": self.step - start_step,
+                   "steps_this_session": self.step - start_step, "skipped_steps": self.skipped_steps,
                    "params": count_parameters(self.model), **last_eval}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self._write_csv()
@@ -384,3 +447,18 @@ class Trainer:
         keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float))})
         lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in rows]
         (self.run_dir / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+
+def load_trained_model(path: str | Path) -> tuple[nn.Module, ExperimentConfig, dict[str, Any]]:
+    """``(model, config, state)`` from a checkpoint written by :class:`Trainer`: the model is
+    rebuilt from the config stored in the checkpoint and its weights loaded (eval mode).
+    ``state`` has ``num_classes``, ``in_chans``, ``img_size``, ``classes`` and ``step``."""
+    from ..models import load_matching_state_dict
+
+    ck = load_checkpoint(path)
+    st = ck["state"]
+    cfg = config_from_dict(st["config"])
+    cfg.model.init = None  # the weights come from the checkpoint, not from what it was initialised with
+    model = build_model(cfg, num_classes=st["num_classes"], in_chans=st["in_chans"])
+    load_matching_state_dict(model, ck["model"], f"checkpoint {path}")
+    return model.eval(), cfg, st

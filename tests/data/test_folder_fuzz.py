@@ -1,0 +1,85 @@
+"""Property tests of a user's image folder: any mix of sizes, modes, formats and junk files."""
+
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from visionmoe.data import load_image_folder, read_image
+
+MODES = ["L", "RGB", "RGBA", "P", "I;16", "1"]
+JUNK = [b"", b"not an image", b"\x89PNG\r\n\x1a\n" + b"\x00" * 20, b"GIF89a" + bytes(range(50))]
+
+image = st.tuples(st.sampled_from(MODES), st.integers(1, 40), st.integers(1, 40),
+                  st.sampled_from(["png", "bmp", "tiff"]), st.integers(0, 2**31 - 1))
+folder = st.lists(st.tuples(st.integers(0, 2), image), min_size=1, max_size=12)
+
+
+def _write(path: Path, mode: str, w: int, h: int, fmt: str, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    im = Image.fromarray(arr, "RGB").convert(mode)
+    if fmt == "bmp" and mode in ("RGBA", "I;16"):
+        fmt = "png"
+    im.save(path.with_suffix("." + fmt))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(files=folder, junk=st.lists(st.sampled_from(JUNK), max_size=3), size=st.integers(4, 16),
+       channels=st.sampled_from([1, 3]))
+def test_any_folder_loads_with_every_good_image_and_counts_the_bad(files, junk, size, channels):
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for i, (cls, (mode, w, h, fmt, seed)) in enumerate(files):
+            (root / f"class{cls}").mkdir(exist_ok=True)
+            _write(root / f"class{cls}" / f"img{i}", mode, w, h, fmt, seed)
+        first = root / f"class{files[0][0]}"
+        for j, data in enumerate(junk):
+            (first / f"junk{j}.png").write_bytes(data)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            d = load_image_folder(root, size=size, channels=channels, test_fraction=0.0)
+        n = len(files)
+        assert len(d.x_train) + len(d.x_test) == n  # every good image, nothing else
+        assert d.x_train.shape[1:] == (channels, size, size)
+        assert float(d.x_train.min()) >= 0.0 and float(d.x_train.max()) <= 1.0
+        assert d.classes == sorted({f"class{c}" for c, _ in files})
+        assert sorted(d.y_train.tolist() + d.y_test.tolist()) == sorted(
+            d.classes.index(f"class{c}") for c, _ in files)
+        skipped = [str(w.message) for w in caught if "unreadable" in str(w.message)]
+        if junk:
+            assert skipped and f"skipped {len(junk)} unreadable" in skipped[0]
+        else:
+            assert not skipped
+
+
+def test_raise_mode_names_the_bad_file(tmp_path):
+    (tmp_path / "a").mkdir()
+    _write(tmp_path / "a" / "ok", "RGB", 8, 8, "png", 0)
+    (tmp_path / "a" / "broken.png").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="cannot read image .*broken.png"):
+        load_image_folder(tmp_path, on_error="raise")
+
+
+def test_empty_and_missing_folders_are_explained(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_image_folder(tmp_path / "nope")
+    with pytest.raises(ValueError, match="no images in class sub-folders"):
+        load_image_folder(tmp_path)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.png").write_bytes(b"junk")
+    with pytest.warns(UserWarning, match="skipped 1"), pytest.raises(ValueError, match="no readable images"):
+        load_image_folder(tmp_path)
+
+
+def test_read_image_matches_the_folder_loader(tmp_path):
+    (tmp_path / "a").mkdir()
+    _write(tmp_path / "a" / "im", "RGB", 13, 9, "png", 3)
+    d = load_image_folder(tmp_path, size=8, channels=3, test_fraction=0.0)
+    x = read_image(tmp_path / "a" / "im.png", size=8, channels=3)
+    assert np.array_equal(d.x_train[0].numpy(), x)
