@@ -49,6 +49,14 @@ def _cmd_crmoe(args: argparse.Namespace) -> int:
     return 0 if res["runs"] else 1
 
 
+def _cmd_vimoe(args: argparse.Namespace) -> int:
+    from ..recipes.vimoe import ViMoEStudyConfig, run_vimoe_study
+
+    cfg = ViMoEStudyConfig.from_overrides(args.overrides, quick=args.quick)
+    res = run_vimoe_study(cfg, out=args.out, progress=not args.no_progress)
+    return 0 if res["stability"] or res["segmentation"] else 1
+
+
 def _cmd_probe(args: argparse.Namespace) -> int:
     from ..data import load_dataset
     from ..recipes.crmoe import _limit, evaluate_backbone
@@ -280,6 +288,18 @@ def build_parser() -> argparse.ArgumentParser:
     cr.add_argument("--out", default="runs/crmoe")
     cr.add_argument("--no-progress", action="store_true")
     cr.set_defaults(fn=_cmd_crmoe)
+
+    vm = sub.add_parser("vimoe", help="ViMoE study: upcycle a pre-trained dense ViT; stability with/without the "
+                                      "shared expert, token-routed segmentation vs dense (mIoU)",
+                        description="Pre-trains a dense ViT, upcycles it into MoEs and runs (1) MoE in every block "
+                                    "with CLS routing with and without the shared expert vs dense fine-tuning, (2) "
+                                    "token-routed MoE vs dense segmentation on fashion_scenes; 3 seeds; writes "
+                                    "report.md (about 20 minutes; --quick about 1).")
+    vm.add_argument("overrides", nargs="*", help="settings as key=value, e.g. parts=[segmentation] seg_epochs=20")
+    vm.add_argument("--quick", action="store_true")
+    vm.add_argument("--out", default="runs/vimoe")
+    vm.add_argument("--no-progress", action="store_true")
+    vm.set_defaults(fn=_cmd_vimoe)
 
     pr = sub.add_parser("probe", help="evaluation protocols on a checkpoint: linear probe, k-NN, few-shot, "
                                       "semi-supervised, routing consistency")

@@ -7,6 +7,7 @@ Every source loads into memory as :class:`TensorSplits` (float images in [0, 1],
 from .folder import load_image_folder, read_image
 from .mixture import Mixture, make_mixture
 from .registry import DATASETS, list_datasets, load_dataset
+from .scenes import IGNORE_INDEX, make_scenes
 from .sources import (
     TensorSplits,
     from_numpy,
@@ -33,6 +34,8 @@ __all__ = [
     "load_photos",
     "load_image_folder",
     "read_image",
+    "make_scenes",
+    "IGNORE_INDEX",
     "from_numpy",
     "read_idx",
     "Mixture",

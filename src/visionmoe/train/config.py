@@ -152,11 +152,14 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    objective: Literal["classification", "mae", "moco"] = "classification"
+    objective: Literal["classification", "mae", "moco", "segmentation"] = "classification"
     objective_args: dict[str, Any] = field(default_factory=dict)
     description: str = ""
 
     def __post_init__(self) -> None:
+        if self.objective == "segmentation" and self.data.augment != "none":
+            raise ConfigError(f"data.augment={self.data.augment!r} would move the images but not their masks; use "
+                              "data.augment=none for segmentation")
         moe_fields = {f.name for f in dataclasses.fields(MoEConfig)}
         for key in self.moe:
             if key not in moe_fields:
@@ -247,9 +250,10 @@ def _check_objective_args(objective: str, args: dict) -> None:
     """Unknown ``objective_args`` keys are refused here, with a suggestion, not deep in a run."""
     import inspect
 
-    from ..objectives import ClassificationObjective, MAEObjective, MoCoObjective
+    from ..objectives import ClassificationObjective, MAEObjective, MoCoObjective, SegmentationObjective
 
-    cls = {"classification": ClassificationObjective, "mae": MAEObjective, "moco": MoCoObjective}[objective]
+    cls = {"classification": ClassificationObjective, "mae": MAEObjective, "moco": MoCoObjective,
+           "segmentation": SegmentationObjective}[objective]
     params = inspect.signature(cls.__init__).parameters
     valid = [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY or (n not in ("self", "model", "num_classes")
                                                                            and p.kind == p.POSITIONAL_OR_KEYWORD)]

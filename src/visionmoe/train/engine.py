@@ -22,9 +22,10 @@ from torch import Tensor, nn
 from ..data import TensorSplits, adapt, build_train_transform, load_dataset
 from ..models import count_parameters, create_model
 from ..moe.layer import collect_aux_loss, collect_routing_stats
-from ..objectives import ClassificationObjective, MAEObjective, MoCoObjective
+from ..objectives import ClassificationObjective, MAEObjective, MoCoObjective, SegmentationObjective
 from .checkpoint import ForeignCheckpointError, load_checkpoint, save_checkpoint, set_rng_state, verify_checkpoint
 from .config import ExperimentConfig, config_from_dict, config_to_dict
+from .distributed import all_reduce_sums, barrier, init_distributed
 from .monitor import RoutingMonitor
 
 __all__ = ["Trainer", "TrainingDiverged", "build_model", "build_optimizer", "cosine_lr", "seed_everything",
@@ -134,6 +135,10 @@ class Trainer:
         if c.run.threads:
             torch.set_num_threads(c.run.threads)
         seed_everything(c.run.seed, c.run.deterministic)
+        self.dist = init_distributed()
+        if c.data.batch_size % self.dist.world:
+            raise ValueError(f"data.batch_size={c.data.batch_size} (the global batch) must be divisible by the "
+                             f"number of processes ({self.dist.world})")
         self.data = data if data is not None else load_dataset(c.data.name, **c.data.args)
         if len(self.data.x_train) == 0:
             raise ValueError(f"data set {self.data.name!r} has no training images")
@@ -152,6 +157,8 @@ class Trainer:
             self.objective = MAEObjective(self.model, **c.objective_args)
         elif c.objective == "moco":
             self.objective = MoCoObjective(self.model, **{"total_steps": self.total_steps, **c.objective_args})
+        elif c.objective == "segmentation":
+            self.objective = SegmentationObjective(self.model, self.data.num_classes, **c.objective_args)
         else:
             self.objective = ClassificationObjective(self.data.num_classes, label_smoothing=c.run.label_smoothing,
                                                      mixup=c.run.mixup, cutmix=c.run.cutmix, **c.objective_args)
@@ -185,7 +192,7 @@ class Trainer:
         g = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self._x_train), generator=g)
         bs = self.cfg.data.batch_size
-        idx = order[i * bs : (i + 1) * bs]
+        idx = order[i * bs : (i + 1) * bs][self.dist.rank :: self.dist.world]  # this rank's share
         x = self._x_train[idx]
         if self.transform is not None:
             x = torch.stack([self.transform(img) for img in x])
@@ -220,9 +227,12 @@ class Trainer:
         loss = out["loss"] + aux
         self.optimizer.zero_grad(set_to_none=True)
         finite = bool(torch.isfinite(loss.detach()))
+        if self.dist.enabled:  # every rank skips if any rank's loss is not finite
+            finite = all_reduce_sums({"bad": float(not finite)}, self.dist)["bad"] == 0
         grad_norm = None
         if finite:
             loss.backward()
+            self._average_gradients()
             grad_norm = float(self._grad_norm())
             finite = math.isfinite(grad_norm)
         metrics = {"loss": float(out["loss"].detach()), "aux_loss": float(aux.detach()), "lr": lr}
@@ -245,6 +255,32 @@ class Trainer:
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm
         return metrics
+
+    def _trainable(self) -> list[Tensor]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if isinstance(self.objective, nn.Module):
+            params += [p for p in self.objective.parameters() if p.requires_grad]
+        return params
+
+    def _average_gradients(self) -> None:
+        """Data parallelism: average the gradients over the ranks with one all-reduce of a
+        flat buffer (DistributedDataParallel's arithmetic). Done explicitly rather than with
+        the DDP wrapper because objectives call several model methods and several forwards
+        per step (MAE's ``forward_visible``, MoCo's two views), which DDP's reducer does not
+        support. A parameter without a gradient on some rank (e.g. an expert that got no
+        tokens there) contributes zeros."""
+        if not self.dist.enabled:
+            return
+        import torch.distributed as dist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        params = self._trainable()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat /= self.dist.world
+        for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
+            p.grad = g
 
     def _grad_norm(self) -> Tensor:
         """Total gradient norm, clipped to ``optim.clip_grad`` when set."""
@@ -269,24 +305,41 @@ class Trainer:
         n = 0
         loads: dict[str, list] = {}
         gen = torch.Generator().manual_seed(1234)  # the same masks / views at every evaluation
-        for i in range(0, len(self._x_test), bs):
-            x, y = self._x_test[i : i + bs], self.data.y_test[i : i + bs]
-            key = self.data.keys_test[i : i + bs] if self.data.keys_test is not None else None
+        share = -(-len(self._x_test) // self.dist.world)  # each rank evaluates one contiguous share
+        lo, hi = self.dist.rank * share, min(len(self._x_test), (self.dist.rank + 1) * share)
+        if self.dist.enabled and hi <= lo:
+            raise ValueError(f"{len(self._x_test)} test images cannot be shared by {self.dist.world} processes")
+        for i in range(lo, hi, bs):
+            j = min(i + bs, hi)
+            x, y = self._x_test[i:j], self.data.y_test[i:j]
+            key = self.data.keys_test[i:j] if self.data.keys_test is not None else None
             with self._autocast():
                 for k, v in self.objective.eval_batch(model, x, y, key, gen).items():
                     sums[k] = sums.get(k, 0.0) + v
             n += len(y)
             for name, s in self.routing_stats(model).items():
                 loads.setdefault(name, []).append((len(y), s))
-        routing = {}
-        for name, items in loads.items():
-            total = sum(w for w, _ in items)
-            routing[name] = {
-                key: (sum(w * s[key] for w, s in items) / total) for key in ("dropped_fraction", "gate_entropy")
-            }
-            routing[name]["load"] = [
-                round(sum(w * s["load"][e] for w, s in items) / total, 4) for e in range(len(items[0][1]["load"]))]
-        return {f"test_{k}": v / max(n, 1) for k, v in sums.items()} | {"routing": routing}
+        flat = {f"m|{k}": v for k, v in sums.items()} | {"n": float(n)}
+        for name, items in loads.items():  # image-weighted sums, reduced over the ranks below
+            flat[f"r|{name}|w"] = sum(w for w, _ in items)
+            for key in ("dropped_fraction", "gate_entropy"):
+                flat[f"r|{name}|{key}"] = sum(w * s[key] for w, s in items)
+            for e in range(len(items[0][1]["load"])):
+                flat[f"r|{name}|load|{e}"] = sum(w * s["load"][e] for w, s in items)
+        flat = all_reduce_sums(flat, self.dist)
+        n = int(flat["n"])
+        sums = {k[2:]: v for k, v in flat.items() if k.startswith("m|")}
+        routing: dict[str, dict] = {}
+        for name in loads:
+            total = flat[f"r|{name}|w"]
+            routing[name] = {key: flat[f"r|{name}|{key}"] / total for key in ("dropped_fraction", "gate_entropy")}
+            num = sum(1 for k in flat if k.startswith(f"r|{name}|load|"))
+            routing[name]["load"] = [round(flat[f"r|{name}|load|{e}"] / total, 4) for e in range(num)]
+        out = {f"test_{k}": v / max(n, 1) for k, v in sums.items()}
+        summarize = getattr(self.objective, "summarize", None)
+        if callable(summarize):
+            out = summarize(out)
+        return out | {"routing": routing}
 
     # ---------------------------------------------------------------- checkpoints
     @property
@@ -294,7 +347,11 @@ class Trainer:
         return self.run_dir / "checkpoints"
 
     def save(self) -> Path:
+        """Write a checkpoint (rank 0; the other ranks wait for it)."""
         path = self.checkpoint_dir / f"step_{self.step:08d}.safetensors"
+        if not self.dist.is_main:
+            barrier(self.dist)
+            return path
         state = {"step": self.step, "skipped_steps": self.skipped_steps, "config": config_to_dict(self.cfg),
                  "num_classes": self.data.num_classes,
                  "in_chans": self.channels, "img_size": self.img_size, "classes": list(self.data.classes)}
@@ -305,6 +362,7 @@ class Trainer:
         ckpts = sorted(self.checkpoint_dir.glob("step_*.safetensors"))
         for old in ckpts[: max(0, len(ckpts) - self.cfg.run.keep_checkpoints)]:
             old.unlink()
+        barrier(self.dist)
         return path
 
     def latest_checkpoint(self) -> Path | None:
@@ -314,6 +372,8 @@ class Trainer:
             problem = verify_checkpoint(path)
             if problem is None:
                 return path
+            if not self.dist.is_main:
+                continue
             bad = path.with_name(path.name + ".corrupt")
             path.rename(bad)
             warnings.warn(f"{problem}; moved it to {bad.name} and looking for an older checkpoint", stacklevel=2)
@@ -337,6 +397,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def _log(self, record: dict) -> None:
+        if not self.dist.is_main:
+            return
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -359,20 +421,24 @@ class Trainer:
         resumption); ``resume=True`` continues from the run's latest checkpoint; ``on_step(step,
         metrics)`` is called after every step (e.g. to drive an outer progress bar)."""
         c = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(c), sort_keys=False))
-        for stale in self.checkpoint_dir.glob(".step_*.tmp"):  # left by a kill during a save
-            stale.unlink(missing_ok=True)
+        main = self.dist.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(c), sort_keys=False))
+            for stale in self.checkpoint_dir.glob(".step_*.tmp"):  # left by a kill during a save
+                stale.unlink(missing_ok=True)
         if resume:
             path = self.latest_checkpoint() if resume is True else Path(resume)
             if path is None:
                 raise FileNotFoundError(f"nothing to resume: no checkpoint in {self.checkpoint_dir}")
             self.load(path)
-            self._truncate_log()
-        elif (self.run_dir / "metrics.jsonl").exists():
+            if main:
+                self._truncate_log()
+        elif main and (self.run_dir / "metrics.jsonl").exists():
             (self.run_dir / "metrics.jsonl").unlink()
+        barrier(self.dist)
         tb = None
-        if c.run.tensorboard:
+        if c.run.tensorboard and main:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -387,7 +453,7 @@ class Trainer:
         end = self.total_steps if stop_after is None else min(self.total_steps, self.step + stop_after)
         t0, seen, start_step = time.perf_counter(), 0, self.step
         last_eval: dict[str, Any] = {}
-        with Progress(*cols, disable=not c.run.progress) as bar:
+        with Progress(*cols, disable=not (c.run.progress and main)) as bar:
             task = bar.add_task("train", total=self.total_steps, completed=self.step, info="")
             while self.step < end:
                 batch = self.batch(self.step)
@@ -402,11 +468,13 @@ class Trainer:
                     bar.console.print(f"step {self.step}: NaN/Inf loss or gradient, update skipped "
                                       f"({self.skipped_steps} of at most {c.run.max_skipped_steps})")
                     self._log({"step": self.step, "skipped_step": True, "skipped_steps": self.skipped_steps})
-                for msg in self.monitor.update(self.model, self.step):
+                for msg in self.monitor.update(self.model, self.step) if main else []:
                     warnings.warn(msg, RuntimeWarning, stacklevel=2)
                     bar.console.print(f"[yellow]warning:[/] {msg}")
                     self._log({"step": self.step, "warning": msg})
                 if self.step % c.run.log_every == 0 or self.step == self.total_steps:
+                    if self.dist.enabled:  # the mean over the ranks
+                        m = {k: v / self.dist.world for k, v in all_reduce_sums(m, self.dist).items()}
                     rec = {"step": self.step, "epoch": self.step / self.steps_per_epoch, **m, "img_per_s": ips,
                            "elapsed_s": round(time.perf_counter() - t0, 2),
                            "routing": self.routing_stats()}
@@ -433,8 +501,9 @@ class Trainer:
                    "train_img_per_s": seen / elapsed if elapsed > 0 else 0.0,
                    "steps_this_session": self.step - start_step, "skipped_steps": self.skipped_steps,
                    "params": count_parameters(self.model), **last_eval}
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        self._write_csv()
+        if main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            self._write_csv()
         if tb is not None:
             tb.close()
         return summary

@@ -1,0 +1,302 @@
+"""ViMoE study (Han et al. 2024) at CPU scale: pre-train a dense ViT, upcycle it into MoEs
+(each expert a copy of the pre-trained FFN, optional shared expert, fresh router) and
+
+- **stability**: MoE in every block, N experts, top-1, image-level (CLS) routing, GShard
+  loss 0.01, with and without the shared expert, against fine-tuning the dense ViT;
+- **segmentation**: token-level routing with a shared expert (GShard loss 0.001) against the
+  dense ViT, a linear head on patch tokens, layer-wise lr decay, mIoU and pixel accuracy on
+  pixel-labelled scenes of real images (``digit_scenes`` / ``fashion_scenes``).
+
+Each over several seeds, with a markdown report: tables (mean ± std), test-accuracy curves,
+predicted masks over images and token-to-expert maps. ``visionmoe vimoe [--quick] [key=value]``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .._utils import atomic_write_bytes, mean_std
+from ..data import TensorSplits, load_dataset
+from ..train import Trainer, config_from_dict
+
+__all__ = ["ViMoEStudyConfig", "run_vimoe_study", "STABILITY_VARIANTS", "SEG_VARIANTS"]
+
+STABILITY_VARIANTS = ("dense", "moe_noshared", "moe_shared")
+SEG_VARIANTS = ("dense", "moe_token")
+
+
+@dataclass
+class ViMoEStudyConfig:
+    """Defaults: about 20 minutes on 2 CPU cores. ``parts`` picks ``stability`` and/or
+    ``segmentation``; the dense ViT is pre-trained once (classification on
+    ``pretrain_data``) and upcycled for every run."""
+
+    vit: dict = field(default_factory=lambda: dict(patch_size=4, embed_dim=64, depth=6, num_heads=4))
+    img_size: int = 32
+    pretrain_data: str = "fashion_mnist"
+    pretrain_limit: int = 20000
+    pretrain_epochs: float = 3.0
+    pretrain_lr: float = 2e-3
+    num_experts: int = 8
+    top_k: int = 1
+    layer_decay: float = 0.65
+    stability_data: str = "mnist5k"
+    stability_epochs: float = 4.0
+    stability_lr: float = 5e-4
+    seg_data: str = "fashion_scenes"
+    seg_epochs: float = 10.0
+    seg_lr: float = 1e-3
+    seg_placement: str = "last_2"
+    batch_size: int = 64
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    parts: list[str] = field(default_factory=lambda: ["stability", "segmentation"])
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.parts if p not in ("stability", "segmentation")]
+        if bad:
+            raise ValueError(f"unknown parts {bad}; choose from ['stability', 'segmentation']")
+        if not self.seeds:
+            raise ValueError("seeds must list at least one seed")
+
+    @classmethod
+    def quick(cls) -> ViMoEStudyConfig:
+        return cls(vit=dict(patch_size=4, embed_dim=32, depth=4, num_heads=2), pretrain_data="mnist5k",
+                   pretrain_limit=1000, pretrain_epochs=1, num_experts=4, stability_epochs=0.5, seg_epochs=1,
+                   seeds=[0])
+
+    @classmethod
+    def from_overrides(cls, overrides: list[str] | None = None, *, quick: bool = False) -> ViMoEStudyConfig:
+        from ..train.config import _from_dict, apply_overrides
+
+        return _from_dict(cls, {**asdict(cls.quick() if quick else cls()), **apply_overrides({}, overrides or [])})
+
+
+def _model(c: ViMoEStudyConfig, moe: dict | None) -> dict:
+    return {"name": "vmoe_tiny_patch4_32" if moe else "vit_tiny_patch4_32",
+            "args": {"img_size": c.img_size, "in_chans": 1, **c.vit}}
+
+
+def _run(c: ViMoEStudyConfig, seed: int, **parts) -> dict:
+    base = {"data": {"augment": "none", "batch_size": c.batch_size, "img_size": c.img_size, "eval_batch_size": 256},
+            "run": {"seed": seed, "progress": False, "log_every": 10, "eval_every_epochs": 1,
+                    "checkpoint_every": 10**9, "keep_checkpoints": 1}}
+    for k, v in parts.items():
+        base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
+    return base
+
+
+def pretrain_config(c: ViMoEStudyConfig) -> dict:
+    """The dense ViT that every run upcycles: classification on ``pretrain_data``."""
+    return _run(c, 0, model=_model(c, None), data={"name": c.pretrain_data, "augment": "flip"},
+                optim={"name": "adamw", "lr": c.pretrain_lr, "weight_decay": 0.05, "clip_grad": 1.0},
+                schedule={"epochs": c.pretrain_epochs, "warmup_epochs": 0.3},
+                run={"eval_every_epochs": 1e9, "keep_checkpoints": 1})
+
+
+def stability_config(c: ViMoEStudyConfig, variant: str, seed: int, init: str) -> dict:
+    """MoE in every block, image-level (CLS) routing, with / without the shared expert, or dense."""
+    moe = None if variant == "dense" else {
+        "num_experts": c.num_experts, "top_k": c.top_k, "placement": "all", "routing": "cls",
+        "shared_expert": variant == "moe_shared", "noise_std": 0.0, "capacity_factor": None,
+        "eval_capacity_factor": None, "aux_weights": {"gshard": 0.01}}
+    return _run(c, seed, model={**_model(c, moe), "init": init, "init_skip": ["head."]}, moe=moe or {},
+                data={"name": c.stability_data},
+                optim={"name": "adamw", "lr": c.stability_lr, "weight_decay": 0.05, "layer_decay": c.layer_decay,
+                       "clip_grad": 1.0},
+                schedule={"epochs": c.stability_epochs, "warmup_epochs": 0.3, "min_lr": 1e-6})
+
+
+def segmentation_config(c: ViMoEStudyConfig, variant: str, seed: int, init: str) -> dict:
+    """Token-level routing with a shared expert in ``seg_placement`` blocks (or dense), linear head."""
+    moe = None if variant == "dense" else {
+        "num_experts": c.num_experts, "top_k": c.top_k, "placement": c.seg_placement, "routing": "token",
+        "shared_expert": True, "noise_std": 0.0, "capacity_factor": None, "eval_capacity_factor": None,
+        "aux_weights": {"gshard": 0.001}}
+    return _run(c, seed, model={**_model(c, moe), "init": init, "init_skip": ["head."]}, moe=moe or {},
+                data={"name": c.seg_data}, objective="segmentation",
+                optim={"name": "adamw", "lr": c.seg_lr, "weight_decay": 0.05, "layer_decay": c.layer_decay},
+                schedule={"epochs": c.seg_epochs, "warmup_epochs": 0.5, "min_lr": 1e-6},
+                run={"eval_every_epochs": max(1.0, c.seg_epochs / 4)})
+
+
+def _curve(run_dir: Path, key: str) -> list[tuple[float, float]]:
+    recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["epoch"], r[key]) for r in recs if key in r]
+
+
+def run_vimoe_study(c: ViMoEStudyConfig | None = None, *, out: str | Path = "runs/vimoe",
+                    progress: bool = True) -> dict:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    c = c or ViMoEStudyConfig()
+    console = Console(quiet=not progress)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    res: dict = {"config": asdict(c), "stability": [], "segmentation": []}
+    pre_data = load_dataset(c.pretrain_data)
+    if c.pretrain_limit:
+        pre_data = TensorSplits(pre_data.name, pre_data.x_train[: c.pretrain_limit],
+                                pre_data.y_train[: c.pretrain_limit], pre_data.x_test[:2000], pre_data.y_test[:2000],
+                                pre_data.classes)
+    jobs = [("stability", v, s) for s in c.seeds for v in STABILITY_VARIANTS if "stability" in c.parts]
+    jobs += [("segmentation", v, s) for s in c.seeds for v in SEG_VARIANTS if "segmentation" in c.parts]
+    data = {"stability": load_dataset(c.stability_data)} if "stability" in c.parts else {}
+    if "segmentation" in c.parts:
+        data["segmentation"] = load_dataset(c.seg_data)
+    with Progress(TextColumn("[bold]ViMoE study"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"),
+                  TimeElapsedColumn(), TextColumn("{task.fields[stage]}"), console=console,
+                  disable=not progress) as bar:
+        task = bar.add_task("", total=len(jobs) + 1, stage="pre-training the dense ViT")
+        pre = Trainer(config_from_dict(pretrain_config(c)), data=pre_data, run_dir=out / "pretrain_dense")
+        s = pre.fit()
+        init = str(pre.latest_checkpoint())
+        res["pretrain"] = {"checkpoint": init, "test_acc": s["test_acc"], "seconds": s["train_seconds"]}
+        bar.console.print(f"dense ViT pre-trained on {c.pretrain_data}: test acc {s['test_acc']:.4f}")
+        bar.advance(task)
+        builders = {"stability": stability_config, "segmentation": segmentation_config}
+        for part, variant, seed in jobs:
+            bar.update(task, stage=f"{part}: {variant} seed {seed}")
+            rd = out / part / f"{variant}_seed{seed}"
+            tr = Trainer(config_from_dict(builders[part](c, variant, seed, init)), data=data[part], run_dir=rd)
+            s = tr.fit()
+            rec = {"variant": variant, "seed": seed, "seconds": s["train_seconds"], "img_per_s": s["train_img_per_s"],
+                   "params": s["params"]}
+            if part == "stability":
+                rec |= {"test_acc": s["test_acc"], "curve": _curve(rd, "test_acc"),
+                        "loss_std_last_half": _loss_spread(rd)}
+                bar.console.print(f"stability {variant} seed {seed}: test acc {s['test_acc']:.4f}")
+            else:
+                rec |= {"miou": s["test_miou"], "pixel_acc": s["test_pixel_acc"], "iou": s["test_iou"]}
+                bar.console.print(f"segmentation {variant} seed {seed}: mIoU {s['test_miou']:.4f}, "
+                                  f"pixel acc {s['test_pixel_acc']:.4f}")
+                if seed == c.seeds[0]:
+                    _segmentation_figures(out, variant, tr)
+            res[part].append(rec)
+            _aggregate(res)
+            atomic_write_bytes(out / "results.json", json.dumps(res, indent=2).encode())
+            bar.advance(task)
+    res["seconds"] = time.perf_counter() - t0
+    _aggregate(res)
+    atomic_write_bytes(out / "results.json", json.dumps(res, indent=2).encode())
+    _report(out, res)
+    console.print(f"report: {out / 'report.md'} ({res['seconds'] / 60:.1f} min)")
+    return res
+
+
+def _loss_spread(run_dir: Path) -> float:
+    """Standard deviation of the training loss over the second half of the run (a noisy,
+    unstable run has a larger one)."""
+    recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in recs if "loss" in r]
+    half = losses[len(losses) // 2 :] or losses
+    return mean_std(half)["std"] if len(half) > 1 else 0.0
+
+
+def _aggregate(res: dict) -> None:
+    summ: dict = {"stability": {}, "segmentation": {}}
+    for v in STABILITY_VARIANTS:
+        rs = [r for r in res["stability"] if r["variant"] == v]
+        if rs:
+            summ["stability"][v] = {"test_acc": mean_std(r["test_acc"] for r in rs),
+                                    "loss_std_last_half": mean_std(r["loss_std_last_half"] for r in rs),
+                                    "worst_seed": min(r["test_acc"] for r in rs), "n": len(rs)}
+    for v in SEG_VARIANTS:
+        rs = [r for r in res["segmentation"] if r["variant"] == v]
+        if rs:
+            summ["segmentation"][v] = {"miou": mean_std(r["miou"] for r in rs),
+                                       "pixel_acc": mean_std(r["pixel_acc"] for r in rs), "n": len(rs)}
+    res["summary"] = summ
+
+
+@torch.no_grad()
+def _segmentation_figures(out: Path, variant: str, tr: Trainer, n: int = 6) -> None:
+    """Predicted masks over test images (image, truth, prediction) and, for the MoE, each
+    MoE block's first-choice expert per patch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..analysis.report import plot_token_routing
+    from ..analysis.routing import collect_routing
+
+    model = tr.model.eval()
+    x, y = tr._x_test[:n], tr.data.y_test[:n]
+    pred = tr.objective.logits(model, x, y.shape[-2:]).argmax(1)
+    k = tr.data.num_classes
+    cmap = plt.get_cmap("tab20", max(k, 2))
+    fig, axes = plt.subplots(3, n, figsize=(1.6 * n, 5), squeeze=False)
+    for i in range(n):
+        img = x[i, 0].numpy()
+        for row, (m, title) in enumerate([(None, "image"), (y[i], "truth"), (pred[i], variant)]):
+            ax = axes[row, i]
+            ax.imshow(img, cmap="gray")
+            if m is not None:
+                shown = torch.where(m == 0, torch.full_like(m, -1), m).float().numpy()
+                ax.imshow(shown, cmap=cmap, vmin=0, vmax=k - 1, alpha=(shown >= 0) * 0.6)
+            if i == 0:
+                ax.set_ylabel(title, fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(f"{variant}: predicted masks over test scenes (colour = class, background clear)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / f"seg_masks_{variant}.png", dpi=90)
+    plt.close(fig)
+    if getattr(model, "is_moe", False):
+        routes = collect_routing(model, x)
+        grid = model.patch_embed.grid_size[0]
+        plot_token_routing(out / f"seg_routing_{variant}.png", x, {b: r["top1"] for b, r in routes.items()}, grid,
+                           model.moe_config.num_experts)
+
+
+def _report(out: Path, res: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c, summ = res["config"], res["summary"]
+    f = lambda d: f"{d['mean']:.4f} ± {d['std']:.4f}"  # noqa: E731
+    lines = ["# ViMoE study", "",
+             f"A dense ViT ({c['vit']}, {c['img_size']} px) pre-trained for {c['pretrain_epochs']} epochs on "
+             f"{c['pretrain_limit']} `{c['pretrain_data']}` images (test acc {res['pretrain']['test_acc']:.4f}) is "
+             f"upcycled: every expert a copy of its FFN, a fresh router, {c['num_experts']} experts, "
+             f"top-{c['top_k']}. Seeds {c['seeds']}; mean ± std over seeds; {res.get('seconds', 0) / 60:.1f} min.", ""]
+    if summ["stability"]:
+        lines += [f"## Stability: MoE in every block, CLS routing, GShard 0.01 (`{c['stability_data']}`, "
+                  f"{c['stability_epochs']} epochs, layer decay {c['layer_decay']})", "",
+                  "| variant | test acc | worst seed | train-loss std (2nd half) |", "|---|---|---|---|"]
+        lines += [f"| {v} | {f(a['test_acc'])} | {a['worst_seed']:.4f} | {f(a['loss_std_last_half'])} |"
+                  for v, a in summ["stability"].items()]
+        fig, ax = plt.subplots(figsize=(5, 3))
+        for r in res["stability"]:
+            xs, ys = zip(*r["curve"]) if r["curve"] else ((), ())
+            ax.plot(xs, ys, marker="o", color={"dense": "C0", "moe_noshared": "C3", "moe_shared": "C2"}[r["variant"]],
+                    alpha=0.7, label=r["variant"] if r["seed"] == c["seeds"][0] else None)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "stability_curves.png", dpi=90)
+        plt.close(fig)
+        lines += ["", "![test accuracy per epoch, every seed](stability_curves.png)", ""]
+    if summ["segmentation"]:
+        lines += [f"## Segmentation on `{c['seg_data']}` ({c['seg_epochs']} epochs, linear head, layer decay "
+                  f"{c['layer_decay']}; MoE: token routing in `{c['seg_placement']}`, shared expert, GShard 0.001)", "",
+                  "| variant | mIoU | pixel accuracy |", "|---|---|---|"]
+        lines += [f"| {v} | {f(a['miou'])} | {f(a['pixel_acc'])} |" for v, a in summ["segmentation"].items()]
+        lines += ["", "The scenes are real MNIST / Fashion-MNIST pixels with their real classes; the layout (2-3 "
+                  "objects pasted on a canvas) is generated.", ""]
+        for v in SEG_VARIANTS:
+            if (out / f"seg_masks_{v}.png").exists():
+                lines += [f"![{v} masks](seg_masks_{v}.png)", ""]
+            if (out / f"seg_routing_{v}.png").exists():
+                lines += [f"![{v} token-to-expert maps](seg_routing_{v}.png)", ""]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
