@@ -19,6 +19,31 @@ def mean_std(values: Iterable[float]) -> dict[str, float]:
     return {"mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
 
 
+def fmt_mean_std(d: dict[str, float], digits: int = 4) -> str:
+    """``"0.1234 ± 0.0056"`` for a :func:`mean_std` dict."""
+    return f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}"
+
+
+def save_results(out: str | Path, res: dict, aggregate) -> None:
+    """``aggregate(res)`` (fills its summary), then write ``out/results.json`` atomically."""
+    import json
+
+    aggregate(res)
+    atomic_write_bytes(Path(out) / "results.json", json.dumps(res, indent=2).encode())
+
+
+def study_progress(title: str, unit: str, progress: bool):
+    """``(console, Progress)`` for a multi-run study: a bar counting ``unit`` with elapsed time
+    and a ``stage`` field; both silent when ``progress`` is False."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(quiet=not progress)
+    bar = Progress(TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+                   TimeElapsedColumn(), TextColumn("{task.fields[stage]}"), console=console, disable=not progress)
+    return console, bar
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: temporary file in the same folder, fsync, rename."""
     path = Path(path)

@@ -26,31 +26,27 @@ __all__ = ["static_moe", "dropless", "export_onnx", "predict_images", "top_exper
 
 
 @contextlib.contextmanager
-def static_moe(model: nn.Module) -> Iterator[nn.Module]:
-    """Switch every MoE layer of ``model`` to the static, export-friendly path."""
-    layers = [m for _, m in moe_layers(model)]
-    old = [m.static for m in layers]
-    for m in layers:
-        m.static = True
+def _setting(objs: list, attr: str, value) -> Iterator[None]:
+    """Set ``attr`` to ``value`` on every object for the duration of the block."""
+    old = [getattr(o, attr) for o in objs]
+    for o in objs:
+        setattr(o, attr, value)
     try:
-        yield model
+        yield
     finally:
-        for m, s in zip(layers, old):
-            m.static = s
+        for o, v in zip(objs, old):
+            setattr(o, attr, v)
 
 
-@contextlib.contextmanager
-def dropless(model: nn.Module) -> Iterator[nn.Module]:
+def static_moe(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Switch every MoE layer of ``model`` to the static, export-friendly path (``with`` block)."""
+    return _setting([m for _, m in moe_layers(model)], "static", True)
+
+
+def dropless(model: nn.Module) -> contextlib.AbstractContextManager:
     """Evaluate without a capacity limit (``eval_capacity_factor=None``) in every MoE layer."""
     disp = [m.dispatcher for _, m in moe_layers(model) if hasattr(m.dispatcher, "eval_capacity_factor")]
-    old = [d.eval_capacity_factor for d in disp]
-    for d in disp:
-        d.eval_capacity_factor = None
-    try:
-        yield model
-    finally:
-        for d, cf in zip(disp, old):
-            d.eval_capacity_factor = cf
+    return _setting(disp, "eval_capacity_factor", None)
 
 
 def _input_shape(model: nn.Module, input_shape: Sequence[int] | None) -> tuple[int, ...]:

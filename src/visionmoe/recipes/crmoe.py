@@ -10,14 +10,13 @@ own with ``visionmoe probe CHECKPOINT --data NAME``.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from .._utils import atomic_write_bytes, mean_std
+from .._utils import atomic_write_bytes, fmt_mean_std, mean_std, save_results, study_progress
 from ..data import TensorSplits, adapt, load_dataset
 from ..eval import extract_features, few_shot, knn_accuracy, label_subset, linear_probe, routing_consistency
 from ..train import Trainer, config_from_dict
@@ -145,11 +144,8 @@ def evaluate_backbone(model, tasks: dict[str, TensorSplits], *, shots=(4, 10), e
 
 def run_crmoe_study(c: CRMoEStudyConfig | None = None, *, out: str | Path = "runs/crmoe",
                     progress: bool = True) -> dict:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     c = c or CRMoEStudyConfig()
-    console = Console(quiet=not progress)
+    console, bars = study_progress("CR-MoE study", "steps", progress)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -159,9 +155,7 @@ def run_crmoe_study(c: CRMoEStudyConfig | None = None, *, out: str | Path = "run
     cons_x = semi.x_test[: c.consistency_images]
     results: dict = {"config": asdict(c), "runs": []}
     runs = [(v, s) for s in c.seeds for v in c.variants]
-    with Progress(TextColumn("[bold]CR-MoE study"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
-                  TimeElapsedColumn(), TextColumn("{task.fields[stage]}"), console=console,
-                  disable=not progress) as bar:
+    with bars as bar:
         task = bar.add_task("", total=len(runs) * c.steps, stage="")
         for variant, seed in runs:
             bar.update(task, stage=f"{variant} seed {seed}: MoCo v3 pre-training")
@@ -178,11 +172,9 @@ def run_crmoe_study(c: CRMoEStudyConfig | None = None, *, out: str | Path = "run
                                     "test_ctr_loss": summary["test_ctr_loss"], **ev})
             bar.console.print(f"{variant} seed {seed}: linear " + ", ".join(
                 f"{k} {v:.3f}" for k, v in ev["linear"].items()))
-            _aggregate(results)
-            atomic_write_bytes(out / "results.json", json.dumps(results, indent=2).encode())
+            save_results(out, results, _aggregate)
     results["seconds"] = time.perf_counter() - t0
-    _aggregate(results)
-    atomic_write_bytes(out / "results.json", json.dumps(results, indent=2).encode())
+    save_results(out, results, _aggregate)
     _report(out, results)
     console.print(f"report: {out / 'report.md'} ({results['seconds'] / 60:.1f} min)")
     return results
@@ -215,7 +207,7 @@ def _report(out: Path, res: dict) -> None:
     import matplotlib.pyplot as plt
 
     c, agg = res["config"], res["summary"]
-    f = lambda d: f"{d['mean']:.4f} ± {d['std']:.4f}"  # noqa: E731
+    f = fmt_mean_std
     lines = ["# CR-MoE study", "",
              f"MoCo v3 pre-training on {c['pretrain_limit']} `{c['data']}` images for {c['steps']} steps "
              f"(batch {c['batch_size']}), ViT {c['vit']}; V-MoE: every other block, {c['num_experts']} experts, "

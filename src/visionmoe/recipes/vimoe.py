@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .._utils import atomic_write_bytes, mean_std
+from .._utils import atomic_write_bytes, fmt_mean_std, mean_std, save_results, study_progress
 from ..data import TensorSplits, load_dataset
 from ..train import Trainer, config_from_dict
 
@@ -42,15 +42,16 @@ class ViMoEStudyConfig:
     pretrain_limit: int = 20000
     pretrain_epochs: float = 3.0
     pretrain_lr: float = 2e-3
+    pretrained: str | None = None  # a dense checkpoint to upcycle instead of pre-training one
     num_experts: int = 8
     top_k: int = 1
     layer_decay: float = 0.65
     stability_data: str = "mnist5k"
     stability_epochs: float = 4.0
-    stability_lr: float = 5e-4
+    stability_lr: float = 2e-3
     seg_data: str = "fashion_scenes"
     seg_epochs: float = 10.0
-    seg_lr: float = 1e-3
+    seg_lr: float = 2e-3
     seg_placement: str = "last_2"
     batch_size: int = 64
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -124,18 +125,19 @@ def segmentation_config(c: ViMoEStudyConfig, variant: str, seed: int, init: str)
                 run={"eval_every_epochs": max(1.0, c.seg_epochs / 4)})
 
 
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def _curve(run_dir: Path, key: str) -> list[tuple[float, float]]:
-    recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    recs = _records(run_dir)
     return [(r["epoch"], r[key]) for r in recs if key in r]
 
 
 def run_vimoe_study(c: ViMoEStudyConfig | None = None, *, out: str | Path = "runs/vimoe",
                     progress: bool = True) -> dict:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     c = c or ViMoEStudyConfig()
-    console = Console(quiet=not progress)
+    console, bars = study_progress("ViMoE study", "runs", progress)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -150,13 +152,15 @@ def run_vimoe_study(c: ViMoEStudyConfig | None = None, *, out: str | Path = "run
     data = {"stability": load_dataset(c.stability_data)} if "stability" in c.parts else {}
     if "segmentation" in c.parts:
         data["segmentation"] = load_dataset(c.seg_data)
-    with Progress(TextColumn("[bold]ViMoE study"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"),
-                  TimeElapsedColumn(), TextColumn("{task.fields[stage]}"), console=console,
-                  disable=not progress) as bar:
+    with bars as bar:
         task = bar.add_task("", total=len(jobs) + 1, stage="pre-training the dense ViT")
         pre = Trainer(config_from_dict(pretrain_config(c)), data=pre_data, run_dir=out / "pretrain_dense")
-        s = pre.fit()
-        init = str(pre.latest_checkpoint())
+        if c.pretrained:  # upcycle a given dense checkpoint; report its accuracy on the pre-training task
+            pre.load(c.pretrained)
+            init, s = c.pretrained, {"test_acc": pre.evaluate()["test_acc"], "train_seconds": 0.0}
+        else:
+            s = pre.fit()
+            init = str(pre.latest_checkpoint())
         res["pretrain"] = {"checkpoint": init, "test_acc": s["test_acc"], "seconds": s["train_seconds"]}
         bar.console.print(f"dense ViT pre-trained on {c.pretrain_data}: test acc {s['test_acc']:.4f}")
         bar.advance(task)
@@ -179,12 +183,10 @@ def run_vimoe_study(c: ViMoEStudyConfig | None = None, *, out: str | Path = "run
                 if seed == c.seeds[0]:
                     _segmentation_figures(out, variant, tr)
             res[part].append(rec)
-            _aggregate(res)
-            atomic_write_bytes(out / "results.json", json.dumps(res, indent=2).encode())
+            save_results(out, res, _aggregate)
             bar.advance(task)
     res["seconds"] = time.perf_counter() - t0
-    _aggregate(res)
-    atomic_write_bytes(out / "results.json", json.dumps(res, indent=2).encode())
+    save_results(out, res, _aggregate)
     _report(out, res)
     console.print(f"report: {out / 'report.md'} ({res['seconds'] / 60:.1f} min)")
     return res
@@ -193,8 +195,7 @@ def run_vimoe_study(c: ViMoEStudyConfig | None = None, *, out: str | Path = "run
 def _loss_spread(run_dir: Path) -> float:
     """Standard deviation of the training loss over the second half of the run (a noisy,
     unstable run has a larger one)."""
-    recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in recs if "loss" in r]
+    losses = [r["loss"] for r in _records(run_dir) if "loss" in r]
     half = losses[len(losses) // 2 :] or losses
     return mean_std(half)["std"] if len(half) > 1 else 0.0
 
@@ -263,11 +264,14 @@ def _report(out: Path, res: dict) -> None:
     import matplotlib.pyplot as plt
 
     c, summ = res["config"], res["summary"]
-    f = lambda d: f"{d['mean']:.4f} ± {d['std']:.4f}"  # noqa: E731
+    f = fmt_mean_std
+    acc = res["pretrain"]["test_acc"]
+    pre = (f"The dense ViT `{c['pretrained']}` ({c['vit']}, {c['img_size']} px; test acc {acc:.4f} on "
+           f"`{c['pretrain_data']}`)" if c["pretrained"] else
+           f"A dense ViT ({c['vit']}, {c['img_size']} px) pre-trained for {c['pretrain_epochs']} epochs on "
+           f"{c['pretrain_limit']} `{c['pretrain_data']}` images (test acc {acc:.4f})")
     lines = ["# ViMoE study", "",
-             f"A dense ViT ({c['vit']}, {c['img_size']} px) pre-trained for {c['pretrain_epochs']} epochs on "
-             f"{c['pretrain_limit']} `{c['pretrain_data']}` images (test acc {res['pretrain']['test_acc']:.4f}) is "
-             f"upcycled: every expert a copy of its FFN, a fresh router, {c['num_experts']} experts, "
+             f"{pre} is upcycled: every expert a copy of its FFN, a fresh router, {c['num_experts']} experts, "
              f"top-{c['top_k']}. Seeds {c['seeds']}; mean ± std over seeds; {res.get('seconds', 0) / 60:.1f} min.", ""]
     if summ["stability"]:
         lines += [f"## Stability: MoE in every block, CLS routing, GShard 0.01 (`{c['stability_data']}`, "
@@ -299,4 +303,4 @@ def _report(out: Path, res: dict) -> None:
                 lines += [f"![{v} masks](seg_masks_{v}.png)", ""]
             if (out / f"seg_routing_{v}.png").exists():
                 lines += [f"![{v} token-to-expert maps](seg_routing_{v}.png)", ""]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(out / "report.md", ("\n".join(lines) + "\n").encode())
