@@ -83,3 +83,25 @@ def test_read_image_matches_the_folder_loader(tmp_path):
     d = load_image_folder(tmp_path, size=8, channels=3, test_fraction=0.0)
     x = read_image(tmp_path / "a" / "im.png", size=8, channels=3)
     assert np.array_equal(d.x_train[0].numpy(), x)
+
+
+def test_segmentation_folder_in_ade20k_layout(tmp_path):
+    from visionmoe.data import load_dataset
+
+    for split, n in (("training", 3), ("validation", 2)):
+        (tmp_path / "images" / split).mkdir(parents=True)
+        (tmp_path / "annotations" / split).mkdir(parents=True)
+        for i in range(n):
+            _write(tmp_path / "images" / split / f"ADE_{split}_{i}", "RGB", 20, 16, "png", i)
+            lab = np.zeros((16, 20), dtype=np.uint8)
+            lab[:, 10:] = 3  # right half class 3 (2 after reduce_zero_label); left half 0 = "other"
+            Image.fromarray(lab).save(tmp_path / "annotations" / split / f"ADE_{split}_{i}.png")
+    _write(tmp_path / "images" / "training" / "orphan", "RGB", 8, 8, "png", 9)  # no label map
+    with pytest.warns(UserWarning, match="1 image"):
+        d = load_dataset("segmentation_folder", root=str(tmp_path), size=8, reduce_zero_label=True)
+    assert d.x_train.shape == (3, 3, 8, 8) and d.y_train.shape == (3, 8, 8) and len(d.x_test) == 2
+    assert set(d.y_train.unique().tolist()) == {2, 255}
+    assert (d.y_train[:, :, :4] == 255).all() and (d.y_train[:, :, 5:] == 2).all()
+    assert d.classes == ["0", "1", "2"]
+    with pytest.raises(FileNotFoundError, match="annotations"):
+        load_dataset("segmentation_folder", root=str(tmp_path / "images"))

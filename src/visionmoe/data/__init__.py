@@ -4,7 +4,7 @@ Every source loads into memory as :class:`TensorSplits` (float images in [0, 1],
 ``(N, C, H, W)``, long labels, class names); :func:`adapt` makes any of them fit any model.
 """
 
-from .folder import load_image_folder, read_image
+from .folder import load_image_folder, load_segmentation_folder, read_image
 from .mixture import Mixture, make_mixture
 from .registry import DATASETS, list_datasets, load_dataset
 from .scenes import IGNORE_INDEX, make_scenes
@@ -34,6 +34,7 @@ __all__ = [
     "load_photos",
     "load_image_folder",
     "read_image",
+    "load_segmentation_folder",
     "make_scenes",
     "IGNORE_INDEX",
     "from_numpy",

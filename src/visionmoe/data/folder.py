@@ -10,7 +10,7 @@ import torch
 
 from .sources import TensorSplits, _split
 
-__all__ = ["load_image_folder", "read_image"]
+__all__ = ["load_image_folder", "load_segmentation_folder", "read_image"]
 
 
 def read_image(path: str | Path, *, size: int, channels: int = 3) -> np.ndarray:
@@ -87,3 +87,65 @@ def load_image_folder(
     else:
         xtr, ytr, xte, yte = _split(x, y, test_fraction, seed)
     return TensorSplits(Path(root).name, *map(torch.from_numpy, (xtr, ytr, xte, yte)), list(classes))
+
+
+def load_segmentation_folder(
+    root: str | Path,
+    *,
+    images: str = "images",
+    masks: str = "annotations",
+    size: int = 64,
+    channels: int = 3,
+    classes: list[str] | None = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    reduce_zero_label: bool = False,
+) -> TensorSplits:
+    """A user's segmentation folder: ``root/<images>/<name>.<ext>`` with a label map
+    ``root/<masks>/<name>.png`` (one class id per pixel, 255 = ignore) for each image, as in
+    ADE20K's ``images/`` + ``annotations/``. Images are resized bilinearly, masks by nearest
+    neighbour, to ``size x size``. With ``training/`` and ``validation/`` sub-folders under
+    both, those are the splits; otherwise a seeded ``test_fraction`` split.
+    ``reduce_zero_label`` maps 0 to 255 and shifts the rest down (ADE20K's convention: 0 is
+    "other")."""
+    from PIL import Image
+
+    root = Path(root)
+    if not (root / images).is_dir() or not (root / masks).is_dir():
+        raise FileNotFoundError(f"expected {root}/{images}/ and {root}/{masks}/ (image and label-map folders)")
+
+    def _read(img_dir: Path, mask_dir: Path):
+        xs, ys, missing = [], [], 0
+        for p in sorted(q for q in img_dir.iterdir() if q.is_file()):
+            m = mask_dir / f"{p.stem}.png"
+            if not m.is_file():
+                missing += 1
+                continue
+            xs.append(read_image(p, size=size, channels=channels))
+            with Image.open(m) as im:
+                lab = np.asarray(im.resize((size, size), Image.NEAREST), dtype=np.int64)
+            if lab.ndim != 2:
+                raise ValueError(f"label map {m} must be single-channel class ids, got shape {lab.shape}")
+            if reduce_zero_label:
+                lab = np.where(lab == 0, 255, lab - 1)
+            ys.append(lab)
+        if missing:
+            warnings.warn(f"{missing} image(s) in {img_dir} have no label map in {mask_dir}; skipped", stacklevel=3)
+        if not xs:
+            raise ValueError(f"no image with a label map in {img_dir} / {mask_dir}")
+        return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+
+    if (root / images / "training").is_dir():
+        xtr, ytr = _read(root / images / "training", root / masks / "training")
+        xte, yte = _read(root / images / "validation", root / masks / "validation")
+    else:
+        x, y = _read(root / images, root / masks)
+        g = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(len(x), generator=g)
+        n_test = int(round(test_fraction * len(x)))
+        xtr, ytr, xte, yte = x[perm[n_test:]], y[perm[n_test:]], x[perm[:n_test]], y[perm[:n_test]]
+    if classes is None:
+        valid = torch.cat([ytr.flatten(), yte.flatten()])
+        k = int(valid[valid != 255].max()) + 1 if (valid != 255).any() else 1
+        classes = [str(i) for i in range(k)]
+    return TensorSplits(root.name, xtr, ytr, xte, yte, list(classes))

