@@ -267,8 +267,9 @@ class Trainer:
         flat buffer (DistributedDataParallel's arithmetic). Done explicitly rather than with
         the DDP wrapper because objectives call several model methods and several forwards
         per step (MAE's ``forward_visible``, MoCo's two views), which DDP's reducer does not
-        support. A parameter without a gradient on some rank (e.g. an expert that got no
-        tokens there) contributes zeros."""
+        support. A parameter without a gradient on some rank contributes zeros; one without a
+        gradient on every rank (an unused head) keeps ``grad=None``, so the optimizer skips it
+        as it would in one process."""
         if not self.dist.enabled:
             return
         import torch.distributed as dist
@@ -276,11 +277,12 @@ class Trainer:
 
         params = self._trainable()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = _flatten_dense_tensors(grads)
+        had = torch.tensor([float(p.grad is not None) for p in params], dtype=grads[0].dtype)
+        flat = _flatten_dense_tensors([*grads, had])
         dist.all_reduce(flat)
-        flat /= self.dist.world
-        for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
-            p.grad = g
+        *avg, had = _unflatten_dense_tensors(flat, [*grads, had])
+        for p, g, h in zip(params, avg, had):
+            p.grad = g / self.dist.world if h > 0 else None  # None: no rank used it (as in one process)
 
     def _grad_norm(self) -> Tensor:
         """Total gradient norm, clipped to ``optim.clip_grad`` when set."""
