@@ -89,3 +89,16 @@ def test_single_process_helpers(monkeypatch):
     info = init_distributed()
     assert info == DistInfo() and info.is_main and not info.enabled
     assert all_reduce_sums({"a": 2.0}, info) == {"a": 2.0}
+
+
+def test_data_parallel_benchmark_reports_throughput_and_volume(runs, tmp_path):
+    from visionmoe.train.distributed import benchmark_data_parallel
+
+    cfg, _ = runs
+    rows = benchmark_data_parallel(str(cfg), nprocs=(1, 2), steps=4, threads=2, out=str(tmp_path))
+    assert [r["processes"] for r in rows] == [1, 2] and all(r["img_per_s"] > 0 for r in rows)
+    assert rows[0]["allreduce_mb_per_rank_per_step"] == 0
+    # ring all-reduce with 2 ranks: each sends 2 * 1/2 of the fp32 gradients
+    assert rows[1]["allreduce_mb_per_rank_per_step"] == pytest.approx(4 * rows[1]["params"] / 1e6)
+    assert rows[0]["tokens_per_s"] == pytest.approx(rows[0]["img_per_s"] * 17)  # 4x4 patches + CLS
+    assert "| 2 | 1 |" in (tmp_path / "bench_dp.md").read_text()

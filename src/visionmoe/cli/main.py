@@ -244,6 +244,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.data_parallel:
+        from ..train.distributed import benchmark_data_parallel
+
+        benchmark_data_parallel(args.data_parallel, nprocs=tuple(args.procs), steps=args.steps, threads=args.threads,
+                                out=args.out)
+        print((Path(args.out) / "bench_dp.md").read_text())
+        return 0
     from ..bench import run_from_args
 
     run_from_args(args)
@@ -380,6 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     from ..bench import build_parser as bench_parser
 
     b = bench_parser(sub.add_parser("bench", help="time MoE layers against dense, the naive loop and peers"))
+    b.add_argument("--data-parallel", metavar="CONFIG", default=None,
+                   help="instead: train CONFIG with 1, 2, ... processes (torchrun) and report images/s, tokens/s "
+                        "and all-reduce volume")
+    b.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="process counts for --data-parallel")
+    b.add_argument("--steps", type=int, default=60, help="training steps per run for --data-parallel")
     b.set_defaults(fn=_cmd_bench)
 
     ld = sub.add_parser("list-data", help="list the data sets")

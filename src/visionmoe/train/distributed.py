@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "all_reduce_sums", "barrier"]
+__all__ = ["DistInfo", "init_distributed", "all_reduce_sums", "barrier", "benchmark_data_parallel"]
 
 
 @dataclass(frozen=True)
@@ -61,3 +61,52 @@ def all_reduce_sums(values: dict[str, float], info: DistInfo) -> dict[str, float
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def benchmark_data_parallel(config: str, *, nprocs: tuple[int, ...] = (1, 2), steps: int = 60, threads: int = 2,
+                            overrides: tuple[str, ...] = (), out: str = "runs/bench_dp") -> list[dict]:
+    """Train ``config`` for ``steps`` steps with 1, 2, ... processes (``torchrun --standalone``,
+    ``threads`` CPU threads shared among them) and report images/s and tokens/s of the global
+    batch, and the gradient all-reduce volume per step (ring all-reduce: each rank sends
+    2 (N-1)/N times the fp32 gradient size). Writes ``bench_dp.json`` and ``bench_dp.md``."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .config import load_config
+    from .engine import build_model
+
+    cfg = load_config(config, list(overrides))
+    model = build_model(cfg, num_classes=10, in_chans=cfg.data.channels or 1)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    pe = getattr(model, "patch_embed", None)
+    tokens = (pe.num_patches + getattr(model, "num_prefix_tokens", 0)) if pe is not None else None
+    rows = []
+    outp = Path(out)
+    for n in nprocs:
+        run_dir = outp / f"np{n}"
+        per = max(1, threads // n)
+        args = ["-m", "visionmoe", "train", config, *overrides, f"schedule.max_steps={steps}", f"run.threads={per}",
+                "run.progress=false", "run.eval_every_epochs=1000000", "run.checkpoint_every=1000000000",
+                "run.log_every=1000000", "--run-dir", str(run_dir)]
+        cmd = [sys.executable, *args] if n == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *args]
+        r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": str(per)}, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"{n}-process run failed:\n{r.stderr[-2000:]}")
+        s = json.loads((run_dir / "summary.json").read_text())
+        ips = s["train_img_per_s"]
+        rows.append({"processes": n, "threads_each": per, "img_per_s": ips,
+                     "tokens_per_s": ips * tokens if tokens else None,
+                     "allreduce_mb_per_rank_per_step": 2 * (n - 1) / n * 4 * n_params / 1e6,
+                     "params": n_params})
+    outp.mkdir(parents=True, exist_ok=True)
+    (outp / "bench_dp.json").write_text(json.dumps({"config": config, "steps": steps, "rows": rows}, indent=2))
+    lines = [f"Data-parallel throughput, `{config}`, {steps} steps, {threads} threads in all", "",
+             "| processes | threads each | images/s | tokens/s | all-reduce MB sent per rank per step |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['processes']} | {r['threads_each']} | {r['img_per_s']:.0f} | "
+              f"{(r['tokens_per_s'] or 0):,.0f} | {r['allreduce_mb_per_rank_per_step']:.2f} |" for r in rows]
+    (outp / "bench_dp.md").write_text("\n".join(lines) + "\n")
+    return rows

@@ -460,7 +460,7 @@ class Trainer:
             while self.step < end:
                 batch = self.batch(self.step)
                 m = self.train_step(batch)
-                seen += len(batch[0])
+                seen += len(batch[0]) * self.dist.world  # images of the global batch
                 ips = seen / (time.perf_counter() - t0)
                 acc = f" acc {m['acc']:.2f}" if "acc" in m else ""
                 bar.update(task, advance=1, info=f"loss {m['loss']:.3f}{acc} {ips:.0f} img/s")
