@@ -66,6 +66,24 @@ def test_tampered_and_truncated_checkpoints_are_refused_naming_the_good_one(tmp_
     assert load_checkpoint(good)["state"]["step"] == 1
 
 
+def test_a_stripped_checksum_is_refused_and_old_files_warn(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = save_checkpoint(tmp_path / "c.safetensors", model={"w": torch.ones(3)}, state={"step": 1})
+    tensors = load_file(str(path))
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    save_file(tensors, str(path), metadata={"visionmoe": meta["visionmoe"]})  # checksum removed
+    with pytest.raises(CheckpointError, match="lost its SHA-256"):
+        load_checkpoint(path)
+    old = json.loads(meta["visionmoe"]) | {"format": "visionmoe-checkpoint-v1"}  # written before checksums
+    save_file(tensors, str(path), metadata={"visionmoe": json.dumps(old)})
+    with pytest.warns(UserWarning, match="without a checksum"):
+        assert load_checkpoint(path)["state"]["step"] == 1
+
+
 def test_resume_skips_a_damaged_latest_checkpoint_and_still_matches(tmp_path, digits):
     full = Trainer(_cfg(), run_dir=tmp_path / "full", data=digits)
     full.fit()

@@ -110,7 +110,7 @@ class MoE(nn.Module):
         # True: ``last.extra["probs"]`` keeps the differentiable (S, E) gate probabilities
         # (for losses on the gates, e.g. CR-MoE's OGAR)
         self.keep_probs = False
-        # True: the static, export-friendly path (see :meth:`forward_static`); set by
+        # True: the static, export-friendly path (see :meth:`_forward_static`); set by
         # :func:`visionmoe.export.static_moe`
         self.static = False
 

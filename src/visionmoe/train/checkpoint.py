@@ -28,7 +28,7 @@ from .._utils import atomic_write_bytes
 __all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "atomic_write_bytes",
            "CheckpointError", "ForeignCheckpointError", "verify_checkpoint"]
 
-FORMAT = "visionmoe-checkpoint-v1"
+FORMAT = "visionmoe-checkpoint-v2"  # v2: with a SHA-256; v1 files (no checksum) still load, with a warning
 
 
 class CheckpointError(ValueError):
@@ -164,6 +164,13 @@ def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
         meta = json.loads(raw)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"checkpoint {path} has unreadable metadata ({e})") from e
+    if expected is None:
+        if meta.get("format") != "visionmoe-checkpoint-v1":
+            raise CheckpointError(f"checkpoint {path} has lost its SHA-256 checksum: it was modified after saving")
+        import warnings
+
+        warnings.warn(f"{path} was saved by an older visionmoe without a checksum; it cannot be verified",
+                      stacklevel=3)
     return tensors, meta
 
 
