@@ -45,6 +45,10 @@ class ViMoEStudyConfig:
     pretrained: str | None = None  # a dense checkpoint to upcycle instead of pre-training one
     num_experts: int = 8
     top_k: int = 1
+    # renormalize the top-k gates (top-1: weight 1), so an upcycled MoE without the shared expert
+    # computes exactly the dense FFN at initialisation; off (V-MoE's default) it starts at
+    # gate x FFN, about FFN / N (see docs/vimoe.md)
+    renormalize: bool = False
     layer_decay: float = 0.65
     stability_data: str = "mnist5k"
     stability_epochs: float = 4.0
@@ -103,7 +107,8 @@ def stability_config(c: ViMoEStudyConfig, variant: str, seed: int, init: str) ->
     """MoE in every block, image-level (CLS) routing, with / without the shared expert, or dense."""
     moe = None if variant == "dense" else {
         "num_experts": c.num_experts, "top_k": c.top_k, "placement": "all", "routing": "cls",
-        "shared_expert": variant == "moe_shared", "noise_std": 0.0, "capacity_factor": None,
+        "shared_expert": variant == "moe_shared", "noise_std": 0.0, "renormalize": c.renormalize,
+        "capacity_factor": None,
         "eval_capacity_factor": None, "aux_weights": {"gshard": 0.01}}
     return _run(c, seed, model={**_model(c, moe), "init": init, "init_skip": ["head."]}, moe=moe or {},
                 data={"name": c.stability_data},
@@ -116,8 +121,8 @@ def segmentation_config(c: ViMoEStudyConfig, variant: str, seed: int, init: str)
     """Token-level routing with a shared expert in ``seg_placement`` blocks (or dense), linear head."""
     moe = None if variant == "dense" else {
         "num_experts": c.num_experts, "top_k": c.top_k, "placement": c.seg_placement, "routing": "token",
-        "shared_expert": True, "noise_std": 0.0, "capacity_factor": None, "eval_capacity_factor": None,
-        "aux_weights": {"gshard": 0.001}}
+        "shared_expert": True, "noise_std": 0.0, "renormalize": c.renormalize, "capacity_factor": None,
+        "eval_capacity_factor": None, "aux_weights": {"gshard": 0.001}}
     return _run(c, seed, model={**_model(c, moe), "init": init, "init_skip": ["head."]}, moe=moe or {},
                 data={"name": c.seg_data}, objective="segmentation",
                 optim={"name": "adamw", "lr": c.seg_lr, "weight_decay": 0.05, "layer_decay": c.layer_decay},
