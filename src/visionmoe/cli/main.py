@@ -171,7 +171,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(*_config_and_overrides(args))
     trainer = Trainer(cfg, run_dir=args.run_dir)
     summary = trainer.fit(resume=args.resume)
-    print(json.dumps({k: v for k, v in summary.items() if k != "routing"}, indent=2))
+    if trainer.dist.is_main:
+        print(json.dumps({k: v for k, v in summary.items() if k != "routing"}, indent=2))
     return 0
 
 
@@ -248,7 +249,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from ..train.distributed import benchmark_data_parallel
 
         benchmark_data_parallel(args.data_parallel, nprocs=tuple(args.procs), steps=args.steps, threads=args.threads,
-                                out=args.out)
+                                out=args.out, expert_parallel=args.expert_parallel)
         print((Path(args.out) / "bench_dp.md").read_text())
         return 0
     from ..bench import run_from_args
@@ -392,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and all-reduce volume")
     b.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="process counts for --data-parallel")
     b.add_argument("--steps", type=int, default=60, help="training steps per run for --data-parallel")
+    b.add_argument("--expert-parallel", action="store_true",
+                   help="with --data-parallel: split the experts over the N processes (moe.expert_parallel=N) and "
+                        "report the measured all-to-all bytes")
     b.set_defaults(fn=_cmd_bench)
 
     ld = sub.add_parser("list-data", help="list the data sets")
@@ -404,7 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also come after options (`train CFG --resume lr=0.1`)
+    if extra and (not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError) as e:

@@ -45,6 +45,9 @@ class MoEConfig:
         shared_expert: add an always-on shared expert (ViMoE).
         shared_hidden: hidden width of the shared expert (default: the dense MLP's).
         aux_weights: auxiliary loss weights by name; default V-MoE's importance + load 0.005.
+        expert_parallel: P, ranks that split the experts of every layer (E/P each, tokens
+            exchanged by all-to-all; :mod:`visionmoe.moe.parallel`); 1 = every rank holds all.
+            Used by the :class:`~visionmoe.train.Trainer` under ``torchrun``.
     """
 
     num_experts: int = 8
@@ -63,6 +66,7 @@ class MoEConfig:
     shared_expert: bool = False
     shared_hidden: int | None = None
     aux_weights: dict[str, float] = field(default_factory=lambda: {"importance": 0.005, "load": 0.005})
+    expert_parallel: int = 1
 
     def __post_init__(self) -> None:
         if self.num_experts < 1:
@@ -71,6 +75,9 @@ class MoEConfig:
             raise ValueError(
                 f"moe.top_k must be between 1 and moe.num_experts={self.num_experts}, got {self.top_k}"
             )
+        if self.expert_parallel < 1 or self.num_experts % self.expert_parallel:
+            raise ValueError(f"moe.expert_parallel={self.expert_parallel} must be >= 1 and divide "
+                             f"moe.num_experts={self.num_experts}")
         if self.router not in ROUTERS:
             raise ValueError(_unknown("moe.router", self.router, ROUTERS))
         if self.routing not in ROUTINGS:

@@ -173,7 +173,22 @@ class Experts(nn.Module):
         self.fc2_bias = nn.Parameter(torch.zeros(num_experts, dim)) if bias else None
         self.act = act_layer() if isinstance(act_layer, type) else act_layer
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
+        # expert parallelism: set by :func:`visionmoe.moe.parallel.shard_experts`; then this
+        # rank holds experts ``shard.start .. shard.start + shard.local - 1`` of ``num_experts``
+        self.shard = None
         self.reset_parameters()
+
+    @property
+    def num_local_experts(self) -> int:
+        """Experts held here: E, or E / P with expert parallelism over P ranks."""
+        return self.fc1_weight.shape[0]
+
+    def _check_whole(self, what: str) -> None:
+        if self.shard is not None:
+            raise RuntimeError(
+                f"{what} needs every expert, but this rank holds experts {self.shard.start}.."
+                f"{self.shard.start + self.shard.local - 1} of {self.num_experts} (expert parallelism); load the "
+                "layout-independent checkpoint into an unsharded model (visionmoe.train.load_trained_model)")
 
     def reset_parameters(self) -> None:
         """timm ViT init: truncated normal std 0.02 for weights, zero biases."""
@@ -188,12 +203,13 @@ class Experts(nn.Module):
         # zero-filled full-size gradient buffers (REFERENCE_NOTES, dispatch cost).
         w1, w2 = self.fc1_weight.unbind(0), self.fc2_weight.unbind(0)
         if self.fc1_bias is None:
-            none = (None,) * self.num_experts
+            none = (None,) * self.num_local_experts
             return w1, none, w2, none
         return w1, self.fc1_bias.unbind(0), w2, self.fc2_bias.unbind(0)
 
     def expert(self, x: Tensor, e: int) -> Tensor:
         """Apply expert ``e`` to ``x: (..., D)``."""
+        self._check_whole("Experts.expert")
         b1 = None if self.fc1_bias is None else self.fc1_bias[e]
         b2 = None if self.fc2_bias is None else self.fc2_bias[e]
         h = self.drop(self.act(F.linear(x, self.fc1_weight[e], b1)))
@@ -226,9 +242,21 @@ class Experts(nn.Module):
 
         Returns:
             ``(N, D)`` expert outputs in sorted order.
+
+        With expert parallelism (``self.shard`` set) ``counts`` still has all E entries: the
+        rows are sent to the ranks holding their experts and the outputs come back in the
+        same order (:func:`visionmoe.moe.parallel.expert_parallel_forward`).
         """
         if len(counts) != self.num_experts:
             raise ValueError(f"counts must have {self.num_experts} entries, got {len(counts)}")
+        if self.shard is not None:
+            from .parallel import expert_parallel_forward
+
+            return expert_parallel_forward(self, x, rows, counts, impl)
+        return self._gathered_local(x, rows, counts, impl)
+
+    def _gathered_local(self, x: Tensor, rows: Tensor, counts: Tensor | list[int], impl: str | None) -> Tensor:
+        """:meth:`forward_gathered` on the experts held here (``counts`` has one entry each)."""
         impl = impl or self.choose_impl(x)
         if impl == "fused":
             if not isinstance(self.drop, nn.Identity):
@@ -243,12 +271,13 @@ class Experts(nn.Module):
     def forward(self, x: Tensor, counts: Tensor | list[int], impl: str | None = None) -> Tensor:
         """Apply expert e to the e-th contiguous chunk of rows of ``x: (N, D)`` (sorted by
         expert; ``counts``: ``(E,)`` rows per expert). ``impl``: ``"grouped"`` or ``"split"``
-        (``"auto"``/``"fused"`` pick as in :meth:`forward_gathered`)."""
-        if len(counts) != self.num_experts:
-            raise ValueError(f"counts must have {self.num_experts} entries, got {len(counts)}")
+        (``"auto"``/``"fused"`` pick as in :meth:`forward_gathered`). Runs the experts held
+        here: with expert parallelism ``counts`` has one entry per local expert."""
+        if len(counts) != self.num_local_experts:
+            raise ValueError(f"counts must have {self.num_local_experts} entries, got {len(counts)}")
         impl = impl or self.choose_impl(x)
         if impl == "fused":
-            return self.forward_gathered(x, torch.arange(x.shape[0], device=x.device), counts, impl="fused")
+            return self._gathered_local(x, torch.arange(x.shape[0], device=x.device), counts, impl="fused")
         if impl == "grouped":
             if not self._aligned(x):
                 raise ValueError("impl='grouped' needs dim and hidden whose rows are multiples of 16 bytes")
@@ -271,7 +300,7 @@ class Experts(nn.Module):
         h = _contiguous_grad(torch._grouped_mm(x, self.fc1_weight.to(dt).transpose(-2, -1), offs=offs))  # (N, H)
         rows = None
         if self.fc1_bias is not None:
-            rows = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), counts,
+            rows = torch.repeat_interleave(torch.arange(self.num_local_experts, device=x.device), counts,
                                            output_size=x.shape[0])  # (N,) expert of each row
             h = h + self.fc1_bias.to(dt).index_select(0, rows)
         h = self.drop(self.act(h))
@@ -281,4 +310,5 @@ class Experts(nn.Module):
         return self.drop(y)
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}"
+        held = "" if self.shard is None else f", holds={self.shard.start}..{self.shard.start + self.shard.local - 1}"
+        return f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}{held}"

@@ -22,6 +22,16 @@ from torch import Tensor, nn
 from ..data import TensorSplits, adapt, build_train_transform, load_dataset
 from ..models import count_parameters, create_model
 from ..moe.layer import collect_aux_loss, collect_routing_stats
+from ..moe.parallel import (
+    TRAFFIC,
+    gather_expert_state,
+    gather_optimizer_state,
+    reduce_gradients,
+    shard_expert_state,
+    shard_experts,
+    shard_optimizer_state,
+    sharded_parameters,
+)
 from ..objectives import ClassificationObjective, MAEObjective, MoCoObjective, SegmentationObjective
 from .checkpoint import ForeignCheckpointError, load_checkpoint, save_checkpoint, set_rng_state, verify_checkpoint
 from .config import ExperimentConfig, config_from_dict, config_to_dict
@@ -145,6 +155,14 @@ class Trainer:
         self.channels = c.data.channels or self.data.x_train.shape[1]
         self.model = model if model is not None else build_model(
             c, num_classes=self.data.num_classes, in_chans=self.channels)
+        self.expert_parallel = int((c.moe or {}).get("expert_parallel", 1) or 1) if not c.model.dense else 1
+        if self.expert_parallel > 1:  # before the objective, EMA and optimizer copy or see the experts
+            if not self.dist.enabled:
+                raise ValueError(f"moe.expert_parallel={self.expert_parallel} needs {self.expert_parallel} processes: "
+                                 f"torchrun --nproc_per_node={self.expert_parallel} -m visionmoe train ...; to run "
+                                 "in one process (a checkpoint loads in any layout) set moe.expert_parallel=1")
+            if shard_experts(self.model, self.expert_parallel) == 0:
+                raise ValueError(f"moe.expert_parallel={self.expert_parallel} but the model has no MoE layers")
         pe = getattr(self.model, "patch_embed", None)
         default_size = pe.img_size[0] if pe is not None and getattr(pe, "img_size", None) else None
         self.img_size = c.data.img_size or default_size or self.data.x_train.shape[-1]
@@ -272,26 +290,46 @@ class Trainer:
         as it would in one process."""
         if not self.dist.enabled:
             return
-        import torch.distributed as dist
-        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+        reduce_gradients(self._trainable(), self._sharded(), self.dist.world)
 
-        params = self._trainable()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        had = torch.tensor([float(p.grad is not None) for p in params], dtype=grads[0].dtype)
-        flat = _flatten_dense_tensors([*grads, had])
-        dist.all_reduce(flat)
-        *avg, had = _unflatten_dense_tensors(flat, [*grads, had])
-        for p, g, h in zip(params, avg, had):
-            p.grad = g / self.dist.world if h > 0 else None  # None: no rank used it (as in one process)
+    def _sharded(self) -> dict:
+        """Expert shards (parameter id -> shard) of the model and the objective."""
+        if self.expert_parallel == 1:
+            return {}
+        out = sharded_parameters(self.model)
+        if isinstance(self.objective, nn.Module):
+            out |= sharded_parameters(self.objective)
+        return out
 
     def _grad_norm(self) -> Tensor:
         """Total gradient norm, clipped to ``optim.clip_grad`` when set."""
         params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.expert_parallel > 1:
+            return self._sharded_grad_norm(params)
         if self.cfg.optim.clip_grad:
             return torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad)
         if not params:
             return torch.zeros(())
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+
+    def _sharded_grad_norm(self, params: list[Tensor]) -> Tensor:
+        """:meth:`_grad_norm` with expert parallelism: the expert shards' squares are summed
+        over the expert-parallel group, so every rank clips by the norm of the whole model."""
+        import torch.distributed as dist
+
+        sharded = self._sharded()
+        sq = [torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)]
+        for p in params:
+            sq[id(p) in sharded] += torch.linalg.vector_norm(p.grad).double() ** 2
+        group = next(iter(sharded.values())).group
+        dist.all_reduce(sq[1], group=group)
+        total = (sq[0] + sq[1]).sqrt().float()
+        clip = self.cfg.optim.clip_grad
+        if clip:
+            coef = torch.clamp(clip / (total + 1e-6), max=1.0)
+            for p in params:
+                p.grad.mul_(coef)
+        return total
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module | None = None) -> dict[str, Any]:
@@ -311,7 +349,15 @@ class Trainer:
         lo, hi = self.dist.rank * share, min(len(self._x_test), (self.dist.rank + 1) * share)
         if self.dist.enabled and hi <= lo:
             raise ValueError(f"{len(self._x_test)} test images cannot be shared by {self.dist.world} processes")
-        for i in range(lo, hi, bs):
+        starts = list(range(lo, hi, bs))
+        if self.expert_parallel > 1:  # every rank must run as many forwards (the all-to-all is collective)
+            n_batches = -(-share // bs)
+            for _ in range(n_batches - len(starts)):  # extra passes over its first batch, not counted
+                x, y = self._x_test[lo:min(lo + bs, hi)], self.data.y_test[lo:min(lo + bs, hi)]
+                key = self.data.keys_test[lo:min(lo + bs, hi)] if self.data.keys_test is not None else None
+                with self._autocast():
+                    self.objective.eval_batch(model, x, y, key, torch.Generator().manual_seed(0))
+        for i in starts:
             j = min(i + bs, hi)
             x, y = self._x_test[i:j], self.data.y_test[i:j]
             key = self.data.keys_test[i:j] if self.data.keys_test is not None else None
@@ -351,21 +397,34 @@ class Trainer:
     def save(self) -> Path:
         """Write a checkpoint (rank 0; the other ranks wait for it)."""
         path = self.checkpoint_dir / f"step_{self.step:08d}.safetensors"
+        model_sd, optim_sd, ema_sd, obj = self._full_states()  # collective with expert parallelism
         if not self.dist.is_main:
             barrier(self.dist)
             return path
         state = {"step": self.step, "skipped_steps": self.skipped_steps, "config": config_to_dict(self.cfg),
                  "num_classes": self.data.num_classes,
                  "in_chans": self.channels, "img_size": self.img_size, "classes": list(self.data.classes)}
-        obj = self.objective.state_dict() if isinstance(self.objective, nn.Module) else None
-        save_checkpoint(path, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                        ema=self.ema.module.state_dict() if self.ema is not None else None, objective=obj,
-                        state=state)
+        save_checkpoint(path, model=model_sd, optimizer=optim_sd, ema=ema_sd, objective=obj, state=state)
         ckpts = sorted(self.checkpoint_dir.glob("step_*.safetensors"))
         for old in ckpts[: max(0, len(ckpts) - self.cfg.run.keep_checkpoints)]:
             old.unlink()
         barrier(self.dist)
         return path
+
+    def _full_states(self) -> tuple[dict, dict, dict | None, dict | None]:
+        """Model, optimizer, EMA and objective state in the layout-independent form: expert shards
+        gathered to full ``(E, ...)`` tensors (every rank takes part) when experts are split."""
+        model_sd, optim_sd = self.model.state_dict(), self.optimizer.state_dict()
+        ema_sd = self.ema.module.state_dict() if self.ema is not None else None
+        obj = self.objective.state_dict() if isinstance(self.objective, nn.Module) else None
+        if self.expert_parallel > 1:
+            model_sd = gather_expert_state(self.model, model_sd)
+            optim_sd = gather_optimizer_state(self.optimizer, self.model, optim_sd)
+            if ema_sd is not None:
+                ema_sd = gather_expert_state(self.ema.module, ema_sd)
+            if obj is not None:
+                obj = gather_expert_state(self.objective, obj)
+        return model_sd, optim_sd, ema_sd, obj
 
     def latest_checkpoint(self) -> Path | None:
         """The newest checkpoint that verifies. Damaged newer ones (a truncated or tampered
@@ -384,14 +443,14 @@ class Trainer:
     def load(self, path: str | Path) -> None:
         from ..models import load_matching_state_dict
 
-        ck = load_checkpoint(path)
-        load_matching_state_dict(self.model, ck["model"], f"checkpoint {path}")
+        ck = load_checkpoint(path)  # full expert tensors; each rank keeps the rows of its experts
+        load_matching_state_dict(self.model, shard_expert_state(self.model, ck["model"]), f"checkpoint {path}")
         if ck["optimizer"] is not None:
-            self.optimizer.load_state_dict(ck["optimizer"])
+            self.optimizer.load_state_dict(shard_optimizer_state(self.optimizer, self.model, ck["optimizer"]))
         if isinstance(self.objective, nn.Module) and ck["objective"] is not None:
-            self.objective.load_state_dict(ck["objective"])
+            self.objective.load_state_dict(shard_expert_state(self.objective, ck["objective"]))
         if self.ema is not None and ck["ema"] is not None:
-            self.ema.module.load_state_dict(ck["ema"])
+            self.ema.module.load_state_dict(shard_expert_state(self.ema.module, ck["ema"]))
         if ck["rng"] is not None:
             set_rng_state(*ck["rng"])
         self.step = int(ck["state"]["step"])
@@ -453,13 +512,15 @@ class Trainer:
                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
         eval_every = max(1, round(c.run.eval_every_epochs * self.steps_per_epoch))
         end = self.total_steps if stop_after is None else min(self.total_steps, self.step + stop_after)
-        t0, seen, start_step = time.perf_counter(), 0, self.step
+        t0, seen, start_step, a2a_bytes = time.perf_counter(), 0, self.step, 0
         last_eval: dict[str, Any] = {}
         with Progress(*cols, disable=not (c.run.progress and main)) as bar:
             task = bar.add_task("train", total=self.total_steps, completed=self.step, info="")
             while self.step < end:
                 batch = self.batch(self.step)
+                sent = TRAFFIC["bytes"]
                 m = self.train_step(batch)
+                a2a_bytes += TRAFFIC["bytes"] - sent
                 seen += len(batch[0]) * self.dist.world  # images of the global batch
                 ips = seen / (time.perf_counter() - t0)
                 acc = f" acc {m['acc']:.2f}" if "acc" in m else ""
@@ -489,7 +550,7 @@ class Trainer:
                     self._log({"step": self.step, "epoch": self.step / self.steps_per_epoch,
                                "elapsed_s": round(time.perf_counter() - t0, 2), **last_eval})
                     headline = next((k for k in last_eval if k != "routing"), None)
-                    if headline is not None:  # None: no test images
+                    if headline is not None and main:  # None: no test images
                         bar.console.print(f"step {self.step}: {headline} {last_eval[headline]:.4f}")
                     if tb is not None and headline is not None:
                         tb.add_scalar(f"test/{headline}", last_eval[headline], self.step)
@@ -503,6 +564,8 @@ class Trainer:
                    "train_img_per_s": seen / elapsed if elapsed > 0 else 0.0,
                    "steps_this_session": self.step - start_step, "skipped_steps": self.skipped_steps,
                    "params": count_parameters(self.model), **last_eval}
+        if self.expert_parallel > 1:  # bytes this rank sent to other ranks' experts (and gradients back)
+            summary["all_to_all_mb_per_step"] = a2a_bytes / max(1, self.step - start_step) / 1e6
         if main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             self._write_csv()
@@ -530,6 +593,8 @@ def load_trained_model(path: str | Path) -> tuple[nn.Module, ExperimentConfig, d
     st = ck["state"]
     cfg = config_from_dict(st["config"])
     cfg.model.init = None  # the weights come from the checkpoint, not from what it was initialised with
+    if cfg.moe and cfg.moe.get("expert_parallel", 1) != 1:  # the model comes back whole, on this process
+        cfg.moe["expert_parallel"] = 1
     model = build_model(cfg, num_classes=st["num_classes"], in_chans=st["in_chans"])
     load_matching_state_dict(model, ck["model"], f"checkpoint {path}")
     return model.eval(), cfg, st
