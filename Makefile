@@ -15,7 +15,7 @@ test-all: setup
 	.venv/bin/python -m pytest -q
 
 lint: setup
-	.venv/bin/ruff check src tests benchmarks
+	.venv/bin/ruff check src tests benchmarks examples
 
 bench: setup
 	.venv/bin/visionmoe bench

@@ -7,7 +7,14 @@ from visionmoe.clustering import ClusterConfig, fit_clusters
 from visionmoe.data import load_dataset
 from visionmoe.eval import extract_features
 from visionmoe.models import VisionTransformer
-from visionmoe.recipes.moce import MoCEObjective, build_moce, deploy, select_cluster
+from visionmoe.recipes.moce import (
+    MoCEObjective,
+    build_moce,
+    build_sdr,
+    deploy,
+    expert_choices,
+    select_cluster,
+)
 
 ARGS = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=3, num_heads=2, num_classes=0)
 
@@ -63,3 +70,19 @@ def test_select_cluster_and_deploy_exact(setup):
     key = torch.full((8,), sel.cluster)
     torch.testing.assert_close(dense.forward_features(x), moce.forward_features(x, routing_key=key),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_sdr_sends_each_subset_to_a_fixed_random_expert(setup):
+    enc, d, cl = setup  # 4 clusters (subsets), 2 experts: each expert gets 2 subsets in every block
+    sdr = build_sdr(enc, cl, blocks=[1, 2], num_experts=2, seed=3)
+    choices = expert_choices(sdr)
+    for b in range(2):
+        assert sorted(choices[k][b][0] for k in range(4)) == [0, 0, 1, 1]
+    assert all(not p.requires_grad for _, layer in sdr.moe_layers() for p in layer.router.parameters())
+    keys = torch.tensor([0, 1, 2, 3, 3, 2])
+    sdr.train()  # the mapping holds in training too (no noise, no learning)
+    sdr.forward_features(d.x_test[:6], routing_key=keys)
+    for b, (_, layer) in enumerate(sdr.moe_layers()):
+        expected = torch.tensor([choices[int(k)][b][0] for k in keys])
+        assert torch.equal(layer.last.indices[:, 0], expected)
+        torch.testing.assert_close(layer.last.weights, torch.ones(6, 1))  # the whole image to its expert

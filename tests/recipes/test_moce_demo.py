@@ -8,7 +8,7 @@ TINY = ["sources=[digits, faces]", "tasks=[digits, faces, mnist5k]", "per_source
         "vit={patch_size: 4, embed_dim: 32, depth: 3, num_heads: 2}", "mae_steps=15", "extra_steps=8",
         "finetune_steps=8", "num_clusters=4", "num_experts=2", "batch_size=32", "seeds=[0]",
         "finetune_train_limit=200", "finetune_test_limit=100", "compare_selection=true", "selection_probe_steps=3",
-        "finetune_lrs=[0.01, 0.1]"]
+        "finetune_lrs=[0.01, 0.1]", "sdr=true"]
 
 
 def test_tiny_moce_demo_end_to_end(tmp_path):
@@ -16,7 +16,7 @@ def test_tiny_moce_demo_end_to_end(tmp_path):
     res = json.loads((tmp_path / "results.json").read_text())
     assert set(res["tasks"]) == {"digits", "faces", "mnist5k"}  # mnist5k: a task the pre-training never saw
     for m in res["tasks"].values():
-        assert set(m) == {"MAE*", "TokenMoE", "MoCE"}
+        assert set(m) == {"MAE*", "TokenMoE", "MoCE", "SDR"}
         assert all(0.0 <= v["mean"] <= 1.0 for v in m.values())
     run = res["runs"][0]
     assert len(run["blocks"]) == 2 and sum(run["cluster_sizes"]) == 200 + 150  # faces has 150 train images
@@ -30,8 +30,13 @@ def test_tiny_moce_demo_end_to_end(tmp_path):
         d = sel[task]
         assert d["exhaustive_worst"] <= d["picked"]["k-NN"]["test_acc"] <= d["exhaustive_best"]
         assert set(d["picked"]) == {"largest cluster (MoCE)", "k-NN", "LogME", "early-stop search"}
+    for task, d in run["sdr_search"].items():  # SDR's brute force picked its best subnet on validation
+        assert d["val_acc"][str(d["picked"])] == max(d["val_acc"].values()) and d["seconds"] > 0
+        assert all(s > 0 for s in sel[task]["seconds"].values())
+    assert set(run["recon"]) == {"MAE*", "TokenMoE", "MoCE", "SDR"}
     report = (tmp_path / "report.md").read_text()
     assert "| digits |" in report and "Expert selection methods" in report and "images/s" in report
+    assert "SDR(ViT): brute-force subnet search" in report and "| exhaustive |" in report
     assert all(5 < v < 60 for d in run["psnr"].values() for v in d.values())  # dB, finite and plausible
     assert all(0 < v <= 1 for d in run["collapse"].values() for v in d.values())
     for png in ("mae_loss", "reconstructions", "clusters", "cluster_expert", "routing"):

@@ -204,3 +204,11 @@ def test_expert_parallel_benchmark_measures_all_to_all(runs, tmp_path):
     assert rows[1]["allreduce_mb_per_rank_per_step"] == pytest.approx(
         4 * (rows[1]["params"] - rows[1]["expert_params"]) / 1e6)
     assert "| 2 | 1 | 2 |" in (tmp_path / "bench_dp.md").read_text()
+
+
+def test_python_example_runs():
+    script = HERE.parents[1] / "examples" / "expert_parallel.py"
+    r = subprocess.run([*TORCHRUN, str(script)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: holds (4, 768, 192), checkpoint has (8, 768, 192)" in r.stdout

@@ -28,7 +28,7 @@ from ..moe.routers import ClusterRouter
 from ..moe.upcycle import upcycle_state_dict
 from ..objectives import MAEObjective
 
-__all__ = ["build_moce", "MoCEObjective", "ClusterSelection", "select_cluster", "deploy", "expert_choices",
+__all__ = ["build_moce", "build_sdr", "MoCEObjective", "ClusterSelection", "select_cluster", "deploy", "expert_choices",
            "distinct_candidates", "score_candidates", "SELECTION_SCORES"]
 
 
@@ -71,6 +71,38 @@ def build_moce(
         for _, layer in model.moe_layers():
             layer.router.embed.weight.copy_(clustering.centroids)
     return model.to(mae_encoder.patch_embed.proj.weight.device)
+
+
+def build_sdr(
+    mae_encoder: VisionTransformer,
+    clustering: Clustering,
+    *,
+    blocks: list[int],
+    num_experts: int = 8,
+    noise: float = 0.01,
+    seed: int = 0,
+) -> VisionTransformer:
+    """The SDR(ViT) baseline of MoCE Table 3 (Liu et al. 2022, re-implemented in ViT as the
+    MoCE paper does): the MoCE architecture, but each data subset (cluster) goes to an expert
+    drawn at random and fixed before training (in every MoE block independently, balanced:
+    each expert gets ``num_clusters / num_experts`` subsets) instead of through a learned
+    cluster-conditional gate. The gates are frozen; a subset's images train only its experts.
+    Deploy with :func:`deploy` like MoCE; the SDR recipe picks the subnet by brute force."""
+    model = build_moce(mae_encoder, clustering, blocks=blocks, num_experts=num_experts, noise=noise,
+                       imbalance_weight=0.0, renormalize=True, seed=seed)
+    g = torch.Generator().manual_seed(seed + 4242)
+    n = clustering.num_clusters
+    with torch.no_grad():
+        for _, layer in model.moe_layers():
+            r = layer.router
+            if r.embed.weight.shape[1] < num_experts:
+                raise ValueError(f"SDR needs a key embedding of at least {num_experts} dims")
+            mapping = (torch.arange(n) % num_experts)[torch.randperm(n, generator=g)]  # subset -> expert
+            r.embed.weight.zero_()
+            r.embed.weight[torch.arange(n), mapping] = 10.0  # logits 10 for its expert, 0 for the rest
+            r.proj.weight.copy_(torch.eye(num_experts, r.embed.weight.shape[1]))
+            r.requires_grad_(False)
+    return model
 
 
 class MoCEObjective(MAEObjective):

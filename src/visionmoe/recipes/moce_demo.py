@@ -40,6 +40,7 @@ from ..train import Trainer, config_from_dict
 from .moce import (
     MoCEObjective,
     build_moce,
+    build_sdr,
     deploy,
     distinct_candidates,
     expert_choices,
@@ -68,6 +69,10 @@ class MoCEDemoConfig:
     sets (``None``: every pre-training source plus ``digits``). ``finetune_lrs`` with more than one value runs a
     learning-rate search on a validation split (first seed) for every task and method.
     ``compare_selection`` adds the paper's other expert-selection methods (first seed).
+    ``sdr`` adds the SDR(ViT) baseline (MoCE Table 3; :func:`~visionmoe.recipes.moce.build_sdr`):
+    the same clusters as data subsets, each sent to a random fixed expert, the same extra
+    steps, and per task a brute-force search over its distinct subnets (``selection_probe_steps``
+    fine-tuning steps each on a validation split).
     """
 
     sources: list[str] = field(default_factory=lambda: ["fashion_mnist", "mnist5k", "textures", "faces"])
@@ -96,6 +101,7 @@ class MoCEDemoConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     compare_selection: bool = False
     selection_probe_steps: int = 30
+    sdr: bool = False
     threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -198,9 +204,14 @@ def _finetune(stages: _Stages, backbone: VisionTransformer, task: TensorSplits, 
 METHODS = ("MAE*", "TokenMoE", "MoCE")
 
 
+def _methods(c: MoCEDemoConfig) -> tuple[str, ...]:
+    return (*METHODS, "SDR") if c.sdr else METHODS
+
+
 def _total_steps(c: MoCEDemoConfig) -> int:
-    ft = len(METHODS) * len(c.task_names) * c.finetune_steps
-    per_seed = c.mae_steps + len(METHODS) * c.extra_steps + ft
+    methods = _methods(c)
+    ft = len(methods) * len(c.task_names) * c.finetune_steps
+    per_seed = c.mae_steps + len(methods) * c.extra_steps + ft
     search = ft * len(c.finetune_lrs) if len(c.finetune_lrs) > 1 else 0
     return per_seed * len(c.seeds) + search
 
@@ -260,7 +271,7 @@ def _write_results(out: Path, results: dict) -> None:
         results[key] = {}
         for name in results["runs"][0][field_]:
             results[key][name] = {}
-            for method in METHODS:
+            for method in results["runs"][0][field_][name]:
                 results[key][name][method] = mean_std([r[field_][name][method] for r in results["runs"]])
     atomic_write_bytes(out / "results.json", json.dumps(results, indent=2).encode())
     _write_report(out, results)
@@ -318,6 +329,11 @@ def _run_seed(stages: _Stages, c: MoCEDemoConfig, seed: int, mix, tasks: dict, o
                       imbalance_weight=c.imbalance_weight, renormalize=c.renormalize)
     t_moce, s_moce = continue_mae(moce, "moce", data=pool.with_keys(keys_tr, keys_te), objective_cls=MoCEObjective,
                              teacher=enc, distill_weight=c.distill_weight)
+    sdr = None
+    if c.sdr:  # SDR(ViT): the same subsets (clusters), each to a random fixed expert, the same extra steps
+        sdr = build_sdr(enc, clustering, blocks=blocks, num_experts=c.num_experts, noise=0.01, seed=seed)
+        t_sdr, s_sdr = continue_mae(sdr, "sdr", data=pool.with_keys(keys_tr, keys_te),
+                                    objective_cls=MoCEObjective, teacher=enc, distill_weight=c.distill_weight)
     sizes = torch.bincount(keys_tr, minlength=c.num_clusters)
     run = {"seed": seed, "blocks": blocks, "grad_scores": scores, "cluster_sizes": sizes.tolist(),
            "recon": {"MAE*": s_star["test_recon_loss"], "TokenMoE": s_tok["test_recon_loss"],
@@ -326,6 +342,9 @@ def _run_seed(stages: _Stages, c: MoCEDemoConfig, seed: int, mix, tasks: dict, o
            "expert_choices": {str(k): v for k, v in expert_choices(moce).items()}}
     # reconstruction PSNR per downstream task (MoCE Fig. 3d) and class-by-expert routing (Fig. 3a/3c)
     cont = {"MAE*": (t_star, None), "TokenMoE": (t_tok, None), "MoCE": (t_moce, clustering)}
+    if sdr is not None:
+        run["recon"]["SDR"] = s_sdr["test_recon_loss"]
+        cont["SDR"] = (t_sdr, clustering)
     run["psnr"] = {name: {m: _psnr(t.objective, t.model, task.x_test[:512], enc, cl) for m, (t, cl) in cont.items()}
                    for name, task in tasks.items()}
     fine_y = mix.y_test
@@ -335,9 +354,14 @@ def _run_seed(stages: _Stages, c: MoCEDemoConfig, seed: int, mix, tasks: dict, o
     # 6. transfer: pick each task's cluster, deploy a dense ViT, fine-tune; baselines fine-tune as is
     backbones = {}
     for name, task in tasks.items():
+        t0 = time.perf_counter()
         sel = select_cluster(enc, clustering, task.x_train)
-        run["selection"][name] = {"cluster": sel.cluster, "share": sel.share, "histogram": sel.histogram.tolist()}
+        run["selection"][name] = {"cluster": sel.cluster, "share": sel.share, "histogram": sel.histogram.tolist(),
+                                  "seconds": time.perf_counter() - t0}
         backbones[name] = {"MAE*": mae_star, "TokenMoE": token, "MoCE": deploy(moce, sel.cluster)}
+        if sdr is not None:
+            run.setdefault("sdr_search", {})[name] = pick = _sdr_search(stages, c, seed, sdr, sizes, task, sd, name)
+            backbones[name]["SDR"] = deploy(sdr, pick["picked"])
     if first and len(c.finetune_lrs) > 1:  # small lr search on a validation split, reused for every seed
         for name, task in tasks.items():
             val = _val_split(task, seed)
@@ -353,7 +377,7 @@ def _run_seed(stages: _Stages, c: MoCEDemoConfig, seed: int, mix, tasks: dict, o
             ftr, fte = extract_features(bb, task.x_train), extract_features(bb, task.x_test)
             run["probe"][name][method] = linear_probe(ftr, task.y_train, fte, task.y_test, num_classes=task.num_classes)
             lr = results["lr"].get(name, {}).get(method, {}).get("chosen", c.finetune_lrs[0])
-            tag = {"MAE*": "mae", "TokenMoE": "tok", "MoCE": "moce"}[method]
+            tag = {"MAE*": "mae", "TokenMoE": "tok", "MoCE": "moce", "SDR": "sdr"}[method]
             run["acc"][name][method] = _finetune(stages, bb, task, c, seed, sd / f"ft_{tag}_{name}", lr)
         fmt = lambda d: ", ".join(f"{k} {v:.3f}" for k, v in d.items())  # noqa: E731
         console.print(f"seed {seed} {name}: fine-tuned {fmt(run['acc'][name])}; linear probe {fmt(run['probe'][name])}")
@@ -371,6 +395,20 @@ def _run_seed(stages: _Stages, c: MoCEDemoConfig, seed: int, mix, tasks: dict, o
     return run
 
 
+def _sdr_search(stages: _Stages, c: MoCEDemoConfig, seed: int, sdr: VisionTransformer, sizes: Tensor,
+                task: TensorSplits, sd: Path, name: str) -> dict:
+    """SDR's brute-force transfer: a short fine-tune of every distinct subnet on a validation
+    split of the task; the best one is deployed."""
+    cands = distinct_candidates(sdr, sizes)
+    stages.add(len(cands) * c.selection_probe_steps)
+    val = _val_split(task, seed)
+    t0 = time.perf_counter()
+    accs = {cl: _finetune(stages, deploy(sdr, cl), val, c, seed, sd / f"sdr_search_{name}_{cl}", c.finetune_lrs[0],
+                          steps=c.selection_probe_steps) for cl in cands}
+    return {"val_acc": {str(k): v for k, v in accs.items()}, "picked": max(accs, key=accs.get),
+            "seconds": time.perf_counter() - t0}
+
+
 def _compare_selection(stages: _Stages, c: MoCEDemoConfig, seed: int, moce: VisionTransformer, sizes: Tensor,
                        tasks: dict, run: dict, sd: Path, lrs: dict[str, float]) -> dict:
     """The paper's other ways to pick experts for a task (MoCE Table 5), on the candidates with
@@ -384,19 +422,29 @@ def _compare_selection(stages: _Stages, c: MoCEDemoConfig, seed: int, moce: Visi
     stages.add(len(tasks) * len(cands) * (c.finetune_steps + c.selection_probe_steps))
     for name, task in tasks.items():
         lr = lrs[name]
+        secs = {"largest cluster (MoCE)": run["selection"][name]["seconds"]}
+        t0 = time.perf_counter()
         full = {cl: _finetune(stages, deploy(moce, cl), task, c, seed, sd / f"sel_full_{name}_{cl}", lr)
                 for cl in cands}
+        secs["exhaustive"] = time.perf_counter() - t0
         val = _val_split(task, seed)
+        t0 = time.perf_counter()
         early = {cl: _finetune(stages, deploy(moce, cl), val, c, seed, sd / f"sel_early_{name}_{cl}", lr,
                                steps=c.selection_probe_steps) for cl in cands}
+        secs["early-stop search"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         knn = score_candidates(moce, cands, task.x_train, task.y_train, method="knn", seed=seed)
+        secs["k-NN"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         lme = score_candidates(moce, cands, task.x_train, task.y_train, method="logme", seed=seed)
+        secs["LogME"] = time.perf_counter() - t0
         picks = {"largest cluster (MoCE)": rep[run["selection"][name]["cluster"]],
                  "k-NN": max(knn, key=knn.get), "LogME": max(lme, key=lme.get),
                  "early-stop search": max(early, key=early.get)}
         out[name] = {"test_acc": {str(k): v for k, v in full.items()}, "knn": knn, "logme": lme, "early": early,
                      "picked": {m: {"cluster": cl, "test_acc": full[cl]} for m, cl in picks.items()},
-                     "exhaustive_best": max(full.values()), "exhaustive_worst": min(full.values())}
+                     "exhaustive_best": max(full.values()), "exhaustive_worst": min(full.values()),
+                     "seconds": secs}
     return out
 
 
@@ -459,12 +507,13 @@ def _summary_table(res: dict):
 
     t = Table(title="fine-tuned test accuracy, mean ± std over seeds")
     t.add_column("task")
-    for m in METHODS:
+    methods = list(next(iter(res["tasks"].values())))
+    for m in methods:
         t.add_column(m, justify="right")
     for task, m in res["tasks"].items():
-        best = max(METHODS, key=lambda k: m[k]["mean"])
+        best = max(methods, key=lambda k: m[k]["mean"])
         t.add_row(task, *[("[bold]" if k == best else "") + f"{m[k]['mean']:.4f} ± {m[k]['std']:.4f}"
-                          for k in METHODS])
+                          for k in methods])
     return t
 
 
@@ -575,13 +624,34 @@ def _denorm(pred, x, p):
 def _method_table(title: str, table: dict) -> list[str]:
     """A markdown section: one row per task (mean ± std of each method, the best in bold) and
     the average over tasks."""
-    lines = [f"## {title}", "", "| task | " + " | ".join(METHODS) + " |", "|---" * (len(METHODS) + 1) + "|"]
+    methods = list(next(iter(table.values())))
+    lines = [f"## {title}", "", "| task | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
     for task, m in table.items():
-        best = max(METHODS, key=lambda k: m[k]["mean"])
+        best = max(methods, key=lambda k: m[k]["mean"])
         lines.append(f"| {task} | " + " | ".join(("**{:.4f}**" if k == best else "{:.4f}").format(m[k]["mean"])
-                                                + f" ± {m[k]['std']:.4f}" for k in METHODS) + " |")
-    means = {k: statistics.mean(table[t][k]["mean"] for t in table) for k in METHODS}
-    return [*lines, "| **average** | " + " | ".join(f"{means[k]:.4f}" for k in METHODS) + " |", ""]
+                                                + f" ± {m[k]['std']:.4f}" for k in methods) + " |")
+    means = {k: statistics.mean(table[t][k]["mean"] for t in table) for k in methods}
+    return [*lines, "| **average** | " + " | ".join(f"{means[k]:.4f}" for k in methods) + " |", ""]
+
+
+def _search_cost_lines(sel: dict) -> list[str]:
+    """MoCE Table 5: for each selection method, the mean test accuracy of its picks and its
+    measured cost per downstream task, and the cost for 1, 10 and 100 tasks (every method
+    is per task; MoCE's clustering was paid once during pre-training)."""
+    tasks = [t for t in sel if t != "candidates" and "seconds" in sel[t]]
+    if not tasks:
+        return []
+    methods = ["largest cluster (MoCE)", "k-NN", "LogME", "early-stop search", "exhaustive"]
+    lines = ["Search cost (MoCE Table 5): accuracy of the pick and seconds spent choosing, mean over tasks; "
+             "the cost grows linearly with the number of downstream tasks.", "",
+             "| method | mean test accuracy of the pick | seconds per task | 10 tasks | 100 tasks |",
+             "|---|---|---|---|---|"]
+    for m in methods:
+        acc = statistics.mean(sel[t]["exhaustive_best"] if m == "exhaustive" else sel[t]["picked"][m]["test_acc"]
+                              for t in tasks)
+        sec = statistics.mean(sel[t]["seconds"][m] for t in tasks)
+        lines.append(f"| {m} | {acc:.4f} | {sec:.2f} | {10 * sec:.0f} | {100 * sec:.0f} |")
+    return [*lines, ""]
 
 
 def _write_report(out: Path, res: dict) -> None:
@@ -640,6 +710,14 @@ def _write_report(out: Path, res: dict) -> None:
                 pk = d["picked"]
                 lines.append(f"| {t} | " + " | ".join(f"{pk[m]['test_acc']:.4f}" for m in pk)
                              + f" | {d['exhaustive_best']:.4f} | {d['exhaustive_worst']:.4f} |")
+            lines += ["", *_search_cost_lines(sel)]
+        if r.get("sdr_search"):
+            lines += ["### SDR(ViT): brute-force subnet search (MoCE Table 3 baseline)", "",
+                      "| task | subnets searched | picked | validation accuracy of the pick | search seconds "
+                      "| MoCE selection seconds |", "|---|---|---|---|---|---|"]
+            for t, d in r["sdr_search"].items():
+                lines.append(f"| {t} | {len(d['val_acc'])} | {d['picked']} | {d['val_acc'][str(d['picked'])]:.4f} "
+                             f"| {d['seconds']:.1f} | {r['selection'][t].get('seconds', float('nan')):.2f} |")
             lines.append("")
     from .._utils import atomic_write_bytes
 
