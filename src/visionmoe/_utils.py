@@ -32,6 +32,18 @@ def save_results(out: str | Path, res: dict, aggregate) -> None:
     atomic_write_bytes(Path(out) / "results.json", json.dumps(res, indent=2).encode())
 
 
+def finish_study(out: str | Path, res: dict, t0: float, aggregate, report, console) -> dict:
+    """The end of a multi-run study: total seconds, ``results.json`` (via :func:`save_results`),
+    ``report(out, res)`` and a line naming the report; returns ``res``."""
+    import time
+
+    res["seconds"] = time.perf_counter() - t0
+    save_results(out, res, aggregate)
+    report(Path(out), res)
+    console.print(f"report: {Path(out) / 'report.md'} ({res['seconds'] / 60:.1f} min)")
+    return res
+
+
 def study_progress(title: str, unit: str, progress: bool):
     """``(console, Progress)`` for a multi-run study: a bar counting ``unit`` with elapsed time
     and a ``stage`` field; both silent when ``progress`` is False."""

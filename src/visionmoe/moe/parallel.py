@@ -271,39 +271,32 @@ def _optimizer_shards(optimizer: torch.optim.Optimizer, model: nn.Module) -> dic
     return out
 
 
-def gather_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, osd: dict) -> dict:
-    """``optimizer.state_dict()`` with the per-expert state (Adam moments, ...) of sharded
-    parameters gathered to full ``(E, ...)`` tensors. Collective, like
-    :func:`gather_expert_state`."""
+def _map_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, osd: dict, fn) -> dict:
+    """``osd`` with ``fn(tensor, shard)`` applied to every per-expert state tensor (Adam
+    moments, ...) of the sharded parameters; other entries are kept as they are."""
     shards = _optimizer_shards(optimizer, model)
     if not shards:
         return osd
     state = {}
     for i, st in osd["state"].items():
         sh = shards.get(int(i))
-        if sh is None:
-            state[i] = st
-            continue
-        state[i] = {k: _gather_rows(v, sh) if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == sh.local
-                    else v for k, v in st.items()}
+        state[i] = st if sh is None else {
+            k: fn(v, sh) if isinstance(v, Tensor) and v.dim() > 0 else v for k, v in st.items()}
     return {**osd, "state": state}
+
+
+def gather_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, osd: dict) -> dict:
+    """``optimizer.state_dict()`` with the per-expert state of sharded parameters gathered to
+    full ``(E, ...)`` tensors. Collective, like :func:`gather_expert_state`."""
+    return _map_optimizer_state(optimizer, model, osd,
+                                lambda v, sh: _gather_rows(v, sh) if v.shape[0] == sh.local else v)
 
 
 def shard_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, osd: dict) -> dict:
     """The inverse of :func:`gather_optimizer_state` for this rank."""
-    shards = _optimizer_shards(optimizer, model)
-    if not shards:
-        return osd
-    state = {}
-    for i, st in osd["state"].items():
-        sh = shards.get(int(i))
-        if sh is None:
-            state[i] = st
-            continue
-        state[i] = {k: v[sh.start: sh.start + sh.local].clone()
-                    if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == sh.num_experts != sh.local else v
-                    for k, v in st.items()}
-    return {**osd, "state": state}
+    return _map_optimizer_state(
+        optimizer, model, osd,
+        lambda v, sh: v[sh.start: sh.start + sh.local].clone() if v.shape[0] == sh.num_experts != sh.local else v)
 
 
 def reduce_gradients(params: list[Tensor], sharded: Mapping[int, ExpertShard], world: int) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .._utils import atomic_write_bytes, fmt_mean_std, mean_std, save_results, study_progress
+from .._utils import atomic_write_bytes, finish_study, fmt_mean_std, mean_std, save_results, study_progress
 from ..data import TensorSplits, adapt, load_dataset
 from ..eval import extract_features, few_shot, knn_accuracy, label_subset, linear_probe, routing_consistency
 from ..train import Trainer, config_from_dict
@@ -173,11 +173,7 @@ def run_crmoe_study(c: CRMoEStudyConfig | None = None, *, out: str | Path = "run
             bar.console.print(f"{variant} seed {seed}: linear " + ", ".join(
                 f"{k} {v:.3f}" for k, v in ev["linear"].items()))
             save_results(out, results, _aggregate)
-    results["seconds"] = time.perf_counter() - t0
-    save_results(out, results, _aggregate)
-    _report(out, results)
-    console.print(f"report: {out / 'report.md'} ({results['seconds'] / 60:.1f} min)")
-    return results
+    return finish_study(out, results, t0, _aggregate, _report, console)
 
 
 def _aggregate(res: dict) -> None:

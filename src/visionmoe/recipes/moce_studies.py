@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .._utils import atomic_write_bytes, fmt_mean_std, mean_std, save_results
+from .._utils import atomic_write_bytes, finish_study, fmt_mean_std, mean_std
 from ..clustering import ClusterConfig, fit_clusters
 from ..data import TensorSplits, load_dataset, make_mixture
 from ..eval import extract_features, linear_probe
@@ -67,15 +67,12 @@ def _run(study: str, c: MoCEDemoConfig, out: str | Path, progress: bool, per_see
     tasks = _tasks(c, sources)
     res: dict = {"study": study, "config": asdict(c), "runs": []}
     t0 = time.perf_counter()
-    console, bar = study_progress(study, "steps", progress)
+    _, bar = study_progress(study, "steps", progress)
     with bar:
         stages = _Stages(bar, per_seed_steps * len(c.seeds))
-        for seed in c.seeds:
+        for seed in c.seeds:  # results and report after every seed: a stopped run keeps what it finished
             res["runs"].append(seed_fn(stages, c, seed, sources, tasks, out / f"seed{seed}"))
-            res["seconds"] = time.perf_counter() - t0
-            save_results(out, res, _aggregate)
-            report_fn(out, res)
-    console.print(f"report: {out / 'report.md'} ({res['seconds']:.0f} s)")
+            finish_study(out, res, t0, _aggregate, report_fn, bar.console)
     return res
 
 

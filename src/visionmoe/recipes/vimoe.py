@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .._utils import atomic_write_bytes, fmt_mean_std, mean_std, save_results, study_progress
+from .._utils import atomic_write_bytes, finish_study, fmt_mean_std, mean_std, save_results, study_progress
 from ..data import TensorSplits, load_dataset
 from ..train import Trainer, config_from_dict
 
@@ -190,11 +190,7 @@ def run_vimoe_study(c: ViMoEStudyConfig | None = None, *, out: str | Path = "run
             res[part].append(rec)
             save_results(out, res, _aggregate)
             bar.advance(task)
-    res["seconds"] = time.perf_counter() - t0
-    save_results(out, res, _aggregate)
-    _report(out, res)
-    console.print(f"report: {out / 'report.md'} ({res['seconds'] / 60:.1f} min)")
-    return res
+    return finish_study(out, res, t0, _aggregate, _report, console)
 
 
 def _loss_spread(run_dir: Path) -> float:
