@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from visionmoe.models import create_model
 from visionmoe.moe import MoEConfig, build_moe
-from visionmoe.moe.parallel import gather_expert_state, shard_experts, sharded_parameters
+from visionmoe.moe.parallel import gather_expert_state, reduce_gradients, shard_experts, sharded_parameters
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -52,7 +52,16 @@ def compare(ref, ep, inputs_per_rank, forward, sharded):
             g = p.grad.clone()
             dist.all_reduce(g)
             rep = max(rep, float((g - r.grad).abs().max()))
-    res.update(replicated_grad=rep, expert_grad=exp, scale=float(ys_ref[rank].detach().abs().max()))
+    # the trainer's reduction: every gradient becomes the global one divided by the world size
+    reduce_gradients(list(ep.parameters()), sharded, world)
+    red = 0.0
+    for name, p in ep.named_parameters():
+        r = ref_params[name].grad
+        if id(p) in sharded:
+            r = r[sharded[id(p)].start: sharded[id(p)].start + sharded[id(p)].local]
+        if p.grad is not None:
+            red = max(red, float((p.grad - r / world).abs().max()))
+    res.update(replicated_grad=rep, expert_grad=exp, reduced_grad=red, scale=float(ys_ref[rank].detach().abs().max()))
     return res
 
 

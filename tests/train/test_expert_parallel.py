@@ -56,7 +56,7 @@ def test_expert_parallel_forward_and_backward_equal_one_process(worker):
                              "image_cls_top1", "shared_expert", "vit"}
         for case, res in rank.items():
             assert res["scale"] > 0.05, case  # outputs are not vanishing, so 1e-5 means something
-            for what in ("out", "input_grad", "replicated_grad", "expert_grad"):
+            for what in ("out", "input_grad", "replicated_grad", "expert_grad", "reduced_grad"):
                 assert res[what] < 1e-5, (case, what, res[what])
 
 
@@ -212,3 +212,16 @@ def test_python_example_runs():
     assert r.returncode == 0, r.stderr[-3000:]
     for rank in (0, 1):
         assert f"rank {rank}: holds (4, 768, 192), checkpoint has (8, 768, 192)" in r.stdout
+
+
+def test_four_ranks_two_expert_groups_follow_one_process(runs, tmp_path):
+    """4 ranks with moe.expert_parallel=2: two groups of 2 split the experts, and each expert's
+    gradient is all-reduced between the 2 ranks that hold it (the replica group)."""
+    cfg, root = runs
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m", "visionmoe",
+           "train", str(cfg), "moe.expert_parallel=2", "--run-dir", str(tmp_path / "ep4")]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for (s1, a), (s2, b) in zip(_losses(root / "one"), _losses(tmp_path / "ep4")):
+        assert s1 == s2 and a == pytest.approx(b, abs=1e-5), s1
+    assert _max_diff(_weights(root / "one")["model"], _weights(tmp_path / "ep4")["model"]) < 1e-4
