@@ -15,12 +15,13 @@ from visionmoe.moe import MoEConfig, build_moe
 from visionmoe.moe.parallel import (
     _GROUPS,
     ExpertShard,
-    all_to_all_bytes,
     expert_parallel_groups,
     shard_expert_state,
     shard_experts,
 )
 from visionmoe.train import Trainer, load_checkpoint, load_trained_model
+
+from .test_distributed import _log, _train  # torchrun / single-process CLI runs and their metrics
 
 HERE = Path(__file__).parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -77,16 +78,8 @@ def test_saved_with_two_ranks_loads_in_one_process(worker):
             torch.testing.assert_close(model(saved["imgs"]), saved["logits"], atol=1e-5, rtol=1e-5)
 
 
-def _train(cfg: Path, run_dir: Path, nproc: int, *extra: str) -> None:
-    cmd = ["-m", "visionmoe", "train", str(cfg), "--run-dir", str(run_dir), *extra]
-    cmd = [*TORCHRUN, *cmd] if nproc == 2 else [sys.executable, *cmd]
-    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-
-
 def _losses(run_dir: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    return [(r["step"], r["loss"]) for r in _log(run_dir) if "loss" in r]
 
 
 def _weights(run_dir: Path, step: int = 12) -> dict:
@@ -121,8 +114,7 @@ def test_expert_parallel_training_follows_one_process(runs):
         assert _max_diff(w1[part], w2[part]) < 1e-4, part
     m1, m2 = w1["optimizer"]["state"], w2["optimizer"]["state"]
     assert max(float((m1[i]["exp_avg_sq"] - m2[i]["exp_avg_sq"]).abs().max()) for i in m1) < 1e-6
-    evals = [[json.loads(ln) for ln in (root / r / "metrics.jsonl").read_text().splitlines()] for r in ("one", "ep")]
-    accs = [[e["test_acc"] for e in ev if "test_acc" in e] for ev in evals]
+    accs = [[e["test_acc"] for e in _log(root / r) if "test_acc" in e] for r in ("one", "ep")]
     assert len(accs[0]) == len(accs[1]) >= 2 and accs[0] == pytest.approx(accs[1], abs=1e-9)
 
 
@@ -180,14 +172,6 @@ def test_shard_slices_and_state_round_trip():
         del _GROUPS[-1]
 
 
-def test_all_to_all_bytes_by_hand():
-    counts = torch.tensor([5, 1, 2, 4])  # rows for experts 0..3; rank 0 of 2 holds experts 0, 1
-    # rank 0 sends experts 2 and 3's 6 rows away and gets their outputs back: 2 * 6 rows * 8 * 4 bytes
-    assert all_to_all_bytes(counts, rank=0, size=2, dim=8) == 2 * 6 * 8 * 4
-    assert all_to_all_bytes(counts, rank=1, size=2, dim=8) == 2 * 6 * 8 * 4
-    assert all_to_all_bytes(counts, rank=0, size=4, dim=8) == 2 * 7 * 8 * 4
-
-
 def test_expert_parallel_benchmark_measures_all_to_all(runs, tmp_path):
     from visionmoe.train.distributed import benchmark_data_parallel
 
@@ -218,10 +202,7 @@ def test_four_ranks_two_expert_groups_follow_one_process(runs, tmp_path):
     """4 ranks with moe.expert_parallel=2: two groups of 2 split the experts, and each expert's
     gradient is all-reduced between the 2 ranks that hold it (the replica group)."""
     cfg, root = runs
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m", "visionmoe",
-           "train", str(cfg), "moe.expert_parallel=2", "--run-dir", str(tmp_path / "ep4")]
-    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    _train(cfg, tmp_path / "ep4", 4, "moe.expert_parallel=2")
     for (s1, a), (s2, b) in zip(_losses(root / "one"), _losses(tmp_path / "ep4")):
         assert s1 == s2 and a == pytest.approx(b, abs=1e-5), s1
     assert _max_diff(_weights(root / "one")["model"], _weights(tmp_path / "ep4")["model"]) < 1e-4

@@ -46,7 +46,7 @@ from .experts import Experts
 
 __all__ = ["TRAFFIC", "ExpertShard", "expert_parallel_groups", "shard_experts", "sharded_experts",
            "expert_parallel_forward", "gather_expert_state", "shard_expert_state", "gather_optimizer_state",
-           "shard_optimizer_state", "reduce_gradients", "sharded_parameters", "all_to_all_bytes"]
+           "shard_optimizer_state", "reduce_gradients", "sharded_parameters"]
 
 _PARAMS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
 # process groups by key; kept out of the modules so that ``copy.deepcopy`` (EMA, MoCo's
@@ -219,14 +219,6 @@ def expert_parallel_forward(experts: Experts, x: Tensor, rows: Tensor, counts: T
     return _a2a(yr, send_splits, recv_splits, group)  # (N, D) in the order of rows
 
 
-def all_to_all_bytes(counts: Tensor, rank: int, size: int, dim: int, element_size: int = 4) -> int:
-    """Bytes one rank sends in one MoE layer's forward (rows to other ranks' experts, and
-    their outputs back): ``counts: (E,)`` its rows per expert."""
-    per_rank = counts.view(size, -1).sum(1)
-    away = int(per_rank.sum() - per_rank[rank])
-    return 2 * away * dim * element_size
-
-
 def _gather_rows(t: Tensor, sh: ExpertShard) -> Tensor:
     parts = [torch.empty_like(t) for _ in range(sh.size)]
     dist.all_gather(parts, t.contiguous(), group=sh.group)
@@ -261,7 +253,7 @@ def shard_expert_state(model: nn.Module, sd: Mapping[str, Tensor], prefix: str =
 
 def _optimizer_shards(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[int, ExpertShard]:
     """Optimizer state index -> shard, for the sharded expert parameters."""
-    owner = {id(p): m.shard for _, m in sharded_experts(model) for p in m.parameters(recurse=False)}
+    owner = sharded_parameters(model)
     out, i = {}, 0
     for g in optimizer.param_groups:
         for p in g["params"]:

@@ -621,17 +621,19 @@ def _denorm(pred, x, p):
     return pred * (t.var(-1, keepdim=True) + 1e-6) ** 0.5 + t.mean(-1, keepdim=True)
 
 
-def _method_table(title: str, table: dict) -> list[str]:
+def _method_table(title: str, table: dict, digits: int = 4, level: str = "##") -> list[str]:
     """A markdown section: one row per task (mean ± std of each method, the best in bold) and
-    the average over tasks."""
+    the average over tasks; ``table[task][method]`` is a :func:`mean_std` dict."""
     methods = list(next(iter(table.values())))
-    lines = [f"## {title}", "", "| task | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    lines = [f"{level} {title}", "", "| task | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
     for task, m in table.items():
         best = max(methods, key=lambda k: m[k]["mean"])
-        lines.append(f"| {task} | " + " | ".join(("**{:.4f}**" if k == best else "{:.4f}").format(m[k]["mean"])
-                                                + f" ± {m[k]['std']:.4f}" for k in methods) + " |")
+        cells = [f"{m[k]['mean']:.{digits}f}" for k in methods]
+        cells = [f"**{v}**" if k == best else v for k, v in zip(methods, cells)]
+        lines.append(f"| {task} | " + " | ".join(f"{v} ± {m[k]['std']:.{digits}f}" for k, v in zip(methods, cells))
+                     + " |")
     means = {k: statistics.mean(table[t][k]["mean"] for t in table) for k in methods}
-    return [*lines, "| **average** | " + " | ".join(f"{means[k]:.4f}" for k in methods) + " |", ""]
+    return [*lines, "| **average** | " + " | ".join(f"{means[k]:.{digits}f}" for k in methods) + " |", ""]
 
 
 def _search_cost_lines(sel: dict) -> list[str]:

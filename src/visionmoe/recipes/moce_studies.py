@@ -21,13 +21,22 @@ from pathlib import Path
 
 import torch
 
-from .._utils import atomic_write_bytes, finish_study, fmt_mean_std, mean_std
+from .._utils import atomic_write_bytes, finish_study, mean_std
 from ..clustering import ClusterConfig, fit_clusters
 from ..data import TensorSplits, load_dataset, make_mixture
 from ..eval import extract_features, linear_probe
 from ..models import VisionTransformer
 from .moce import MoCEObjective, deploy, select_cluster
-from .moce_demo import MoCEDemoConfig, _adapt_all, _cfg, _finetune, _mae_kwargs, _Stages, _subset
+from .moce_demo import (
+    MoCEDemoConfig,
+    _adapt_all,
+    _cfg,
+    _finetune,
+    _mae_kwargs,
+    _method_table,
+    _Stages,
+    _subset,
+)
 
 __all__ = ["HALVES", "run_negative_transfer", "run_from_scratch", "STUDIES"]
 
@@ -83,16 +92,16 @@ def _aggregate(res: dict) -> None:
                           for t in runs[0]["transfer"]} for p in ("probe", "finetune")}
 
 
-def _table(res: dict, protocol: str, title: str) -> list[str]:
-    s = res["summary"][protocol]
-    models = list(next(iter(s.values())))
-    lines = [f"### {title}", "", "| task | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
-    for task, d in s.items():
-        best = max(models, key=lambda m: d[m]["mean"])
-        lines.append(f"| {task} | " + " | ".join(("**" if m == best else "") + fmt_mean_std(d[m], 3)
-                                                + ("**" if m == best else "") for m in models) + " |")
-    avg = {m: sum(d[m]["mean"] for d in s.values()) / len(s) for m in models}
-    return [*lines, "| average | " + " | ".join(f"{avg[m]:.3f}" for m in models) + " |", ""]
+def _protocol_sections(out: Path, res: dict, stem: str) -> list[str]:
+    """Report sections for the linear probe and fine-tuning: a table (mean ± std over seeds,
+    the best in bold, the average) and a bar chart ``out/<stem>_<protocol>.png`` each."""
+    lines = []
+    for protocol, title in (("probe", "Linear probe accuracy (mean ± std over seeds)"),
+                            ("finetune", "Fine-tuned accuracy (mean ± std over seeds)")):
+        lines += _method_table(title, res["summary"][protocol], digits=3, level="###")
+        _plot(out / f"{stem}_{protocol}.png", res, protocol, title)
+        lines += [f"![{protocol}]({stem}_{protocol}.png)", ""]
+    return lines
 
 
 def _plot(path: Path, res: dict, protocol: str, title: str) -> None:
@@ -148,11 +157,7 @@ def _negative_report(out: Path, res: dict) -> None:
              f"{cfg['per_source']} images per source. Transfer: linear probe and {cfg['finetune_steps']}-step "
              f"fine-tuning on up to {cfg['finetune_train_limit']} images per task. Seeds "
              f"{[r['seed'] for r in res['runs']]}, {res['seconds'] / 60:.1f} min.", ""]
-    for protocol, title in (("probe", "Linear probe accuracy (mean ± std over seeds)"),
-                            ("finetune", "Fine-tuned accuracy (mean ± std over seeds)")):
-        lines += _table(res, protocol, title)
-        _plot(out / f"negative_transfer_{protocol}.png", res, protocol, title)
-        lines += [f"![{protocol}](negative_transfer_{protocol}.png)", ""]
+    lines += _protocol_sections(out, res, "negative_transfer")
     lines += ["### Does the semantically closer half transfer better?", "",
               "| task | closer half | probe: closer − other | fine-tune: closer − other | probe: closer − whole |",
               "|---|---|---|---|---|"]
@@ -222,11 +227,7 @@ def _scratch_report(out: Path, res: dict) -> None:
              f"steps), experts in blocks {r0['blocks']}, {cfg['num_experts']} experts, {cfg['num_clusters']} "
              "clusters, no distillation (there is no pre-trained teacher). Seeds "
              f"{[r['seed'] for r in res['runs']]}, {res['seconds'] / 60:.1f} min.", ""]
-    for protocol, title in (("probe", "Linear probe accuracy (mean ± std over seeds)"),
-                            ("finetune", "Fine-tuned accuracy (mean ± std over seeds)")):
-        lines += _table(res, protocol, title)
-        _plot(out / f"from_scratch_{protocol}.png", res, protocol, title)
-        lines += [f"![{protocol}](from_scratch_{protocol}.png)", ""]
+    lines += _protocol_sections(out, res, "from_scratch")
     atomic_write_bytes(out / "report.md", ("\n".join(lines) + "\n").encode())
 
 

@@ -352,9 +352,10 @@ class Trainer:
         starts = list(range(lo, hi, bs))
         if self.expert_parallel > 1:  # every rank must run as many forwards (the all-to-all is collective)
             n_batches = -(-share // bs)
+            j = min(lo + bs, hi)
             for _ in range(n_batches - len(starts)):  # extra passes over its first batch, not counted
-                x, y = self._x_test[lo:min(lo + bs, hi)], self.data.y_test[lo:min(lo + bs, hi)]
-                key = self.data.keys_test[lo:min(lo + bs, hi)] if self.data.keys_test is not None else None
+                x, y = self._x_test[lo:j], self.data.y_test[lo:j]
+                key = self.data.keys_test[lo:j] if self.data.keys_test is not None else None
                 with self._autocast():
                     self.objective.eval_batch(model, x, y, key, torch.Generator().manual_seed(0))
         for i in starts:
