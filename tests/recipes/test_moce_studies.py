@@ -44,3 +44,43 @@ def test_from_scratch_study(tmp_path):
     # the linear probe on digits' frozen features beats chance (10 classes) even after 8 steps
     assert res["summary"]["probe"]["digits"]["MoCE (scratch)"]["mean"] > 0.3
     assert "from random initialisation" in (tmp_path / "report.md").read_text()
+
+
+def test_negative_transfer_equal_size_pools(tmp_path):
+    args = ["moce-study", "negative-transfer", "--no-progress", "--out", str(tmp_path), *TINY, "seeds=[0]",
+            "tasks=[digits]", "per_source=100", "mae_steps=2", "equal_size_pools=true"]
+    assert main(args) == 0
+    sizes = json.loads((tmp_path / "results.json").read_text())["runs"][0]["pretrain_images"]
+    # faces ships 150 training images, so garments+faces has 100 + 100 and every set is cut to the smallest
+    assert set(sizes) == {"digits+textures", "garments+faces", "whole pool"}
+    assert len(set(sizes.values())) == 1 and sizes["whole pool"] <= 200
+    assert "cut to the smallest one" in (tmp_path / "report.md").read_text()
+
+
+def test_ablation_study(tmp_path):
+    from visionmoe.recipes.moce_demo import MoCEDemoConfig
+    from visionmoe.recipes.moce_studies import ablation_variants
+
+    args = ["moce-study", "ablations", "--no-progress", "--out", str(tmp_path), *TINY, "seeds=[0]",
+            "tasks=[digits, fashion_mnist]", "per_source=60", "mae_steps=4", "extra_steps=2"]
+    assert main(args) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    run = res["runs"][0]
+    expected = ablation_variants(MoCEDemoConfig())
+    assert list(run["variants"]) == list(expected) and "4 experts" not in expected and "16 clusters" not in expected
+    assert run["variants"]["first two blocks"]["blocks"] == [0, 1]
+    assert run["variants"]["last two blocks"]["blocks"] == [1, 2]  # depth 3
+    # every setting transferred to every task, MAE* first; averages are the mean over tasks
+    for protocol in ("probe", "finetune"):
+        assert list(res["averages"][protocol]) == ["MAE*", *expected]
+        for m, a in res["averages"][protocol].items():
+            per_task = [run["transfer"][t][m][protocol] for t in ("digits", "fashion_mnist")]
+            assert a["mean"] == pytest.approx(sum(per_task) / 2)
+    assert run["transfer"]["digits"]["as configured"]["probe"] > 0.3  # 10 classes: beats chance
+    # the parameter count grows by one MLP (D*4D + 4D + 4D*D + D) and one gate row (D) per expert per MoE block
+    d = 32
+    per_expert = d * 4 * d + 4 * d + 4 * d * d + d + d
+    params = {m: v["params"] for m, v in run["variants"].items()}
+    assert params["8 experts"] - params["1 expert"] == 7 * 2 * per_expert
+    report = (tmp_path / "report.md").read_text()
+    assert "| no distillation loss |" in report and (tmp_path / "ablations.png").stat().st_size > 0

@@ -1,6 +1,8 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
 from visionmoe.train import ConfigError, apply_overrides, config_from_dict, load_config
 
@@ -23,8 +25,10 @@ def test_every_moce_demo_config_validates(path):
 
     cfg = MoCEDemoConfig.from_yaml(path)
     assert cfg.num_experts >= 1 and cfg.task_names
-    if path.name == "demo.yaml":  # the documented defaults are the real defaults
+    if path.name == "demo.yaml":  # the documented defaults are the real defaults, every one of them
         assert cfg == MoCEDemoConfig()
+        listed = yaml.safe_load(path.read_text())
+        assert [f.name for f in dataclasses.fields(MoCEDemoConfig) if f.name not in listed] == []
 
 
 def test_moce_demo_config_errors():

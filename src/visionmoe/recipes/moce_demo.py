@@ -102,6 +102,7 @@ class MoCEDemoConfig:
     compare_selection: bool = False
     selection_probe_steps: int = 30
     sdr: bool = False
+    equal_size_pools: bool = False
     threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -201,6 +202,34 @@ def _finetune(stages: _Stages, backbone: VisionTransformer, task: TensorSplits, 
     return stages.train(model, task, cfg, run_dir, f"fine-tune {run_dir.name}")[1]["test_acc"]
 
 
+def _cluster(enc: VisionTransformer, feats: Tensor, pool: TensorSplits, k: int, c: MoCEDemoConfig, seed: int):
+    """Balanced clustering of the pool's unit-norm features (``feats``) into ``k`` clusters;
+    returns the clustering, the training images' balanced assignments (Q of eq. 2) and the
+    test images' nearest centroids."""
+    clustering = fit_clusters(feats, ClusterConfig(num_clusters=k, batch_size=512, seed=seed, center=c.cluster_center),
+                              feature_source=f"seed{seed}/mae")
+    return clustering, clustering.assign_balanced(feats), clustering.assign(extract_features(enc, pool.x_test))
+
+
+def _grad_scores(enc: VisionTransformer, mae: Trainer, pool: TensorSplits, c: MoCEDemoConfig) -> list[float]:
+    """MAE-loss gradient magnitude of each block's MLP (MoCE's placement), on 4 batches."""
+    probe = MAEObjective(enc, **_mae_kwargs(c))
+    probe.decoder.load_state_dict(mae.objective.decoder.state_dict())
+    batches = [(pool.x_train[i : i + c.batch_size],) for i in range(0, 4 * c.batch_size, c.batch_size)]
+    return gradient_magnitude_scores(enc, batches, lambda m, b: probe(m, b)["loss"])
+
+
+def _continue(stages: _Stages, c: MoCEDemoConfig, seed: int, mae: Trainer, model: VisionTransformer,
+              data: TensorSplits, run_dir: Path, label: str, objective_cls=MAEObjective, **kw):
+    """``extra_steps`` more MAE steps for ``model`` from the dense run (its decoder included), at
+    ``mae_lr x extra_lr_scale``: the equal extra compute of MAE*, TokenMoE, MoCE and SDR."""
+    mk = _mae_kwargs(c)
+    obj = objective_cls(model, **kw, **mk)
+    obj.decoder.load_state_dict(mae.objective.decoder.state_dict())
+    extra = _cfg("mae", c.extra_steps, c.batch_size, c.mae_lr * c.extra_lr_scale, seed=seed, **mk)
+    return stages.train(model, data, extra, run_dir, label, objective=obj)
+
+
 METHODS = ("MAE*", "TokenMoE", "MoCE")
 
 
@@ -294,27 +323,18 @@ def _run_seed(stages: _Stages, c: MoCEDemoConfig, seed: int, mix, tasks: dict, o
     # 3. balanced clustering of unit-norm MAE features
     t0 = time.perf_counter()
     feats = extract_features(enc, pool.x_train)
-    clustering = fit_clusters(feats, ClusterConfig(num_clusters=c.num_clusters, batch_size=512, seed=seed,
-                                                           center=c.cluster_center),
-                              feature_source=f"seed{seed}/mae")
+    clustering, keys_tr, keys_te = _cluster(enc, feats, pool, c.num_clusters, c, seed)
     clustering.save(sd / "clusters.safetensors")
-    keys_tr = clustering.assign_balanced(feats)  # Q of eq. 2 for the pre-training images
-    keys_te = clustering.assign(extract_features(enc, pool.x_test))
     timings["clustering"] = time.perf_counter() - t0
     # 4. placement by gradient magnitude under the MAE loss
-    probe = MAEObjective(enc, **mk)
-    probe.decoder.load_state_dict(mae.objective.decoder.state_dict())
-    batches = [(pool.x_train[i : i + c.batch_size],) for i in range(0, 4 * c.batch_size, c.batch_size)]
-    scores = gradient_magnitude_scores(enc, batches, lambda m, b, probe=probe: probe(m, b)["loss"])
+    scores = _grad_scores(enc, mae, pool, c)
     blocks = list(c.blocks) if c.blocks is not None else by_scores(scores, c.moe_blocks)
-    # 5. equal extra compute for MAE*, TokenMoE and MoCE (base lr x extra_lr_scale, paper 0.1)
-    extra = _cfg("mae", c.extra_steps, c.batch_size, c.mae_lr * c.extra_lr_scale, seed=seed, **mk)
 
+    # 5. equal extra compute for MAE*, TokenMoE and MoCE (base lr x extra_lr_scale, paper 0.1)
     def continue_mae(model, name, data=pool, objective_cls=MAEObjective, **kw):
-        obj = objective_cls(model, **kw, **mk)
-        obj.decoder.load_state_dict(mae.objective.decoder.state_dict())
         t0 = time.perf_counter()
-        trainer, summary = stages.train(model, data, extra, sd / name, f"seed {seed}: {name}", objective=obj)
+        trainer, summary = _continue(stages, c, seed, mae, model, data, sd / name, f"seed {seed}: {name}",
+                                     objective_cls, **kw)
         timings[name] = time.perf_counter() - t0
         return trainer, summary
 

@@ -1,4 +1,4 @@
-"""Two MoCE analyses beyond the demo, on the demo's data, sizes and transfer protocol.
+"""MoCE analyses beyond the demo, on the demo's data, sizes and transfer protocol.
 
 - **Negative transfer** (MoCE section 3.1, Figure 1a): pre-train MAE on two semantically
   disjoint halves of the pool and on the whole pool, with equal steps, and transfer each
@@ -7,14 +7,20 @@
 - **From scratch** (MoCE appendix A.4, Table 11): cluster the features of a short MAE run,
   then train MoCE from random initialisation on those cluster assignments, against MAE from
   random initialisation with the same number of steps.
+- **Ablations** (MoCE Tables 6-9 at small scale): per seed one MAE pre-training, then MoCE
+  built from it with one setting changed at a time (number of experts, which blocks get
+  experts, number of clusters, without the imbalance or distillation loss), each with the
+  same extra steps, deployed and transferred like the demo's MoCE; MAE* is the dense reference.
 
-``visionmoe moce-study negative-transfer|from-scratch [--quick] [CONFIG] [key=value ...]``
+``visionmoe moce-study negative-transfer|from-scratch|ablations [--quick] [CONFIG] [key=value ...]``
 takes the :class:`~visionmoe.recipes.moce_demo.MoCEDemoConfig` fields and writes
 ``report.md``, ``results.json`` and a figure into ``--out``.
 """
 
 from __future__ import annotations
 
+import copy
+import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -25,20 +31,24 @@ from .._utils import atomic_write_bytes, finish_study, mean_std
 from ..clustering import ClusterConfig, fit_clusters
 from ..data import TensorSplits, load_dataset, make_mixture
 from ..eval import extract_features, linear_probe
-from ..models import VisionTransformer
-from .moce import MoCEObjective, deploy, select_cluster
+from ..models import VisionTransformer, count_parameters
+from ..moe.placement import by_scores
+from .moce import MoCEObjective, build_moce, deploy, select_cluster
 from .moce_demo import (
     MoCEDemoConfig,
     _adapt_all,
     _cfg,
+    _cluster,
+    _continue,
     _finetune,
+    _grad_scores,
     _mae_kwargs,
     _method_table,
     _Stages,
     _subset,
 )
 
-__all__ = ["HALVES", "run_negative_transfer", "run_from_scratch", "STUDIES"]
+__all__ = ["HALVES", "ablation_variants", "run_negative_transfer", "run_from_scratch", "run_ablations", "STUDIES"]
 
 #: the two semantically disjoint halves of the demo's pool: strokes and textures vs garments and faces
 HALVES = {"digits+textures": ["mnist5k", "textures"], "garments+faces": ["fashion_mnist", "faces"]}
@@ -64,7 +74,7 @@ def _transfer(stages: _Stages, backbone, task: TensorSplits, c: MoCEDemoConfig, 
 
 
 def _run(study: str, c: MoCEDemoConfig, out: str | Path, progress: bool, per_seed_steps: int, seed_fn,
-         report_fn) -> dict:
+         report_fn, aggregate=None) -> dict:
     from .._utils import study_progress
 
     if c.threads:
@@ -81,7 +91,7 @@ def _run(study: str, c: MoCEDemoConfig, out: str | Path, progress: bool, per_see
         stages = _Stages(bar, per_seed_steps * len(c.seeds))
         for seed in c.seeds:  # results and report after every seed: a stopped run keeps what it finished
             res["runs"].append(seed_fn(stages, c, seed, sources, tasks, out / f"seed{seed}"))
-            finish_study(out, res, t0, _aggregate, report_fn, bar.console)
+            finish_study(out, res, t0, aggregate or _aggregate, report_fn, bar.console)
     return res
 
 
@@ -128,19 +138,24 @@ def _plot(path: Path, res: dict, protocol: str, title: str) -> None:
 
 # ------------------------------------------------------------------ negative transfer
 def _mae(stages: _Stages, c: MoCEDemoConfig, seed: int, pool: TensorSplits, steps: int, run_dir: Path,
-         label: str) -> VisionTransformer:
+         label: str, *, trainer: bool = False):
+    """MAE from random initialisation; the encoder (and its trainer with ``trainer=True``)."""
     torch.manual_seed(seed)
     enc = VisionTransformer(img_size=c.img_size, in_chans=1, num_classes=0, **c.vit)
-    stages.train(enc, pool, _cfg("mae", steps, c.batch_size, c.mae_lr, seed=seed, **_mae_kwargs(c)), run_dir, label)
-    return enc
+    t, _ = stages.train(enc, pool, _cfg("mae", steps, c.batch_size, c.mae_lr, seed=seed, **_mae_kwargs(c)), run_dir,
+                        label)
+    return (enc, t) if trainer else enc
 
 
 def _negative_seed(stages: _Stages, c: MoCEDemoConfig, seed: int, sources: dict, tasks: dict, sd: Path) -> dict:
     sets = {**HALVES, "whole pool": sorted({s for h in HALVES.values() for s in h})}
+    pools = {label: make_mixture([sources[n] for n in names], size=c.img_size, channels=1, per_source=c.per_source,
+                                 seed=0).as_splits("source") for label, names in sets.items()}
+    if c.equal_size_pools:  # the same number of images in every set (a random subset, the same for every seed)
+        n = min(len(p.x_train) for p in pools.values())
+        pools = {label: _subset(p, n, None, 0) for label, p in pools.items()}
     run = {"seed": seed, "pretrain_images": {}, "transfer": {t: {} for t in tasks}}
-    for label, names in sets.items():
-        pool = make_mixture([sources[n] for n in names], size=c.img_size, channels=1, per_source=c.per_source,
-                            seed=0).as_splits("source")
+    for label, pool in pools.items():
         run["pretrain_images"][label] = len(pool.x_train)
         tag = label.replace("+", "_").replace(" ", "_")
         enc = _mae(stages, c, seed, pool, c.mae_steps, sd / f"mae_{tag}", f"seed {seed}: MAE on {label}")
@@ -154,7 +169,9 @@ def _negative_report(out: Path, res: dict) -> None:
     lines = ["# Negative transfer (MoCE Figure 1a)", "",
              f"MAE pre-trained for {cfg['mae_steps']} steps (the same for every set) on "
              f"{', '.join(f'{k} ({v} images)' for k, v in res['runs'][0]['pretrain_images'].items())}; "
-             f"{cfg['per_source']} images per source. Transfer: linear probe and {cfg['finetune_steps']}-step "
+             f"{cfg['per_source']} images per source"
+             f"{', then every set cut to the smallest one by a random subset' if cfg.get('equal_size_pools') else ''}."
+             f" Transfer: linear probe and {cfg['finetune_steps']}-step "
              f"fine-tuning on up to {cfg['finetune_train_limit']} images per task. Seeds "
              f"{[r['seed'] for r in res['runs']]}, {res['seconds'] / 60:.1f} min.", ""]
     lines += _protocol_sections(out, res, "negative_transfer")
@@ -240,4 +257,134 @@ def run_from_scratch(c: MoCEDemoConfig | None = None, *, out: str | Path = "runs
     return _run("from scratch", c, out, progress, per_seed, _scratch_seed, _scratch_report)
 
 
-STUDIES = {"negative-transfer": run_negative_transfer, "from-scratch": run_from_scratch}
+# ------------------------------------------------------------------ ablations
+def ablation_variants(c: MoCEDemoConfig) -> dict[str, dict]:
+    """The settings the ablation study compares, each as the fields it changes from ``c``
+    (MoCE Tables 6-9): experts 1/2/4/8, experts in the first or last two blocks instead of the
+    largest-gradient ones, 4/16/32 clusters, without the imbalance or distillation loss.
+    Settings equal to ``c`` are left out; ``c`` itself comes first as ``"as configured"``."""
+    depth = c.vit["depth"]
+    cands = {f"{e} expert{'s' * (e > 1)}": {"num_experts": e} for e in (1, 2, 4, 8)}
+    cands |= {"first two blocks": {"blocks": [0, 1]}, "last two blocks": {"blocks": [depth - 2, depth - 1]}}
+    cands |= {f"{k} clusters": {"num_clusters": k} for k in (4, 16, 32)}
+    cands |= {"no imbalance loss": {"imbalance_weight": 0.0}, "no distillation loss": {"distill_weight": 0.0}}
+    out = {"as configured": {}}
+    for label, change in cands.items():
+        if any(getattr(c, k) != v for k, v in change.items()):
+            out[label] = change
+    return out
+
+
+def _ablation_seed(stages: _Stages, c: MoCEDemoConfig, seed: int, sources: dict, tasks: dict, sd: Path) -> dict:
+    from dataclasses import replace
+
+    pool = make_mixture([sources[n] for n in c.sources], size=c.img_size, channels=1, per_source=c.per_source,
+                        seed=0).as_splits("source")
+    enc, mae = _mae(stages, c, seed, pool, c.mae_steps, sd / "mae", f"seed {seed}: MAE pre-training", trainer=True)
+    feats = extract_features(enc, pool.x_train)
+    scores = _grad_scores(enc, mae, pool, c)
+    clusterings: dict[int, tuple] = {}
+    run = {"seed": seed, "grad_scores": scores, "variants": {}, "transfer": {t: {} for t in tasks}}
+    # the dense reference: MAE* (the same extra steps, no experts)
+    star = copy.deepcopy(enc)
+    _continue(stages, c, seed, mae, star, pool, sd / "mae_star", f"seed {seed}: MAE*")
+    for name, task in tasks.items():
+        run["transfer"][name]["MAE*"] = _transfer(stages, star, task, c, seed, sd / f"ft_mae_star_{name}")
+    for i, (label, change) in enumerate(ablation_variants(c).items()):
+        v = replace(c, **change)
+        if v.num_clusters not in clusterings:
+            clusterings[v.num_clusters] = _cluster(enc, feats, pool, v.num_clusters, c, seed)
+        clustering, keys_tr, keys_te = clusterings[v.num_clusters]
+        blocks = list(v.blocks) if v.blocks is not None else by_scores(scores, v.moe_blocks)
+        moce = build_moce(enc, clustering, blocks=blocks, num_experts=v.num_experts, noise=0.01, seed=seed,
+                          imbalance_weight=v.imbalance_weight, renormalize=v.renormalize)
+        _, summary = _continue(stages, v, seed, mae, moce, pool.with_keys(keys_tr, keys_te), sd / f"moce_{i}",
+                               f"seed {seed}: MoCE, {label}", MoCEObjective, teacher=enc,
+                               distill_weight=v.distill_weight)
+        run["variants"][label] = {"change": change, "blocks": blocks, "recon": summary["test_recon_loss"],
+                                  "params": count_parameters(moce)["total"], "clusters": {}}
+        for name, task in tasks.items():
+            sel = select_cluster(enc, clustering, task.x_train)
+            run["variants"][label]["clusters"][name] = sel.cluster
+            run["transfer"][name][label] = _transfer(stages, deploy(moce, sel.cluster), task, c, seed,
+                                                     sd / f"ft_moce_{i}_{name}")
+    return run
+
+
+def _ablation_aggregate(res: dict) -> None:
+    """:func:`_aggregate`, and ``averages[protocol][setting]``: mean ± std over seeds of the
+    per-seed average over tasks."""
+    _aggregate(res)
+    runs = res["runs"]
+    tasks = list(runs[0]["transfer"])
+    res["averages"] = {p: {m: mean_std(statistics.mean(r["transfer"][t][m][p] for t in tasks) for r in runs)
+                           for m in runs[0]["transfer"][tasks[0]]} for p in ("probe", "finetune")}
+
+
+def _ablation_report(out: Path, res: dict) -> None:
+    """Rows are settings, columns tasks and the average, per protocol; the average's std is
+    over seeds of the per-seed average. Also a bar chart of the averages."""
+    cfg, runs = res["config"], res["runs"]
+    tasks = list(runs[0]["transfer"])
+    models = list(runs[0]["transfer"][tasks[0]])
+    lines = ["# MoCE ablations (MoCE Tables 6-9 at small scale)", "",
+             f"One MAE pre-training per seed ({cfg['mae_steps']} steps); MAE* and every MoCE setting then get the "
+             f"same {cfg['extra_steps']} extra steps from it. MoCE as configured: {cfg['num_experts']} experts, "
+             f"{cfg['num_clusters']} clusters, {cfg['moe_blocks']} blocks by MAE-loss gradient "
+             f"(seed 0: {runs[0]['variants']['as configured']['blocks']}), imbalance weight "
+             f"{cfg['imbalance_weight']}, distillation weight {cfg['distill_weight']}; each other row changes one "
+             f"setting. Transfer: linear probe and {cfg['finetune_steps']}-step fine-tuning, the demo's protocol. "
+             f"Seeds {[r['seed'] for r in runs]}, {res['seconds'] / 60:.1f} min.", ""]
+    avg = res["averages"]
+    for protocol, title in (("probe", "Linear probe accuracy"), ("finetune", "Fine-tuned accuracy")):
+        best = max(models, key=lambda m: avg[protocol][m]["mean"])
+        lines += [f"### {title} (mean ± std over seeds)", "",
+                  "| setting | " + " | ".join(tasks) + " | average |", "|---" * (len(tasks) + 2) + "|"]
+        for m in models:
+            cells = [f"{res['summary'][protocol][t][m]['mean']:.3f} ± {res['summary'][protocol][t][m]['std']:.3f}"
+                     for t in tasks]
+            a = f"{avg[protocol][m]['mean']:.3f} ± {avg[protocol][m]['std']:.3f}"
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {f'**{a}**' if m == best else a} |")
+        lines.append("")
+    lines += ["### Size and reconstruction", "", "| setting | parameters (MoE model) | test reconstruction loss |",
+              "|---|---|---|"]
+    for m in models[1:]:
+        recon = mean_std(r["variants"][m]["recon"] for r in runs)
+        lines.append(f"| {m} | {runs[0]['variants'][m]['params']:,} | {recon['mean']:.4f} ± {recon['std']:.4f} |")
+    _plot_averages(out / "ablations.png", avg)
+    lines += ["", "![averages](ablations.png)", ""]
+    atomic_write_bytes(out / "report.md", ("\n".join(lines) + "\n").encode())
+
+
+def _plot_averages(path: Path, avg: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(avg["probe"])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 0.35 * len(models) + 1.2), sharey=True)
+    for ax, (protocol, a) in zip(axes, avg.items()):
+        means = [a[m]["mean"] for m in models]
+        ax.barh(range(len(models)), means, xerr=[a[m]["std"] for m in models], capsize=2,
+                color=["0.6"] + ["C0"] * (len(models) - 1))
+        ax.set_xlim(min(means) - 0.05, max(means) + 0.03)
+        ax.set_title(f"{protocol}: average over tasks", fontsize=9)
+    axes[0].set_yticks(range(len(models)), models, fontsize=8)
+    axes[0].invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_ablations(c: MoCEDemoConfig | None = None, *, out: str | Path = "runs/moce_ablations",
+                  progress: bool = True) -> dict:
+    """MoCE with one setting changed at a time (:func:`ablation_variants`) against the MAE*
+    reference, all from one MAE pre-training per seed; writes ``report.md`` and a bar chart."""
+    c = c or MoCEDemoConfig()
+    per_model = c.extra_steps + len(c.task_names) * c.finetune_steps
+    per_seed = c.mae_steps + (1 + len(ablation_variants(c))) * per_model
+    return _run("ablations", c, out, progress, per_seed, _ablation_seed, _ablation_report, _ablation_aggregate)
+
+
+STUDIES = {"negative-transfer": run_negative_transfer, "from-scratch": run_from_scratch, "ablations": run_ablations}
