@@ -148,35 +148,60 @@ def test_dispatch_invariants(s, e, cf, bpr, data):
 def _impls():
     from visionmoe.moe.experts import grouped_mm_available
 
-    return ["split", "fused"] + (["grouped"] if grouped_mm_available() else [])
+    return ["split", "fused", "fused-recompute"] + (["grouped"] if grouped_mm_available() else [])
 
 
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("cf", [None, 0.7])
 @pytest.mark.parametrize("variant", ["gelu", "tanh-no-bias", "empty-expert", "image"])
 def test_expert_kernels_agree_with_plain_autograd(k, cf, variant):
+    """Outputs and every gradient (input, expert parameters and the routing logits through
+    the combine weights) agree across kernels, with and without capacity drops."""
     S, E, D, H = 50, 4, 16, 32
-    probs = torch.randn(S, E).softmax(-1)
-    if variant == "empty-expert":
-        probs[:, 3] = 0  # expert 3 never chosen: zero-row chunks
-        probs = probs / probs.sum(-1, keepdim=True)
-    route = route_from_probs(probs, k=k)
     shape = (S, 5, D) if variant == "image" else (S, D)
+    torch.manual_seed(1)
+    logits0, x0, r = torch.randn(S, E), torch.randn(*shape), torch.randn(*shape)
     results = {}
     for impl in _impls():
         torch.manual_seed(0)
+        logits = logits0.clone().requires_grad_(True)
+        probs = logits.softmax(-1)
+        if variant == "empty-expert":  # expert 3 never chosen: zero-row chunks
+            probs = probs * torch.tensor([1.0, 1.0, 1.0, 0.0])
+            probs = probs / probs.sum(-1, keepdim=True)
+        route = route_from_probs(probs, k=k)
         kw = dict(act_layer=torch.nn.GELU(approximate="tanh"), bias=False) if variant == "tanh-no-bias" else {}
-        experts = Experts(E, D, H, impl=impl, **kw)
-        x = torch.randn(*shape, requires_grad=True)
+        experts = Experts(E, D, H, impl=impl.removesuffix("-recompute"), recompute=impl.endswith("recompute"),
+                          **kw)
+        x = x0.clone().requires_grad_(True)
         y, info = SortedDispatcher(capacity_factor=cf).train()(x, route, experts)
-        y.sum().backward()  # an expanded (stride-0) gradient, which grouped_mm alone rejects
-        results[impl] = (y, x.grad, *[p.grad for p in experts.parameters()])
+        (y.sum() + (y * r).sum()).backward()  # y.sum(): a stride-0 gradient, which grouped_mm alone rejects
+        results[impl] = (y, x.grad, logits.grad, *[p.grad for p in experts.parameters()])
     ref = results.pop("split")
+    assert ref[2].abs().sum() > 0  # the routing logits do get a gradient
     for impl, got in results.items():
         for a, b in zip(ref, got):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=impl)
     with pytest.raises(ValueError, match="impl"):
         Experts(E, D, H, impl="fast")
+
+
+def test_forward_combined_scatters_weighted_outputs():
+    """``y[rows[n]] += w[n] * expert(x[rows[n]])`` by hand, with a repeated row (top-2) and a
+    row nobody took (zero), for the fused kernel and the split path."""
+    x = torch.randn(6, 8)
+    rows, counts = torch.tensor([0, 2, 2, 5, 1]), [2, 0, 3]
+    w = torch.tensor([0.5, 1.0, 0.25, 2.0, -1.0])
+    for impl in ("fused", "split"):
+        experts = Experts(3, 8, 16, impl=impl)
+        torch.manual_seed(0)
+        experts.reset_parameters()
+        y = experts.forward_combined(x, rows, counts, w)
+        ref = torch.zeros_like(x)
+        for n, (row, e) in enumerate(zip(rows.tolist(), [0, 0, 2, 2, 2])):
+            ref[row] += w[n] * experts.expert(x[row], e)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+        assert torch.equal(y[3], torch.zeros(8)) and torch.equal(y[4], torch.zeros(8))
 
 
 def test_fused_kernel_in_eval_and_no_grad():

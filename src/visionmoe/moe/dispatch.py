@@ -132,14 +132,10 @@ class SortedDispatcher(nn.Module):
         w = route.weights.t().reshape(-1)[kept_perm].to(x.dtype)  # (N,)
         dim = x.shape[-1]
         rows_per_unit = x[0].numel() // dim if num_units else 1  # tokens per unit (T for images)
-        if rows_per_unit > 1:  # whole images: every token of a kept image, in order
-            rows = (unit[:, None] * rows_per_unit + torch.arange(rows_per_unit, device=device)).reshape(-1)
-            w = w.repeat_interleave(rows_per_unit)
-        else:
-            rows = unit
-        x_flat = x.reshape(-1, dim)  # (S*T, D)
-        ys = experts.forward_gathered(x_flat, rows, kept_counts * rows_per_unit)  # (N*T, D)
-        y = torch.zeros_like(x_flat).index_add(0, rows, ys * w.unsqueeze(-1)).view_as(x)  # (S, *P)
+        # experts on the gathered units (whole images move as blocks of T rows), outputs scaled
+        # by w and added back where they came from (top-1: no unit twice)
+        y = experts.forward_combined(x.reshape(-1, dim), unit, kept_counts * rows_per_unit, w, unique=k == 1,
+                                     unit=rows_per_unit).view_as(x)  # (S, *P)
 
         kept = torch.zeros(n_assign, dtype=torch.bool, device=device)
         kept[kept_perm] = True
