@@ -137,3 +137,12 @@ def test_init_from_dense_checkpoint_upcycles_with_shared_expert(tmp_path, digits
     bad = {**moe_cfg, "model": {**moe_cfg["model"], "args": {**QUICK["model"]["args"], "embed_dim": 36}}}
     with pytest.raises((ValueError, RuntimeError), match="size mismatch|does not match"):
         Trainer(config_from_dict(bad), run_dir=tmp_path / "bad", data=digits)
+
+
+def test_print_eval_switches_the_evaluation_line(tmp_path, digits, capsys):
+    for flag in (True, False):
+        cfg = config_from_dict({**QUICK, "schedule": {"max_steps": 2}, "run": {**QUICK["run"], "print_eval": flag}})
+        Trainer(cfg, run_dir=tmp_path / str(flag), data=digits).fit()
+        printed = capsys.readouterr().out
+        assert ("step 2: test_acc" in printed) == flag, printed
+        assert "test_acc" in (tmp_path / str(flag) / "metrics.jsonl").read_text()  # logged either way

@@ -99,7 +99,7 @@ def experiment(c: CRMoEStudyConfig, variant: str, seed: int) -> dict:
                            "augment": c.augment},
         "optim": {"name": "adamw", "lr": c.lr, "weight_decay": 0.1},
         "schedule": {"max_steps": c.steps, "warmup_epochs": 0.05, "min_lr": 0.0},
-        "run": {"seed": seed, "progress": False, "log_every": 10, "eval_every_epochs": 1e9,
+        "run": {"seed": seed, "progress": False, "print_eval": False, "log_every": 10, "eval_every_epochs": 1e9,
                 "checkpoint_every": 10**9, "keep_checkpoints": 1},
     }
 
@@ -133,8 +133,8 @@ def evaluate_backbone(model, tasks: dict[str, TensorSplits], *, shots=(4, 10), e
         cfg = {"data": {"name": semi.name, "augment": "none", "batch_size": min(64, len(idx))},
                "optim": {"name": "adamw", "lr": 5e-4, "weight_decay": 0.05},
                "schedule": {"max_steps": semi_steps, "warmup_epochs": 0.0, "min_lr": 0.0},
-               "run": {"seed": seed, "progress": False, "log_every": 10**9, "eval_every_epochs": 1e9,
-                       "checkpoint_every": 10**9, "keep_checkpoints": 1}}
+               "run": {"seed": seed, "progress": False, "print_eval": False, "log_every": 10**9,
+                       "eval_every_epochs": 1e9, "checkpoint_every": 10**9, "keep_checkpoints": 1}}
         rd = (run_dir or Path("runs/probe")) / f"semi_{frac:g}"
         out["semi"][f"{frac:g}"] = Trainer(config_from_dict(cfg), data=sub, model=m, run_dir=rd).fit()["test_acc"]
     if consistency_x is not None and hasattr(model, "moe_layers") and model.moe_layers():

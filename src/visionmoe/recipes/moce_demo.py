@@ -142,7 +142,7 @@ def _cfg(objective: str, steps: int, bs: int, lr: float, optim: str = "adamw", s
             "data": {"name": "pool", "augment": "none", "batch_size": bs},
             "optim": {"name": optim, "lr": lr, "weight_decay": wd, "momentum": 0.9},
             "schedule": {"max_steps": steps, "warmup_epochs": 0.05, "min_lr": 0.0},
-            "run": {"seed": seed, "progress": False, "log_every": 10, "eval_every_epochs": 1e9,
+            "run": {"seed": seed, "progress": False, "print_eval": False, "log_every": 10, "eval_every_epochs": 1e9,
                     "checkpoint_every": 10**9, "keep_checkpoints": 1}}
 
 

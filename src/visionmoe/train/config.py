@@ -112,6 +112,7 @@ class RunConfig:
     name: str | None = None
     tensorboard: bool = False
     progress: bool = True
+    print_eval: bool = True  # a line per evaluation (recipes running many short stages switch it off)
     threads: int | None = None
     # reliability: a step whose loss or gradient is NaN/Inf is skipped; more than this many
     # skipped steps stop the run with an error

@@ -551,7 +551,7 @@ class Trainer:
                     self._log({"step": self.step, "epoch": self.step / self.steps_per_epoch,
                                "elapsed_s": round(time.perf_counter() - t0, 2), **last_eval})
                     headline = next((k for k in last_eval if k != "routing"), None)
-                    if headline is not None and main:  # None: no test images
+                    if headline is not None and main and c.run.print_eval:  # None: no test images
                         bar.console.print(f"step {self.step}: {headline} {last_eval[headline]:.4f}")
                     if tb is not None and headline is not None:
                         tb.add_scalar(f"test/{headline}", last_eval[headline], self.step)
