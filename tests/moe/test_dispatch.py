@@ -148,7 +148,7 @@ def test_dispatch_invariants(s, e, cf, bpr, data):
 def _impls():
     from visionmoe.moe.experts import grouped_mm_available
 
-    return ["split", "fused", "fused-recompute"] + (["grouped"] if grouped_mm_available() else [])
+    return ["split", "fused"] + (["grouped"] if grouped_mm_available() else [])
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -171,8 +171,7 @@ def test_expert_kernels_agree_with_plain_autograd(k, cf, variant):
             probs = probs / probs.sum(-1, keepdim=True)
         route = route_from_probs(probs, k=k)
         kw = dict(act_layer=torch.nn.GELU(approximate="tanh"), bias=False) if variant == "tanh-no-bias" else {}
-        experts = Experts(E, D, H, impl=impl.removesuffix("-recompute"), recompute=impl.endswith("recompute"),
-                          **kw)
+        experts = Experts(E, D, H, impl=impl, **kw)
         x = x0.clone().requires_grad_(True)
         y, info = SortedDispatcher(capacity_factor=cf).train()(x, route, experts)
         (y.sum() + (y * r).sum()).backward()  # y.sum(): a stride-0 gradient, which grouped_mm alone rejects

@@ -47,24 +47,20 @@ class _FusedSortedMLP(torch.autograd.Function):
     whole images, blocks of T consecutive rows of ``x``: gathers and scatters move images,
     never single tokens.
 
-    Saved for backward: the input ``x`` (the router keeps it anyway; the gather is redone in
-    backward, it is cheap), the pre-activation and, by default, the activation, as the
-    dense MLP's autograd keeps them, so backward is only matmuls and GELU's derivative; the
-    expert outputs too when the combine weights need a gradient. About 1.1x the dense MLP's
-    activation memory for top-1. ``recompute=True`` recomputes the activation in backward
-    instead (as megablocks does): about 0.7x the dense MLP's memory for a few percent more
-    time. Outputs and gradients equal the plain autograd path either way (tested).
+    Saves only the input ``x`` (which the router keeps anyway), the row index, the
+    pre-activation and, when the combine weights need a gradient, the expert outputs; the
+    gathered rows and the activation are recomputed in backward (as megablocks does): top-1
+    keeps about 0.7x the dense MLP's activation memory. Keeping the activation instead was
+    tried and was not faster on CPU (a fresh (N, H) buffer per step costs about what the
+    GELU recompute does). Outputs and gradients equal the plain autograd path (tested).
     """
 
     @staticmethod
-    def forward(ctx, x, rows, counts, act, w1, b1, w2, b2, recompute=False, w=None, unique=False, unit=1):
+    def forward(ctx, x, rows, counts, act, w1, b1, w2, b2, w=None, unique=False, unit=1):
         d = x.shape[1]
         xs = x.reshape(-1, unit * d).index_select(0, rows).view(-1, d)  # (N*T, D)
         n, num_experts = xs.shape[0], w1.shape[0]
         h = xs.new_empty(n, w1.shape[1])  # (N, H) pre-activation
-        gelu = act.approximate if type(act) is nn.GELU else None
-        # (N, H) activation, kept for backward (other activations than GELU: recomputed there)
-        a = None if recompute or gelu is None else torch.empty_like(h)
         ys = xs.new_empty(n, w2.shape[1])  # (N, D)
         start = 0
         for e in range(num_experts):
@@ -75,7 +71,7 @@ class _FusedSortedMLP(torch.autograd.Function):
                     torch.mm(xs[start:end], w1[e].t(), out=he)
                 else:
                     torch.addmm(b1[e], xs[start:end], w1[e].t(), out=he)
-                ae = act(he) if a is None else torch._C._nn.gelu(he, approximate=gelu, out=a[start:end])
+                ae = act(he)
                 if b2 is None:
                     torch.mm(ae, w2[e].t(), out=ys[start:end])
                 else:
@@ -83,12 +79,11 @@ class _FusedSortedMLP(torch.autograd.Function):
             start = end
         ctx.num_x, ctx.counts, ctx.act, ctx.has_bias = x.shape[0], counts, act, b1 is not None
         ctx.combined, ctx.unique, ctx.unit = w is not None, unique, unit
-        keep = (x,) if a is None else (x, a)  # x is also what the router saved: no extra memory
         if w is None:
-            ctx.save_for_backward(rows, h, w1, w2, *keep)
+            ctx.save_for_backward(rows, h, w1, w2, x)
             return ys
-        w_grad = ctx.needs_input_grad[9]
-        ctx.save_for_backward(rows, h, w1, w2, w, ys if w_grad else None, *keep)
+        w_grad = ctx.needs_input_grad[8]
+        ctx.save_for_backward(rows, h, w1, w2, w, ys if w_grad else None, x)
         scaled = (ys.view(len(rows), unit, d) * w[:, None, None]).view(len(rows), unit * d)
         return _scatter_rows(scaled, rows, ctx.num_x // unit, unique).view(-1, d)
 
@@ -104,8 +99,7 @@ class _FusedSortedMLP(torch.autograd.Function):
             g_all = g_all.view(len(rows), unit, d).mul_(w[:, None, None]).view(-1, d)
         else:
             g_all = grad_out.contiguous()
-        x, *a = rest
-        a = a[0] if a else None  # None: recompute the activation
+        (x,) = rest
         xs = x.reshape(-1, unit * d).index_select(0, rows).view(-1, d)  # the gather again
         gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)  # every slice is written below
         gb1 = gw1.new_empty(w1.shape[:2]) if ctx.has_bias else None
@@ -118,9 +112,8 @@ class _FusedSortedMLP(torch.autograd.Function):
             if end > start:
                 g = g_all[start:end]
                 he = h[start:end]
-                if gelu is not None:  # GELU's derivative in closed form (recomputing the activation if asked)
-                    ae = a[start:end] if a is not None else F.gelu(he, approximate=gelu)
-                    torch.mm(g.t(), ae, out=gw2[e])
+                if gelu is not None:  # recompute the activation; its derivative in closed form
+                    torch.mm(g.t(), F.gelu(he, approximate=gelu), out=gw2[e])
                     grad_h = torch.ops.aten.gelu_backward(g @ w2[e], he, approximate=gelu)
                 else:  # any other activation: local autograd on the recomputed activation
                     with torch.enable_grad():
@@ -143,7 +136,7 @@ class _FusedSortedMLP(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = _scatter_rows(grad_xs.view(len(rows), unit * d), rows, ctx.num_x // unit, ctx.unique).view(-1, d)
-        return grad_x, None, None, None, gw1, gb1, gw2, gb2, None, grad_w, None, None
+        return grad_x, None, None, None, gw1, gb1, gw2, gb2, grad_w, None, None
 
 
 def _scatter_rows(src: Tensor, rows: Tensor, num_rows: int, unique: bool) -> Tensor:
@@ -198,9 +191,6 @@ class Experts(nn.Module):
         bias: use biases (timm's ``Mlp`` does).
         drop: dropout after the activation and after fc2 (timm ``Mlp`` semantics).
         impl: ``"auto"`` | ``"fused"`` | ``"grouped"`` | ``"split"``, see :meth:`forward_gathered`.
-        recompute: the fused kernel recomputes the activation in backward instead of keeping
-            it (top-1: about 0.7x instead of 1.1x the dense MLP's activation memory, a few
-            percent slower).
     """
 
     def __init__(
@@ -213,10 +203,8 @@ class Experts(nn.Module):
         bias: bool = True,
         drop: float = 0.0,
         impl: str = "auto",
-        recompute: bool = False,
     ) -> None:
         super().__init__()
-        self.recompute = recompute
         if impl not in IMPLS:
             raise ValueError(f"unknown experts impl {impl!r}; choose from {IMPLS}")
         self.impl = impl
@@ -292,8 +280,8 @@ class Experts(nn.Module):
             rows: ``(N,)`` which row of ``x`` each sorted slot takes (sorted by expert).
             counts: ``(E,)`` rows per expert (tensor or list), summing to N.
             impl: ``"fused"`` (a custom autograd function writing every expert's matmuls into
-                preallocated buffers; it keeps ``x``, not the gathered rows, and with
-                ``recompute`` not the activation either; no dropout),
+                preallocated buffers, saving only ``x``, ``rows`` and the pre-activation and
+                recomputing the rest in backward; no dropout),
                 ``"grouped"`` (``torch._grouped_mm``), ``"split"`` (plain autograd, one matmul
                 per expert), or None for this module's ``impl``.
 
@@ -339,8 +327,7 @@ class Experts(nn.Module):
         w1, w2 = self.fc1_weight.to(x.dtype), self.fc2_weight.to(x.dtype)
         b1 = None if self.fc1_bias is None else self.fc1_bias.to(x.dtype)
         b2 = None if self.fc2_bias is None else self.fc2_bias.to(x.dtype)
-        return _FusedSortedMLP.apply(x, rows, counts_list, self.act, w1, b1, w2, b2, self.recompute, weights, unique,
-                                     unit)
+        return _FusedSortedMLP.apply(x, rows, counts_list, self.act, w1, b1, w2, b2, weights, unique, unit)
 
     def _gathered_local(self, x: Tensor, rows: Tensor, counts: Tensor | list[int], impl: str | None) -> Tensor:
         """:meth:`forward_gathered` on the experts held here (``counts`` has one entry each)."""
