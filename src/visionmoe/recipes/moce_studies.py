@@ -22,12 +22,12 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from .._utils import atomic_write_bytes, finish_study, mean_std
+from .._utils import atomic_write_bytes, finish_study, fmt_mean_std, mean_std
 from ..clustering import ClusterConfig, fit_clusters
 from ..data import TensorSplits, load_dataset, make_mixture
 from ..eval import extract_features, linear_probe
@@ -64,6 +64,12 @@ def _tasks(c: MoCEDemoConfig, sources: dict[str, TensorSplits]) -> dict[str, Ten
         s = TensorSplits(s.name, *_adapt_all(s, c.img_size), s.classes)
         tasks[name] = _subset(s, c.finetune_train_limit, c.finetune_test_limit, 0)
     return tasks
+
+
+def _pool(c: MoCEDemoConfig, sources: dict[str, TensorSplits], names: list[str]) -> TensorSplits:
+    """The pre-training images of ``names`` (``per_source`` each, the same for every seed)."""
+    return make_mixture([sources[n] for n in names], size=c.img_size, channels=1, per_source=c.per_source,
+                        seed=0).as_splits("source")
 
 
 def _transfer(stages: _Stages, backbone, task: TensorSplits, c: MoCEDemoConfig, seed: int, run_dir: Path) -> dict:
@@ -149,8 +155,7 @@ def _mae(stages: _Stages, c: MoCEDemoConfig, seed: int, pool: TensorSplits, step
 
 def _negative_seed(stages: _Stages, c: MoCEDemoConfig, seed: int, sources: dict, tasks: dict, sd: Path) -> dict:
     sets = {**HALVES, "whole pool": sorted({s for h in HALVES.values() for s in h})}
-    pools = {label: make_mixture([sources[n] for n in names], size=c.img_size, channels=1, per_source=c.per_source,
-                                 seed=0).as_splits("source") for label, names in sets.items()}
+    pools = {label: _pool(c, sources, names) for label, names in sets.items()}
     if c.equal_size_pools:  # the same number of images in every set (a random subset, the same for every seed)
         n = min(len(p.x_train) for p in pools.values())
         pools = {label: _subset(p, n, None, 0) for label, p in pools.items()}
@@ -201,9 +206,7 @@ def run_negative_transfer(c: MoCEDemoConfig | None = None, *, out: str | Path = 
 
 # ------------------------------------------------------------------ from scratch
 def _scratch_seed(stages: _Stages, c: MoCEDemoConfig, seed: int, sources: dict, tasks: dict, sd: Path) -> dict:
-    mix = make_mixture([sources[n] for n in c.sources], size=c.img_size, channels=1, per_source=c.per_source,
-                       seed=0)
-    pool = mix.as_splits("source")
+    pool = _pool(c, sources, c.sources)
     short = max(1, c.mae_steps // 4)
     probe_enc = _mae(stages, c, seed, pool, short, sd / "mae_short", f"seed {seed}: short MAE ({short} steps)")
     feats = extract_features(probe_enc, pool.x_train)
@@ -276,14 +279,11 @@ def ablation_variants(c: MoCEDemoConfig) -> dict[str, dict]:
 
 
 def _ablation_seed(stages: _Stages, c: MoCEDemoConfig, seed: int, sources: dict, tasks: dict, sd: Path) -> dict:
-    from dataclasses import replace
-
-    pool = make_mixture([sources[n] for n in c.sources], size=c.img_size, channels=1, per_source=c.per_source,
-                        seed=0).as_splits("source")
+    pool = _pool(c, sources, c.sources)
     enc, mae = _mae(stages, c, seed, pool, c.mae_steps, sd / "mae", f"seed {seed}: MAE pre-training", trainer=True)
     feats = extract_features(enc, pool.x_train)
     scores = _grad_scores(enc, mae, pool, c)
-    clusterings: dict[int, tuple] = {}
+    clusterings: dict[int, tuple] = {}  # num_clusters -> (clustering, train keys, test keys, cluster per task)
     run = {"seed": seed, "grad_scores": scores, "variants": {}, "transfer": {t: {} for t in tasks}}
     # the dense reference: MAE* (the same extra steps, no experts)
     star = copy.deepcopy(enc)
@@ -293,8 +293,10 @@ def _ablation_seed(stages: _Stages, c: MoCEDemoConfig, seed: int, sources: dict,
     for i, (label, change) in enumerate(ablation_variants(c).items()):
         v = replace(c, **change)
         if v.num_clusters not in clusterings:
-            clusterings[v.num_clusters] = _cluster(enc, feats, pool, v.num_clusters, c, seed)
-        clustering, keys_tr, keys_te = clusterings[v.num_clusters]
+            clustering, keys_tr, keys_te = _cluster(enc, feats, pool, v.num_clusters, c, seed)
+            picks = {name: select_cluster(enc, clustering, task.x_train).cluster for name, task in tasks.items()}
+            clusterings[v.num_clusters] = clustering, keys_tr, keys_te, picks
+        clustering, keys_tr, keys_te, picks = clusterings[v.num_clusters]
         blocks = list(v.blocks) if v.blocks is not None else by_scores(scores, v.moe_blocks)
         moce = build_moce(enc, clustering, blocks=blocks, num_experts=v.num_experts, noise=0.01, seed=seed,
                           imbalance_weight=v.imbalance_weight, renormalize=v.renormalize)
@@ -302,11 +304,9 @@ def _ablation_seed(stages: _Stages, c: MoCEDemoConfig, seed: int, sources: dict,
                                f"seed {seed}: MoCE, {label}", MoCEObjective, teacher=enc,
                                distill_weight=v.distill_weight)
         run["variants"][label] = {"change": change, "blocks": blocks, "recon": summary["test_recon_loss"],
-                                  "params": count_parameters(moce)["total"], "clusters": {}}
+                                  "params": count_parameters(moce)["total"], "clusters": picks}
         for name, task in tasks.items():
-            sel = select_cluster(enc, clustering, task.x_train)
-            run["variants"][label]["clusters"][name] = sel.cluster
-            run["transfer"][name][label] = _transfer(stages, deploy(moce, sel.cluster), task, c, seed,
+            run["transfer"][name][label] = _transfer(stages, deploy(moce, picks[name]), task, c, seed,
                                                      sd / f"ft_moce_{i}_{name}")
     return run
 
@@ -341,16 +341,15 @@ def _ablation_report(out: Path, res: dict) -> None:
         lines += [f"### {title} (mean ± std over seeds)", "",
                   "| setting | " + " | ".join(tasks) + " | average |", "|---" * (len(tasks) + 2) + "|"]
         for m in models:
-            cells = [f"{res['summary'][protocol][t][m]['mean']:.3f} ± {res['summary'][protocol][t][m]['std']:.3f}"
-                     for t in tasks]
-            a = f"{avg[protocol][m]['mean']:.3f} ± {avg[protocol][m]['std']:.3f}"
+            cells = [fmt_mean_std(res["summary"][protocol][t][m], 3) for t in tasks]
+            a = fmt_mean_std(avg[protocol][m], 3)
             lines.append(f"| {m} | " + " | ".join(cells) + f" | {f'**{a}**' if m == best else a} |")
         lines.append("")
     lines += ["### Size and reconstruction", "", "| setting | parameters (MoE model) | test reconstruction loss |",
               "|---|---|---|"]
     for m in models[1:]:
         recon = mean_std(r["variants"][m]["recon"] for r in runs)
-        lines.append(f"| {m} | {runs[0]['variants'][m]['params']:,} | {recon['mean']:.4f} ± {recon['std']:.4f} |")
+        lines.append(f"| {m} | {runs[0]['variants'][m]['params']:,} | {fmt_mean_std(recon)} |")
     _plot_averages(out / "ablations.png", avg)
     lines += ["", "![averages](ablations.png)", ""]
     atomic_write_bytes(out / "report.md", ("\n".join(lines) + "\n").encode())
