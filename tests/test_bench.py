@@ -15,7 +15,7 @@ def test_quick_bench_writes_json_and_plot(tmp_path):
     names = {r["name"] for r in data["suites"]["layer"]}
     assert {"dense", "visionmoe-k1", "visionmoe-k2", "naive-loop-k1", "gshard-einsum-k2", "visionmoe-image-k1"} <= names
     dense = next(r for r in res["suites"]["layer"] if r["name"] == "dense")
-    assert dense["fwdbwd_ratio"] == 1.0 and dense["activation_ratio"] == 1.0
+    assert dense["fwdbwd_ratio"] == 1.0 and dense["activation_ratio"] == 1.0 and dense["fwdbwd_paired_ratio"] == 1.0
     assert all("fwdbwd_ms" in r for r in data["suites"]["layer"] if "error" not in r)
 
 
@@ -41,3 +41,20 @@ def test_fused_moe_activation_memory_against_dense_mlp():
     moe = MoE(router=LinearRouter(D, 4, k=1), experts=Experts(4, D, H, impl="fused"))
     ratio = activation_bytes(lambda: moe(x.clone().requires_grad_()), moe) / base
     assert (2 * D + H) / (D + 2 * H) <= ratio < 1.0
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    from visionmoe.bench import Case, _summarise, paired_ratios
+
+    assert paired_ratios([2.0, 3.0], [1.0]) == []  # rounds differ: no pairing
+    dense = Case("dense", "layer", make=lambda b: None)
+    moe = Case("moe", "layer", make=lambda b: None)
+    # the machine slows down 3x in round 3; per-round ratios 1.1, 1.2, 1.1 (median 1.1), while
+    # the ratio of medians mixes rounds: median(1.1, 2.4, 6.6) / median(1, 2, 6) = 1.2
+    dense.times["fwdbwd"] = [1.0, 2.0, 6.0]
+    moe.times["fwdbwd"] = [1.1, 2.4, 6.6]
+    rows = {r["name"]: r for r in _summarise([dense, moe], tokens=10)}
+    assert rows["moe"]["fwdbwd_ratio"] == 1.2
+    assert rows["moe"]["fwdbwd_paired_ratio"] == 1.1
+    assert rows["moe"]["fwdbwd_paired_iqr"][0] <= 1.1 <= rows["moe"]["fwdbwd_paired_iqr"][1]
+    assert rows["dense"]["fwdbwd_paired_ratio"] == 1.0

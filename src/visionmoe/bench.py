@@ -1,10 +1,12 @@
 """``visionmoe bench``: MoE cost against the dense MLP of equal FLOPs, against the naive
 per-expert loop and GShard's one-hot einsum, and against peer libraries that import here.
 
-Everything runs in one process, in interleaved rounds (every case once per round), so the
-ratios compare like with like on a noisy machine. Reported: median and interquartile
-range of the time per call, the ratio to dense, tokens/s, and activation memory (bytes the
-autograd graph saves for backward, measured with ``saved_tensors_hooks``).
+Everything runs in one process, in interleaved rounds (every case once per round, in a
+fresh shuffled order), so the ratios compare like with like on a noisy machine. Reported:
+median and interquartile range of the time per call, the ratio to dense (of the medians,
+and the median and IQR of the per-round ratios, which cancel slow drifts of the machine),
+tokens/s, and activation memory (bytes the autograd graph saves for backward, measured
+with ``saved_tensors_hooks``).
 
 Run ``python -m visionmoe.bench --help`` or ``visionmoe bench --help``.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -28,7 +31,7 @@ from .moe import Experts, LinearRouter, MoE, PooledRouter, SortedDispatcher
 from .moe.experts import grouped_mm_available
 from .moe.reference import EinsumDispatcher, LoopDispatcher
 
-__all__ = ["run_bench", "main"]
+__all__ = ["run_bench", "main", "paired_ratios"]
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -241,8 +244,11 @@ def _run_rounds(cases: list[Case], rounds: int, modes: tuple[str, ...], inner: i
                 fns[c.name]()  # warm-up
             except Exception as e:  # noqa: BLE001
                 c.error = f"{type(e).__name__}: {str(e)[:160]}"
+        order = list(cases)
+        rng = random.Random(0)
         for _ in range(rounds):
-            for c in cases:
+            rng.shuffle(order)  # a fresh order each round: no case always follows the same one
+            for c in order:
                 if c.name not in fns or c.error:
                     continue
                 _sync()
@@ -251,6 +257,14 @@ def _run_rounds(cases: list[Case], rounds: int, modes: tuple[str, ...], inner: i
                     fns[c.name]()
                 _sync()
                 c.times[mode].append((time.perf_counter() - t0) / inner)
+
+
+def paired_ratios(times: list[float], dense_times: list[float]) -> list[float]:
+    """Per-round ratios ``times[r] / dense_times[r]`` (both timed in round r, moments
+    apart), so a slow stretch of the machine scales both; empty when the rounds differ."""
+    if len(times) != len(dense_times):
+        return []
+    return [t / d for t, d in zip(times, dense_times)]
 
 
 def _summarise(cases: list[Case], tokens: int) -> list[dict]:
@@ -270,6 +284,11 @@ def _summarise(cases: list[Case], tokens: int) -> list[dict]:
             row[f"{mode}_tokens_per_s"] = round(tokens / med, 1)
             if dense is not None and dense.times[mode]:
                 row[f"{mode}_ratio"] = round(med / statistics.median(dense.times[mode]), 3)
+                paired = paired_ratios(ts, dense.times[mode])
+                if paired:
+                    pq = statistics.quantiles(paired, n=4) if len(paired) >= 2 else [paired[0]] * 3
+                    row[f"{mode}_paired_ratio"] = round(statistics.median(paired), 3)
+                    row[f"{mode}_paired_iqr"] = [round(pq[0], 3), round(pq[2], 3)]
         if c.memory is not None:
             row["activation_mb"] = round(c.memory / 2**20, 2)
             if dense is not None and dense.memory:
@@ -342,8 +361,9 @@ def _print_tables(results: dict, console) -> None:
     from rich.table import Table
 
     for suite, rows in results["suites"].items():
-        t = Table(title=f"{suite} (ratio = time / dense, median of rounds)")
-        cols = ["name", "fwd_ms", "fwd_ratio", "fwdbwd_ms", "fwdbwd_iqr_ms", "fwdbwd_ratio", "activation_ratio"]
+        t = Table(title=f"{suite} (ratio = median time / dense's; paired = median of per-round ratios)")
+        cols = ["name", "fwd_ms", "fwd_ratio", "fwdbwd_ms", "fwdbwd_iqr_ms", "fwdbwd_ratio", "fwdbwd_paired_ratio",
+                "fwdbwd_paired_iqr", "activation_ratio"]
         cols = [c for c in cols if any(c in r for r in rows)]
         for c in cols:
             t.add_column(c)

@@ -203,6 +203,41 @@ def test_forward_combined_scatters_weighted_outputs():
         assert torch.equal(y[3], torch.zeros(8)) and torch.equal(y[4], torch.zeros(8))
 
 
+@pytest.mark.parametrize("unique", [True, False])
+@pytest.mark.parametrize("gate_grad", [True, False])
+def test_fused_scratch_buffers_never_reach_outputs_or_saved_tensors(unique, gate_grad):
+    """The fused kernel reuses per-thread scratch buffers for its transient tensors. Two
+    forwards before one backward (as activation checkpointing or a two-view loss does) must
+    give the outputs and gradients of two independent split-path calls: the second call
+    may overwrite the scratch but nothing the first one returned or saved."""
+    from visionmoe.moe.experts import clear_scratch
+
+    torch.manual_seed(0)
+    M, D, H = 12, 8, 16
+    if unique:  # top-1: a permutation of all rows
+        rows, counts = torch.randperm(M), [5, 0, 7]
+    else:  # top-2-like: repeated rows, one row untaken
+        rows, counts = torch.tensor([0, 2, 2, 5, 1, 7, 7, 3, 9, 11]), [4, 3, 3]
+    ws = [torch.rand(len(rows), requires_grad=gate_grad) for _ in range(2)]
+    xs = [torch.randn(M, D, requires_grad=True) for _ in range(2)]
+    coef = [torch.randn(M, D) for _ in range(2)]
+    fused, split = Experts(3, D, H, impl="fused"), Experts(3, D, H, impl="split")
+    split.load_state_dict(fused.state_dict())
+    grads = {}
+    for name, ex in (("fused", fused), ("split", split)):
+        clear_scratch()
+        ys = [ex.forward_combined(x, rows, counts, w, unique=unique) for x, w in zip(xs, ws)]
+        first = ys[0].detach().clone()
+        ex.forward_combined(torch.randn(M, D), rows, counts, ws[0].detach(), unique=unique)  # scribble
+        torch.testing.assert_close(ys[0], first, rtol=0, atol=0)
+        loss = sum((y * c).sum() for y, c in zip(ys, coef))
+        params = [p for p in ex.parameters()]
+        inputs = xs + (ws if gate_grad else [])
+        grads[name] = (ys, torch.autograd.grad(loss, inputs + params))
+    for a, b in zip(grads["fused"][0] + list(grads["fused"][1]), grads["split"][0] + list(grads["split"][1])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_fused_kernel_in_eval_and_no_grad():
     experts = Experts(3, 8, 16, impl="fused")
     x = torch.randn(10, 8)
