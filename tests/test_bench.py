@@ -1,7 +1,9 @@
 """Smoke test of `visionmoe bench` (tiny shapes; no timing assertions)."""
 
 import json
+import pathlib
 
+import pytest
 import torch
 
 from visionmoe.bench import activation_bytes, run_bench
@@ -58,3 +60,23 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
     assert rows["moe"]["fwdbwd_paired_ratio"] == 1.1
     assert rows["moe"]["fwdbwd_paired_iqr"][0] <= 1.1 <= rows["moe"]["fwdbwd_paired_iqr"][1]
     assert rows["dense"]["fwdbwd_paired_ratio"] == 1.0
+
+
+def test_page_faults_count_fresh_memory(monkeypatch):
+    """A call that fills a fresh 64 MiB tensor (above glibc's 32 MiB mmap ceiling, so it is
+    new memory every call) touches 16,384 new 4 KiB pages; a call that reuses a buffer
+    touches almost none."""
+    from visionmoe.bench import Case, _minor_faults, _run_rounds, _summarise
+
+    thp = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if _minor_faults() is None or (thp.exists() and "[always]" in thp.read_text()):
+        pytest.skip("needs Linux getrusage and 4 KiB pages")
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    n = 64 * 2**20 // 4
+    buf = torch.empty(n)
+    fresh = Case("fresh", "t", make=lambda b: lambda: torch.ones(n))
+    reuse = Case("dense", "t", make=lambda b: lambda: buf.fill_(1.0))
+    _run_rounds([fresh, reuse], rounds=3, modes=("fwd",), inner=1)
+    rows = {r["name"]: r for r in _summarise([reuse, fresh], tokens=1)}
+    assert rows["fresh"]["fwd_page_faults"] >= 0.9 * n * 4 // 4096
+    assert rows["dense"]["fwd_page_faults"] < 100

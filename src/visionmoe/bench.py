@@ -5,8 +5,9 @@ Everything runs in one process, in interleaved rounds (every case once per round
 fresh shuffled order), so the ratios compare like with like on a noisy machine. Reported:
 median and interquartile range of the time per call, the ratio to dense (of the medians,
 and the median and IQR of the per-round ratios, which cancel slow drifts of the machine),
-tokens/s, and activation memory (bytes the autograd graph saves for backward, measured
-with ``saved_tensors_hooks``).
+tokens/s, minor page faults per call (4 KiB pages of fresh memory first touched: what
+a fresh allocation costs on top of its arithmetic), and activation memory (bytes the
+autograd graph saves for backward, measured with ``saved_tensors_hooks``).
 
 Run ``python -m visionmoe.bench --help`` or ``visionmoe bench --help``.
 """
@@ -70,6 +71,7 @@ class Case:
     make: Callable[[bool], Callable[[], Any]]
     info: dict = field(default_factory=dict)
     times: dict[str, list[float]] = field(default_factory=lambda: {"fwd": [], "fwdbwd": []})
+    faults: dict[str, list[float]] = field(default_factory=lambda: {"fwd": [], "fwdbwd": []})
     memory: int | None = None
     error: str | None = None
 
@@ -252,11 +254,24 @@ def _run_rounds(cases: list[Case], rounds: int, modes: tuple[str, ...], inner: i
                 if c.name not in fns or c.error:
                     continue
                 _sync()
+                f0 = _minor_faults()
                 t0 = time.perf_counter()
                 for _ in range(inner):
                     fns[c.name]()
                 _sync()
                 c.times[mode].append((time.perf_counter() - t0) / inner)
+                if f0 is not None:
+                    c.faults[mode].append((_minor_faults() - f0) / inner)
+
+
+def _minor_faults() -> int | None:
+    """This process's minor page faults so far (first touches of fresh memory), or None
+    where ``resource`` is missing (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def paired_ratios(times: list[float], dense_times: list[float]) -> list[float]:
@@ -282,6 +297,8 @@ def _summarise(cases: list[Case], tokens: int) -> list[dict]:
             row[f"{mode}_ms"] = round(med * 1e3, 3)
             row[f"{mode}_iqr_ms"] = round((q[2] - q[0]) * 1e3, 3)
             row[f"{mode}_tokens_per_s"] = round(tokens / med, 1)
+            if c.faults.get(mode):  # 4 KiB pages of fresh memory touched per call (allocator cost)
+                row[f"{mode}_page_faults"] = round(statistics.median(c.faults[mode]))
             if dense is not None and dense.times[mode]:
                 row[f"{mode}_ratio"] = round(med / statistics.median(dense.times[mode]), 3)
                 paired = paired_ratios(ts, dense.times[mode])
@@ -363,7 +380,7 @@ def _print_tables(results: dict, console) -> None:
     for suite, rows in results["suites"].items():
         t = Table(title=f"{suite} (ratio = median time / dense's; paired = median of per-round ratios)")
         cols = ["name", "fwd_ms", "fwd_ratio", "fwdbwd_ms", "fwdbwd_iqr_ms", "fwdbwd_ratio", "fwdbwd_paired_ratio",
-                "fwdbwd_paired_iqr", "activation_ratio"]
+                "fwdbwd_paired_iqr", "fwdbwd_page_faults", "activation_ratio"]
         cols = [c for c in cols if any(c in r for r in rows)]
         for c in cols:
             t.add_column(c)
