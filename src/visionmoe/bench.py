@@ -402,9 +402,10 @@ def _plot(results: dict, path: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.5))
     names = [r["name"] for r in rows]
-    vals = [r["fwdbwd_ratio"] for r in rows]
-    dense_ms = next((r["fwdbwd_ms"] for r in rows if r["name"] == "dense"), None)
-    errs = [r.get("fwdbwd_iqr_ms", 0) / 2 / dense_ms if dense_ms else 0 for r in rows]
+    # the median per-round ratio and its interquartile range (ratio of medians, no bar, if unpaired)
+    vals = [r.get("fwdbwd_paired_ratio", r["fwdbwd_ratio"]) for r in rows]
+    iqrs = [r.get("fwdbwd_paired_iqr", [v, v]) for r, v in zip(rows, vals)]
+    errs = [[max(v - lo, 0) for v, (lo, _) in zip(vals, iqrs)], [max(hi - v, 0) for v, (_, hi) in zip(vals, iqrs)]]
     colors = ["tab:green" if n.startswith("visionmoe") else "tab:gray" if n == "dense" else "tab:orange"
               for n in names]
     ax.barh(names, vals, xerr=errs, color=colors, error_kw={"lw": 0.8, "capsize": 2})
@@ -416,7 +417,8 @@ def _plot(results: dict, path: Path) -> None:
     for i, v in enumerate(vals):
         ax.text(0.62, i, f"{v:.2f}x", va="center", fontsize=8, color="white", fontweight="bold")
     cfg = results["config"]
-    ax.set_xlabel("forward+backward time / dense MLP, log scale (lower is better; bars: interquartile range)")
+    ax.set_xlabel("forward+backward time / dense MLP's in the same round, median over rounds, log scale\n"
+                  "(lower is better; whiskers: interquartile range of the per-round ratios)")
     ax.set_title(f"MoE layer cost, {cfg['batch']}x{cfg['tokens']} tokens, D={cfg['dim']}, H={cfg['hidden']}, "
                  f"E={cfg['experts']}, {cfg['threads']} threads")
     ax.set_ylim(len(rows) - 0.5, -1.2)
