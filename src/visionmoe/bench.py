@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from .moe import Experts, LinearRouter, MoE, PooledRouter, SortedDispatcher
 from .moe.experts import grouped_mm_available
 from .moe.reference import EinsumDispatcher, LoopDispatcher
+from .runtime import allocator_state, tune_cpu_allocator
 
 __all__ = ["run_bench", "main", "paired_ratios"]
 
@@ -342,7 +343,8 @@ def run_bench(
 
     console = Console(quiet=not progress)
     results: dict[str, Any] = {"config": dict(batch=batch, tokens=tokens, dim=dim, hidden=hidden, experts=experts,
-                                              rounds=rounds, threads=threads, torch=torch.__version__),
+                                              rounds=rounds, threads=threads, torch=torch.__version__,
+                                              allocator=allocator_state()),
                                "suites": {}}
     suites: list[tuple[str, list[Case], int, tuple[str, ...]]] = []
     cases, status = layer_cases(batch=batch, tokens=tokens, dim=dim, hidden=hidden, experts=experts, ks=(1, 2),
@@ -459,4 +461,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
+    tune_cpu_allocator()  # as the `visionmoe` program does (VISIONMOE_MALLOC=default skips it)
     raise SystemExit(main())

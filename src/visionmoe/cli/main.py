@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["main"]
+__all__ = ["main", "console_main"]
 
 
 def _config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
@@ -460,5 +460,15 @@ def main(argv: list[str] | None = None) -> int:
         return 3
 
 
+def console_main() -> int:
+    """The ``visionmoe`` program: :func:`main` after the process-level CPU settings
+    (:func:`visionmoe.runtime.tune_cpu_allocator`; ``VISIONMOE_MALLOC=default`` skips it).
+    :func:`main` itself leaves the process alone, for callers that embed it."""
+    from ..runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()
+    return main()
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(console_main())
