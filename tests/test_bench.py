@@ -1,7 +1,6 @@
 """Smoke test of `visionmoe bench` (tiny shapes; no timing assertions)."""
 
 import json
-import pathlib
 
 import pytest
 import torch
@@ -68,8 +67,9 @@ def test_page_faults_count_fresh_memory(monkeypatch):
     touches almost none."""
     from visionmoe.bench import Case, _minor_faults, _run_rounds, _summarise
 
-    thp = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    if _minor_faults() is None or (thp.exists() and "[always]" in thp.read_text()):
+    from .test_runtime import thp_always
+
+    if _minor_faults() is None or thp_always():
         pytest.skip("needs Linux getrusage and 4 KiB pages")
     monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
     n = 64 * 2**20 // 4

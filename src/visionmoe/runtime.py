@@ -27,7 +27,8 @@ import sys
 __all__ = ["tune_cpu_allocator", "allocator_state"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_STATE = {"tuned": False, "detail": "default"}
+_OFF, _ON = ("default", "off", "0"), ("", "tuned", "on", "1")
+_state = "default"  # what allocator_state() reports
 
 
 def tune_cpu_allocator(trim_threshold: int = 2**31 - 1, *, respect_env: bool = True) -> bool:
@@ -36,11 +37,17 @@ def tune_cpu_allocator(trim_threshold: int = 2**31 - 1, *, respect_env: bool = T
     freed in one step are reused, already paged in, by the next.
 
     Returns True where it took effect (Linux with glibc); False elsewhere, and when
-    ``respect_env`` and the environment variable ``VISIONMOE_MALLOC`` is ``default``.
-    Calling it again is harmless. Existing allocations are not moved.
+    ``respect_env`` and the environment variable ``VISIONMOE_MALLOC`` is ``default`` (or
+    ``off``, ``0``). Calling it again is harmless. Existing allocations are not moved.
     """
-    if respect_env and os.environ.get("VISIONMOE_MALLOC", "").strip().lower() in ("default", "off", "0"):
-        return False
+    global _state
+    if respect_env:
+        env = os.environ.get("VISIONMOE_MALLOC", "").strip().lower()
+        if env in _OFF:
+            return False
+        if env not in _ON:
+            raise ValueError(f"VISIONMOE_MALLOC={env!r} is not a setting: use 'default' (glibc's own "
+                             f"allocator settings) or 'tuned' (the default when unset)")
     if not (0 < trim_threshold <= 2**31 - 1):
         raise ValueError(f"trim_threshold must be in 1 .. 2**31 - 1 bytes (mallopt takes an int), "
                          f"got {trim_threshold}")
@@ -54,10 +61,10 @@ def tune_cpu_allocator(trim_threshold: int = 2**31 - 1, *, respect_env: bool = T
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     if mallopt(_M_MMAP_MAX, 0) != 1 or mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) != 1:
         return False
-    _STATE.update(tuned=True, detail=f"glibc heap only (M_MMAP_MAX=0, M_TRIM_THRESHOLD={trim_threshold})")
+    _state = f"glibc heap only (M_MMAP_MAX=0, M_TRIM_THRESHOLD={trim_threshold})"
     return True
 
 
 def allocator_state() -> str:
     """``"default"`` or what :func:`tune_cpu_allocator` set in this process (for reports)."""
-    return _STATE["detail"]
+    return _state

@@ -466,7 +466,11 @@ def console_main() -> int:
     :func:`main` itself leaves the process alone, for callers that embed it."""
     from ..runtime import tune_cpu_allocator
 
-    tune_cpu_allocator()
+    try:
+        tune_cpu_allocator()
+    except ValueError as e:  # a mistyped VISIONMOE_MALLOC
+        print(f"visionmoe: error: {e}", file=sys.stderr)
+        return 2
     return main()
 
 
