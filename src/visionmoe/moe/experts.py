@@ -72,6 +72,13 @@ def clear_scratch() -> None:
     _SCRATCH.bufs.clear()
 
 
+def _gather_rows(src: Tensor, rows: Tensor, unit: int, name: str) -> Tensor:
+    """The blocks ``rows`` of ``src`` seen as ``(M / unit, unit * D)`` (one block per image
+    when ``unit`` is its token count), gathered into the scratch buffer ``name``."""
+    wide = src.reshape(-1, unit * src.shape[-1])
+    return torch.index_select(wide, 0, rows, out=_SCRATCH.get(name, (len(rows), wide.shape[1]), src))
+
+
 def _act_into(act: nn.Module, gelu: str | None, h: Tensor, name: str) -> Tensor:
     """``act(h)``, written into a scratch buffer when ``act`` is timm/torch GELU."""
     if gelu is None:
@@ -103,8 +110,7 @@ class _FusedSortedMLP(torch.autograd.Function):
     def forward(ctx, x, rows, counts, act, w1, b1, w2, b2, w=None, unique=False, unit=1):
         d = x.shape[1]
         n = len(rows) * unit
-        xs = torch.index_select(x.reshape(-1, unit * d), 0, rows,
-                                out=_SCRATCH.get("xs", (len(rows), unit * d), x)).view(n, d)  # (N*T, D)
+        xs = _gather_rows(x, rows, unit, "xs").view(n, d)  # (N*T, D)
         num_experts = w1.shape[0]
         gelu = act.approximate if type(act) is nn.GELU else None
         w_grad = w is not None and ctx.needs_input_grad[8]
@@ -141,16 +147,14 @@ class _FusedSortedMLP(torch.autograd.Function):
         wide = (len(rows), unit * d)
         if ctx.combined:
             w, ys, *rest = rest
-            g_all = torch.index_select(grad_out.contiguous().view(-1, unit * d), 0, rows,
-                                       out=_SCRATCH.get("g", wide, grad_out))  # (N, T*D) d loss / d (w * ys)
+            g_all = _gather_rows(grad_out, rows, unit, "g")  # (N, T*D) d loss / d (w * ys)
             if ys is not None:
                 grad_w = torch.linalg.vecdot(g_all, ys.view(wide))
             g_all = g_all.view(len(rows), unit, d).mul_(w[:, None, None]).view(-1, d)
         else:
             g_all = grad_out.contiguous()
         (x,) = rest
-        xs = torch.index_select(x.reshape(-1, unit * d), 0, rows,
-                                out=_SCRATCH.get("xs", wide, x)).view(-1, d)  # the gather again
+        xs = _gather_rows(x, rows, unit, "xs").view(-1, d)  # the gather again
         gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)  # every slice is written below
         gb1 = gw1.new_empty(w1.shape[:2]) if ctx.has_bias else None
         gb2 = gw2.new_empty(w2.shape[:2]) if ctx.has_bias else None
