@@ -112,11 +112,12 @@ def _layer_case(name: str, group: str, module: nn.Module, x: Tensor, aux: Callab
     return case
 
 
-def _moe(dim: int, hidden: int, experts: int, k: int, dispatcher=None, impl: str = "auto", level: str = "token"):
+def _moe(dim: int, hidden: int, experts: int, k: int, dispatcher=None, impl: str = "auto", level: str = "token",
+         **experts_kw):
     router = LinearRouter(dim, experts, k, aux_weights={"importance": 0.005})
     if level == "image":
         router = PooledRouter(router, pool="cls")
-    return MoE(router=router, experts=Experts(experts, dim, hidden, impl=impl),
+    return MoE(router=router, experts=Experts(experts, dim, hidden, impl=impl, **experts_kw),
                dispatcher=dispatcher or SortedDispatcher())
 
 
@@ -179,11 +180,15 @@ def layer_cases(*, batch: int, tokens: int, dim: int, hidden: int, experts: int,
     for k in ks:
         ours = _moe(dim, hidden, experts, k)
         cases.append(_layer_case(f"visionmoe-k{k}", group, ours, x, aux=lambda m=ours: m.last.aux_loss, k=k))
-        for impl in ("split", "grouped"):
-            if impl == "grouped" and not grouped_mm_available():
+        variants = {"split": dict(impl="split"), "grouped": dict(impl="grouped")}
+        if k == 1:  # the fused kernel's options: experts one after another; activation recomputed
+            variants.update({"serial": dict(threads=False), "recompute": dict(recompute=True)})
+        for variant, kw in variants.items():
+            if variant == "grouped" and not grouped_mm_available():
                 continue
-            alt = _moe(dim, hidden, experts, k, impl=impl)
-            cases.append(_layer_case(f"visionmoe-{impl}-k{k}", group, alt, x, aux=lambda m=alt: m.last.aux_loss, k=k))
+            alt = _moe(dim, hidden, experts, k, **kw)
+            cases.append(_layer_case(f"visionmoe-{variant}-k{k}", group, alt, x, aux=lambda m=alt: m.last.aux_loss,
+                                     k=k))
         loop = _moe(dim, hidden, experts, k, dispatcher=LoopDispatcher())
         cases.append(_layer_case(f"naive-loop-k{k}", group, loop, x, k=k))
         ein = _moe(dim, hidden, experts, k, dispatcher=EinsumDispatcher(capacity_factor=1.25))

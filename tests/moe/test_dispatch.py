@@ -148,13 +148,36 @@ def test_dispatch_invariants(s, e, cf, bpr, data):
 def _impls():
     from visionmoe.moe.experts import grouped_mm_available
 
-    return ["split", "fused"] + (["grouped"] if grouped_mm_available() else [])
+    return ["split", "fused", "fused-serial", "fused-recompute"] + (["grouped"] if grouped_mm_available() else [])
+
+
+def _experts_kwargs(impl: str) -> dict:
+    """``Experts`` arguments of a kernel variant: the fused kernel with its experts run in
+    parallel threads (the CPU default), one after another, or recomputing the activation."""
+    if impl == "fused-serial":
+        return dict(impl="fused", threads=False)
+    if impl == "fused-recompute":
+        return dict(impl="fused", recompute=True)
+    return dict(impl=impl)
+
+
+@pytest.fixture
+def expert_threads(monkeypatch):
+    """Two intra-op threads and no size floor, so the fused kernel's expert threads run
+    even on the tests' small layers."""
+    import visionmoe.moe.experts as ex
+
+    monkeypatch.setattr(ex, "MIN_THREADED_WORK", 0)
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("cf", [None, 0.7])
 @pytest.mark.parametrize("variant", ["gelu", "tanh-no-bias", "empty-expert", "image"])
-def test_expert_kernels_agree_with_plain_autograd(k, cf, variant):
+def test_expert_kernels_agree_with_plain_autograd(k, cf, variant, expert_threads):
     """Outputs and every gradient (input, expert parameters and the routing logits through
     the combine weights) agree across kernels, with and without capacity drops."""
     S, E, D, H = 50, 4, 16, 32
@@ -171,7 +194,7 @@ def test_expert_kernels_agree_with_plain_autograd(k, cf, variant):
             probs = probs / probs.sum(-1, keepdim=True)
         route = route_from_probs(probs, k=k)
         kw = dict(act_layer=torch.nn.GELU(approximate="tanh"), bias=False) if variant == "tanh-no-bias" else {}
-        experts = Experts(E, D, H, impl=impl, **kw)
+        experts = Experts(E, D, H, **_experts_kwargs(impl), **kw)
         x = x0.clone().requires_grad_(True)
         y, info = SortedDispatcher(capacity_factor=cf).train()(x, route, experts)
         (y.sum() + (y * r).sum()).backward()  # y.sum(): a stride-0 gradient, which grouped_mm alone rejects
@@ -285,3 +308,96 @@ def test_fused_kernel_generic_activation_matches_split():
         outs.append((y, x.grad, experts.fc1_weight.grad, experts.fc2_weight.grad))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_expert_threads_run_every_expert_once_and_restore_the_thread_count(expert_threads):
+    """The thread runner calls each expert exactly once on its rows, deals the experts
+    largest first to the least loaded thread, runs ops single-threaded meanwhile, and
+    restores ``torch.get_num_threads()`` even when an expert raises (the error reaches the
+    caller, from the calling thread or a worker)."""
+    import threading
+
+    from visionmoe.moe.experts import _THREADS
+
+    counts = [5, 0, 9, 3, 7, 1]
+    seen, lock = [], threading.Lock()
+
+    def fn(e, start, end):
+        with lock:
+            seen.append((e, start, end, threading.get_ident(), torch.get_num_threads()))
+
+    _THREADS.run(counts, fn, threaded=True)
+    starts = [0, 5, 5, 14, 17, 24]
+    assert sorted(s[:3] for s in seen) == [(e, starts[e], starts[e] + c) for e, c in enumerate(counts)]
+    assert {s[4] for s in seen} == {1}  # single-threaded ops inside
+    by_thread: dict[int, int] = {}
+    for _e, start, end, tid, _ in seen:
+        by_thread[tid] = by_thread.get(tid, 0) + end - start
+    assert sorted(by_thread.values()) == [12, 13]  # 9+3+0 | 7+5+1 (largest first, least loaded)
+    assert torch.get_num_threads() == 2
+    for bad in (9, 7):  # 9 runs in the calling thread, 7 in the worker
+
+        def boom(e, start, end, bad=bad):
+            if end - start == bad:
+                raise RuntimeError(f"expert {e} failed")
+
+        with pytest.raises(RuntimeError, match="expert"):
+            _THREADS.run(counts, boom, threaded=True)
+        assert torch.get_num_threads() == 2
+    seen.clear()
+    _THREADS.run(counts, fn, threaded=False)  # serial: in order, on this thread, threads untouched
+    assert [s[0] for s in seen] == list(range(6)) and {s[3] for s in seen} == {threading.get_ident()}
+    assert {s[4] for s in seen} == {2}
+
+
+def test_fused_kernel_threads_use_both_threads_and_keep_modes(expert_threads):
+    """A threaded forward really spreads the experts over two threads (each leaves its own
+    scratch buffers, all freed by clear_scratch), and works under no_grad and
+    inference_mode (thread-local modes reach the workers) with the serial results."""
+    import threading
+
+    from visionmoe.moe.experts import _SCRATCH, clear_scratch
+
+    torch.manual_seed(0)
+    x, rows, counts = torch.randn(40, 8), torch.randperm(40), [10, 12, 0, 18]
+    par, ser = Experts(4, 8, 16, impl="fused", recompute=True), Experts(4, 8, 16, impl="fused", threads=False)
+    ser.load_state_dict(par.state_dict())
+    clear_scratch()
+    ref = ser.forward_gathered(x, rows, counts)
+    y = par.forward_gathered(x, rows, counts)  # recompute: the activation goes to scratch
+    assert len({key[0] for key in _SCRATCH.bufs}) == 2 and threading.get_ident() in {k[0] for k in _SCRATCH.bufs}
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(par.forward_gathered(x, rows, counts), ref.detach(), rtol=1e-5, atol=1e-6)
+    with torch.inference_mode():
+        torch.testing.assert_close(par.forward_gathered(x, rows, counts), ref.detach(), rtol=1e-5, atol=1e-6)
+    clear_scratch()
+    assert not _SCRATCH.bufs
+
+
+def test_recompute_saves_exactly_the_activation_less():
+    """With ``recompute`` the fused kernel keeps the (N, H) activation out of the saved
+    tensors (N * H * 4 bytes less, counted by the bench's saved-tensor meter) and gives the
+    same outputs and gradients."""
+    from visionmoe.bench import activation_bytes
+
+    torch.manual_seed(0)
+    M, D, H = 30, 8, 16
+    x0, rows, counts, w = torch.randn(M, D), torch.randperm(M), [10, 20], torch.rand(M)
+    res, mem = {}, {}
+    for recompute in (False, True):
+        ex = Experts(2, D, H, impl="fused", recompute=recompute)
+        torch.manual_seed(1)
+        ex.reset_parameters()
+        x = x0.clone().requires_grad_(True)
+        mem[recompute] = activation_bytes(lambda ex=ex, x=x: ex.forward_combined(x, rows, counts, w, unique=True), ex)
+        y = ex.forward_combined(x, rows, counts, w, unique=True)
+        y.pow(2).sum().backward()
+        res[recompute] = (y, x.grad, ex.fc1_weight.grad, ex.fc2_weight.grad, ex.fc1_bias.grad)
+    assert mem[False] - mem[True] == M * H * 4
+    for a, b in zip(res[False], res[True]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    from visionmoe.moe import MoEConfig, build_moe
+
+    assert build_moe(D, H, MoEConfig(recompute_activation=True)).experts.recompute
+    assert not build_moe(D, H, MoEConfig()).experts.recompute

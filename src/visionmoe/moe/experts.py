@@ -10,7 +10,9 @@ upcycling a dense MLP and extracting one expert are plain copies.
 from __future__ import annotations
 
 import math
+import os
 import threading
+from concurrent.futures import wait
 
 import torch
 import torch.nn.functional as F
@@ -39,16 +41,16 @@ def _contiguous_grad(x: Tensor) -> Tensor:
     return _ContiguousGrad.apply(x) if x.requires_grad else x
 
 
-class _Scratch(threading.local):
+class _Scratch:
     """Per-thread buffers for the fused kernel's transient tensors (the gathered rows, the
-    activation, the sorted gradients), reused from call to call.
+    sorted gradients, per-expert temporaries), reused from call to call.
 
     A fresh multi-megabyte tensor costs a page fault per 4 KiB the first time it is written
     (the allocator hands large blocks back to the OS): on the 2-core CPU a fresh
     ``(4160, 384)`` ``index_select`` took ~2.4 ms inside a training step against ~0.3 ms
     into a reused buffer. Only tensors that live inside one forward or one backward call go
-    here; saved and returned tensors are always fresh. Buffers only grow; free them with
-    :func:`clear_scratch`.
+    here; saved and returned tensors are always fresh. Buffers are keyed by thread (the
+    expert threads each have their own), only grow, and are freed by :func:`clear_scratch`.
     """
 
     def __init__(self) -> None:
@@ -56,7 +58,7 @@ class _Scratch(threading.local):
 
     def get(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
         n = math.prod(shape)
-        key = (name, like.device, like.dtype)
+        key = (threading.get_ident(), name, like.device, like.dtype)
         buf = self.bufs.get(key)
         if buf is None or buf.numel() < n:
             buf = self.bufs[key] = like.new_empty(n)
@@ -67,9 +69,81 @@ _SCRATCH = _Scratch()
 
 
 def clear_scratch() -> None:
-    """Free this thread's reusable buffers of the fused expert kernel (they are re-made,
-    as large as needed, on the next call)."""
+    """Free the reusable buffers of the fused expert kernel, of every thread (they are
+    re-made, as large as needed, on the next call)."""
     _SCRATCH.bufs.clear()
+
+
+#: below this many multiply-adds per matmul layer (N * H * D) the experts run one after
+#: another: handing work to a thread costs tens of microseconds
+MIN_THREADED_WORK = 2**22
+
+
+class _ExpertThreads:
+    """Run the experts of one layer in parallel over the intra-op threads.
+
+    With every op split over the 2 cores, a top-1 layer of 8 experts x 520 rows ran its
+    matmuls ~15% slower than one dense matmul of 4,160 rows (one thread: ~2%): small
+    matmuls parallelise worse. So the experts are dealt to ``torch.get_num_threads()``
+    threads (the calling one and a pool of workers), largest first onto the least loaded,
+    and every op runs single-threaded: ``torch.set_num_threads(1)`` for the duration (it
+    is process-wide), restored afterwards even on error. Each expert writes only its own
+    slices, so the result does not depend on the thread count. Torch ops release the GIL,
+    so the threads run truly in parallel.
+    """
+
+    def __init__(self) -> None:
+        self.pool = None
+        self.key: tuple[int, int] | None = None  # (process id, workers): rebuilt after a fork
+
+    def _pool(self, workers: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        key = (os.getpid(), workers)
+        if self.key != key:
+            if self.pool is not None and self.key[0] == key[0]:
+                self.pool.shutdown(wait=False)
+            self.pool = ThreadPoolExecutor(workers, thread_name_prefix="visionmoe-experts")
+            self.key = key
+        return self.pool
+
+    def run(self, counts: list[int], fn, threaded: bool) -> None:
+        """``fn(e, start, end)`` for every expert ``e`` (rows ``start:end``)."""
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
+        nt = torch.get_num_threads()
+        if not threaded or nt < 2 or sum(c > 0 for c in counts) < 2:
+            for e in range(len(counts)):
+                fn(e, starts[e], starts[e + 1])
+            return
+        groups: list[list[int]] = [[] for _ in range(nt)]
+        load = [0] * nt
+        for e in sorted(range(len(counts)), key=lambda e: -counts[e]):  # largest first, least loaded
+            i = load.index(min(load))
+            groups[i].append(e)
+            load[i] += counts[e]
+        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+        def run_group(group: list[int]) -> None:  # the caller's thread-local modes, in every thread
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                for e in group:
+                    fn(e, starts[e], starts[e + 1])
+
+        pool = self._pool(nt - 1)
+        torch.set_num_threads(1)
+        futures = []
+        try:
+            futures = [pool.submit(run_group, g) for g in groups[1:] if g]
+            run_group(groups[0])
+        finally:
+            wait(futures)  # never leave a worker writing into buffers after an error here
+            torch.set_num_threads(nt)
+        for f in futures:
+            f.result()  # re-raise a worker's error
+
+
+_THREADS = _ExpertThreads()
 
 
 def _gather_rows(src: Tensor, rows: Tensor, unit: int, name: str) -> Tensor:
@@ -97,52 +171,60 @@ class _FusedSortedMLP(torch.autograd.Function):
     whole images, blocks of T consecutive rows of ``x``: gathers and scatters move images,
     never single tokens.
 
-    Saves only the input ``x`` (which the router keeps anyway), the row index, the
-    pre-activation and, when the combine weights need a gradient, the expert outputs; the
-    gathered rows and the activation are recomputed in backward (as megablocks does): top-1
-    keeps about 0.7x the dense MLP's activation memory. Keeping the activation instead was
-    tried and was not faster on CPU (a fresh (N, H) buffer per step costs about what the
-    GELU recompute does). Transient tensors live in per-thread scratch buffers
+    Saves the input ``x`` (which the router keeps anyway), the row index, the
+    pre-activation, the activation (GELU, unless ``recompute``) and, when the combine
+    weights need a gradient, the expert outputs; the gathered rows are gathered again in
+    backward. Top-1 keeps about 1.1x the dense MLP's activation memory; with ``recompute``
+    the activation is recomputed in backward instead (as megablocks does): about 0.7x, ~3%
+    slower on the 2-core CPU. Other activations than GELU are always recomputed (their
+    derivative needs autograd). ``threaded``: run the experts in parallel over the threads
+    (:class:`_ExpertThreads`). Transient tensors live in per-thread scratch buffers
     (:class:`_Scratch`). Outputs and gradients equal the plain autograd path (tested).
     """
 
     @staticmethod
-    def forward(ctx, x, rows, counts, act, w1, b1, w2, b2, w=None, unique=False, unit=1):
+    def forward(ctx, x, rows, counts, act, w1, b1, w2, b2, w=None, unique=False, unit=1, recompute=False,
+                threaded=False):
         d = x.shape[1]
         n = len(rows) * unit
         xs = _gather_rows(x, rows, unit, "xs").view(n, d)  # (N*T, D)
-        num_experts = w1.shape[0]
         gelu = act.approximate if type(act) is nn.GELU else None
+        threaded = threaded and gelu is not None
         w_grad = w is not None and ctx.needs_input_grad[8]
         h = xs.new_empty(n, w1.shape[1])  # (N, H) pre-activation, saved
+        a = None if recompute or gelu is None else torch.empty_like(h)  # (N, H) activation, saved
         # the expert outputs are saved (gate gradient) or returned, else transient
         ys = _SCRATCH.get("ys", (n, d), x) if w is not None and not w_grad else xs.new_empty(n, d)
-        start = 0
-        for e in range(num_experts):
-            end = start + counts[e]
-            if end > start:
-                he = h[start:end]
-                if b1 is None:
-                    torch.mm(xs[start:end], w1[e].t(), out=he)
-                else:
-                    torch.addmm(b1[e], xs[start:end], w1[e].t(), out=he)
+
+        def expert(e: int, start: int, end: int) -> None:
+            if end == start:
+                return
+            he = h[start:end]
+            if b1 is None:
+                torch.mm(xs[start:end], w1[e].t(), out=he)
+            else:
+                torch.addmm(b1[e], xs[start:end], w1[e].t(), out=he)
+            if a is not None:
+                ae = torch._C._nn.gelu(he, approximate=gelu, out=a[start:end])
+            else:
                 ae = _act_into(act, gelu, he, "act")
-                if b2 is None:
-                    torch.mm(ae, w2[e].t(), out=ys[start:end])
-                else:
-                    torch.addmm(b2[e], ae, w2[e].t(), out=ys[start:end])
-            start = end
+            if b2 is None:
+                torch.mm(ae, w2[e].t(), out=ys[start:end])
+            else:
+                torch.addmm(b2[e], ae, w2[e].t(), out=ys[start:end])
+
+        _THREADS.run(counts, expert, threaded)
         ctx.num_x, ctx.counts, ctx.act, ctx.has_bias = x.shape[0], counts, act, b1 is not None
-        ctx.combined, ctx.unique, ctx.unit = w is not None, unique, unit
+        ctx.combined, ctx.unique, ctx.unit, ctx.threaded = w is not None, unique, unit, threaded
         if w is None:
-            ctx.save_for_backward(rows, h, w1, w2, x)
+            ctx.save_for_backward(rows, h, a, w1, w2, x)
             return ys
-        ctx.save_for_backward(rows, h, w1, w2, w, ys if w_grad else None, x)
+        ctx.save_for_backward(rows, h, a, w1, w2, w, ys if w_grad else None, x)
         return _scatter_rows(ys.view(len(rows), unit * d), rows, ctx.num_x // unit, unique, w).view(-1, d)
 
     @staticmethod
     def backward(ctx, grad_out):  # grad_out: (N, D) sorted, or (M, D) with combine weights
-        rows, h, w1, w2, *rest = ctx.saved_tensors
+        rows, h, a, w1, w2, *rest = ctx.saved_tensors
         grad_w, unit, d = None, ctx.unit, w1.shape[2]
         wide = (len(rows), unit * d)
         if ctx.combined:
@@ -160,39 +242,36 @@ class _FusedSortedMLP(torch.autograd.Function):
         gb2 = gw2.new_empty(w2.shape[:2]) if ctx.has_bias else None
         gelu = ctx.act.approximate if type(ctx.act) is nn.GELU else None
         grad_xs = _SCRATCH.get("gx", tuple(xs.shape), xs)
-        start = 0
-        for e, c in enumerate(ctx.counts):
-            end = start + c
-            if end > start:
-                g = g_all[start:end]
-                he = h[start:end]
-                if gelu is not None:  # recompute the activation; its derivative in closed form
-                    torch.mm(g.t(), _act_into(ctx.act, gelu, he, "act"), out=gw2[e])
-                    grad_a = torch.mm(g, w2[e], out=_SCRATCH.get("grad_a", tuple(he.shape), he))
-                    grad_h = torch.ops.aten.gelu_backward.grad_input(
-                        grad_a, he, approximate=gelu, grad_input=_SCRATCH.get("grad_h", tuple(he.shape), he))
-                else:  # any other activation: local autograd on the recomputed activation
-                    with torch.enable_grad():
-                        he = he.detach().requires_grad_(True)
-                        ae = ctx.act(he)
-                    torch.mm(g.t(), ae.detach(), out=gw2[e])
-                    (grad_h,) = torch.autograd.grad(ae, he, g @ w2[e])
-                torch.mm(grad_h.t(), xs[start:end], out=gw1[e])
-                torch.mm(grad_h, w1[e], out=grad_xs[start:end])
-                if gb1 is not None:
-                    gb1[e] = grad_h.sum(0)
-                    gb2[e] = g.sum(0)
-            else:
-                gw1[e].zero_()
-                gw2[e].zero_()
-                if gb1 is not None:
-                    gb1[e].zero_()
-                    gb2[e].zero_()
-            start = end
+
+        def expert(e: int, start: int, end: int) -> None:
+            if end == start:  # no rows: zero gradients (every expert gets one, for DDP)
+                for t in (gw1, gw2) if gb1 is None else (gw1, gw2, gb1, gb2):
+                    t[e].zero_()
+                return
+            g, he = g_all[start:end], h[start:end]
+            if gelu is not None:  # saved (or recomputed) activation; its derivative in closed form
+                ae = a[start:end] if a is not None else _act_into(ctx.act, gelu, he, "act")
+                torch.mm(g.t(), ae, out=gw2[e])
+                grad_a = torch.mm(g, w2[e], out=_SCRATCH.get("grad_a", tuple(he.shape), he))
+                grad_h = torch.ops.aten.gelu_backward.grad_input(
+                    grad_a, he, approximate=gelu, grad_input=_SCRATCH.get("grad_h", tuple(he.shape), he))
+            else:  # any other activation: local autograd on the recomputed activation
+                with torch.enable_grad():
+                    he = he.detach().requires_grad_(True)
+                    ae = ctx.act(he)
+                torch.mm(g.t(), ae.detach(), out=gw2[e])
+                (grad_h,) = torch.autograd.grad(ae, he, g @ w2[e])
+            torch.mm(grad_h.t(), xs[start:end], out=gw1[e])
+            torch.mm(grad_h, w1[e], out=grad_xs[start:end])
+            if gb1 is not None:
+                torch.sum(grad_h, 0, out=gb1[e])
+                torch.sum(g, 0, out=gb2[e])
+
+        _THREADS.run(ctx.counts, expert, ctx.threaded)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = _scatter_rows(grad_xs.view(wide), rows, ctx.num_x // unit, ctx.unique).view(-1, d)
-        return grad_x, None, None, None, gw1, gb1, gw2, gb2, grad_w, None, None
+        return grad_x, None, None, None, gw1, gb1, gw2, gb2, grad_w, None, None, None, None
 
 
 def _scatter_rows(src: Tensor, rows: Tensor, num_rows: int, unique: bool, weights: Tensor | None = None) -> Tensor:
@@ -251,6 +330,11 @@ class Experts(nn.Module):
         bias: use biases (timm's ``Mlp`` does).
         drop: dropout after the activation and after fc2 (timm ``Mlp`` semantics).
         impl: ``"auto"`` | ``"fused"`` | ``"grouped"`` | ``"split"``, see :meth:`forward_gathered`.
+        recompute: fused kernel: recompute the GELU activation in backward instead of saving
+            it (top-1: ~0.7x instead of ~1.1x the dense MLP's activation memory, ~3% slower).
+        threads: fused kernel on CPU: run the experts in parallel over the intra-op threads,
+            each op single-threaded (faster: small matmuls parallelise badly); False runs
+            them one after another, every op using all threads. Attribute, can be changed.
     """
 
     def __init__(
@@ -263,11 +347,13 @@ class Experts(nn.Module):
         bias: bool = True,
         drop: float = 0.0,
         impl: str = "auto",
+        recompute: bool = False,
+        threads: bool = True,
     ) -> None:
         super().__init__()
         if impl not in IMPLS:
             raise ValueError(f"unknown experts impl {impl!r}; choose from {IMPLS}")
-        self.impl = impl
+        self.impl, self.recompute, self.threads = impl, recompute, threads
         if num_experts < 1 or dim < 1 or hidden < 1:
             raise ValueError(f"num_experts, dim and hidden must be >= 1, got {num_experts}, {dim}, {hidden}")
         self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
@@ -387,7 +473,10 @@ class Experts(nn.Module):
         w1, w2 = self.fc1_weight.to(x.dtype), self.fc2_weight.to(x.dtype)
         b1 = None if self.fc1_bias is None else self.fc1_bias.to(x.dtype)
         b2 = None if self.fc2_bias is None else self.fc2_bias.to(x.dtype)
-        return _FusedSortedMLP.apply(x, rows, counts_list, self.act, w1, b1, w2, b2, weights, unique, unit)
+        threaded = (self.threads and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+                    and len(rows) * unit * self.hidden * self.dim >= MIN_THREADED_WORK)
+        return _FusedSortedMLP.apply(x, rows, counts_list, self.act, w1, b1, w2, b2, weights, unique, unit,
+                                     self.recompute, threaded)
 
     def _gathered_local(self, x: Tensor, rows: Tensor, counts: Tensor | list[int], impl: str | None) -> Tensor:
         """:meth:`forward_gathered` on the experts held here (``counts`` has one entry each)."""
