@@ -212,7 +212,7 @@ def vit_cases(*, batch: int, img_size: int, experts: int) -> list[Case]:
     for name, moe in (("vit-s16-dense", None), ("vit-s16-moe-every2-k1", dict(num_experts=experts, top_k=1,
                                                                               placement="every_2"))):
         model = create_model("vit_small_patch16_224", img_size=img_size, moe=moe)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the Trainer (optim.fused)
 
         def make(backward: bool, model=model, opt=opt):
             def step():

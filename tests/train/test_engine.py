@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 
@@ -45,6 +46,32 @@ def test_optimizer_groups_router_lr_and_no_decay():
             if p.ndim <= 1 or n in ("pos_embed", "cls_token"):
                 assert g["weight_decay"] == 0.0, n
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(t.model.parameters()))
+
+
+def test_fused_optimizer_gives_the_loop_optimizers_update():
+    """``optim.fused`` (default) builds torch's fused AdamW; its update equals the
+    per-tensor loop's to float rounding, over every parameter group; other optimizers are
+    built without the flag."""
+    import copy
+
+    cfg = config_from_dict(QUICK)
+    t = Trainer(cfg, data=load_dataset("digits"), run_dir="unused")
+    models, opts = {}, {}
+    for fused in (True, False):
+        models[fused] = copy.deepcopy(t.model)
+        opts[fused] = build_optimizer(models[fused], dataclasses.replace(cfg.optim, fused=fused))
+        torch.manual_seed(0)
+        for p in models[fused].parameters():
+            p.grad = torch.randn_like(p)
+        for _ in range(3):
+            opts[fused].step()
+    assert all(g["fused"] for g in opts[True].param_groups)
+    assert not any(g["fused"] for g in opts[False].param_groups)
+    for (n, a), b in zip(models[True].named_parameters(), models[False].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+    assert not any(torch.equal(a, b) for a, b in zip(models[True].parameters(), t.model.parameters()) if a.numel() > 4)
+    sgd = build_optimizer(t.model, dataclasses.replace(cfg.optim, name="sgd"))
+    assert not sgd.defaults.get("fused")
 
 
 def test_resume_gives_identical_weights(tmp_path, digits):

@@ -126,6 +126,7 @@ class _ExpertThreads:
         grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
         def run_group(group: list[int]) -> None:  # the caller's thread-local modes, in every thread
+            torch.set_num_threads(1)  # a worker keeps the count it had when it started otherwise
             with torch.inference_mode(inference), torch.set_grad_enabled(grad):
                 for e in group:
                     fn(e, starts[e], starts[e + 1])

@@ -117,7 +117,13 @@ def build_optimizer(model: nn.Module, cfg, extra: nn.Module | None = None) -> to
     if extra is not None and any(True for _ in extra.parameters()):
         out += param_groups_weight_decay(extra, cfg.weight_decay)
     kwargs = {"momentum": cfg.momentum} if cfg.name in ("sgd", "momentum", "nesterov") else {}
+    if cfg.fused and cfg.name.lower() in FUSED_OPTIMIZERS:
+        kwargs["fused"] = True
     return create_optimizer_v2(out, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
+
+
+#: timm optimizer names that map to a torch optimizer with a fused kernel (CPU and CUDA)
+FUSED_OPTIMIZERS = ("adam", "adamw")
 
 
 class Trainer:
