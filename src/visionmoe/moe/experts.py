@@ -86,26 +86,28 @@ class _ExpertThreads:
     matmuls ~15% slower than one dense matmul of 4,160 rows (one thread: ~2%): small
     matmuls parallelise worse. So the experts are dealt to ``torch.get_num_threads()``
     threads (the calling one and a pool of workers), largest first onto the least loaded,
-    and every op runs single-threaded: ``torch.set_num_threads(1)`` for the duration (it
-    is process-wide), restored afterwards even on error. Each expert writes only its own
-    slices, so the result does not depend on the thread count. Torch ops release the GIL,
-    so the threads run truly in parallel.
+    and every op runs single-threaded (``torch.set_num_threads(1)`` in each of them for the
+    duration; the caller's count is restored afterwards, also on error). Each expert writes
+    only its own slices, so the result does not depend on the thread count. Torch ops
+    release the GIL, so the threads run truly in parallel.
     """
 
     def __init__(self) -> None:
         self.pool = None
         self.key: tuple[int, int] | None = None  # (process id, workers): rebuilt after a fork
+        self.lock = threading.Lock()
 
     def _pool(self, workers: int):
         from concurrent.futures import ThreadPoolExecutor
 
         key = (os.getpid(), workers)
-        if self.key != key:
-            if self.pool is not None and self.key[0] == key[0]:
-                self.pool.shutdown(wait=False)
-            self.pool = ThreadPoolExecutor(workers, thread_name_prefix="visionmoe-experts")
-            self.key = key
-        return self.pool
+        with self.lock:
+            if self.key != key:
+                if self.pool is not None and self.key[0] == key[0]:
+                    self.pool.shutdown(wait=False)
+                self.pool = ThreadPoolExecutor(workers, thread_name_prefix="visionmoe-experts")
+                self.key = key
+            return self.pool
 
     def run(self, counts: list[int], fn, threaded: bool) -> None:
         """``fn(e, start, end)`` for every expert ``e`` (rows ``start:end``)."""
