@@ -128,13 +128,12 @@ class _ExpertThreads:
         grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
         def run_group(group: list[int]) -> None:  # the caller's thread-local modes, in every thread
-            torch.set_num_threads(1)  # a worker keeps the count it had when it started otherwise
+            torch.set_num_threads(1)  # here too, in the caller (restored below) and in each worker
             with torch.inference_mode(inference), torch.set_grad_enabled(grad):
                 for e in group:
                     fn(e, starts[e], starts[e + 1])
 
         pool = self._pool(nt - 1)
-        torch.set_num_threads(1)
         futures = []
         try:
             futures = [pool.submit(run_group, g) for g in groups[1:] if g]
@@ -192,7 +191,6 @@ class _FusedSortedMLP(torch.autograd.Function):
         n = len(rows) * unit
         xs = _gather_rows(x, rows, unit, "xs").view(n, d)  # (N*T, D)
         gelu = act.approximate if type(act) is nn.GELU else None
-        threaded = threaded and gelu is not None
         w_grad = w is not None and ctx.needs_input_grad[8]
         h = xs.new_empty(n, w1.shape[1])  # (N, H) pre-activation, saved
         a = None if recompute or gelu is None else torch.empty_like(h)  # (N, H) activation, saved
@@ -476,7 +474,9 @@ class Experts(nn.Module):
         w1, w2 = self.fc1_weight.to(x.dtype), self.fc2_weight.to(x.dtype)
         b1 = None if self.fc1_bias is None else self.fc1_bias.to(x.dtype)
         b2 = None if self.fc2_bias is None else self.fc2_bias.to(x.dtype)
-        threaded = (self.threads and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+        # threads only for GELU: other activations need autograd in backward, on this thread
+        threaded = (self.threads and x.device.type == "cpu" and type(self.act) is nn.GELU
+                    and not torch.is_autocast_enabled("cpu")
                     and len(rows) * unit * self.hidden * self.dim >= MIN_THREADED_WORK)
         return _FusedSortedMLP.apply(x, rows, counts_list, self.act, w1, b1, w2, b2, weights, unique, unit,
                                      self.recompute, threaded)

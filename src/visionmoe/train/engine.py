@@ -89,6 +89,10 @@ def build_model(cfg: ExperimentConfig, *, num_classes: int, in_chans: int) -> nn
     return model
 
 
+#: timm optimizer names that map to a torch optimizer with a fused kernel (CPU and CUDA)
+FUSED_OPTIMIZERS = ("adam", "adamw")
+
+
 def build_optimizer(model: nn.Module, cfg, extra: nn.Module | None = None) -> torch.optim.Optimizer:
     """timm optimizer over parameter groups: no weight decay on 1-d parameters and
     ``model.no_weight_decay()``; optional layer-wise lr decay (timm); router parameters get
@@ -121,9 +125,6 @@ def build_optimizer(model: nn.Module, cfg, extra: nn.Module | None = None) -> to
         kwargs["fused"] = True
     return create_optimizer_v2(out, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
 
-
-#: timm optimizer names that map to a torch optimizer with a fused kernel (CPU and CUDA)
-FUSED_OPTIMIZERS = ("adam", "adamw")
 
 
 class Trainer:
