@@ -131,6 +131,11 @@ def test_config_errors_name_the_parameter():
         MoEConfig.from_dict({"num_expert": 4})
     with pytest.raises(ValueError, match="num_keys"):
         MoEConfig(routing="cluster")
+    for key in ("recompute_activation", "bpr", "shared_expert"):  # "yes" / 1 are not booleans
+        with pytest.raises(ValueError, match=f"moe.{key} must be true or false, got 'yes'"):
+            MoEConfig.from_dict({key: "yes"})
+    with pytest.raises(ValueError, match="moe.renormalize must be true or false, got 1"):
+        MoEConfig(renormalize=1)
 
 
 def test_gradients_reach_router_and_experts_through_layer():

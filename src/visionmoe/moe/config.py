@@ -87,6 +87,9 @@ class MoEConfig:
             raise ValueError(_unknown("moe.routing", self.routing, ROUTINGS))
         if self.routing in ("cluster", "task") and self.num_keys < 1:
             raise ValueError(f"moe.routing={self.routing!r} needs moe.num_keys >= 1 (number of {self.routing}s)")
+        for f in dataclasses.fields(self):  # a YAML "yes" or 1 would pass as true silently
+            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
+                raise ValueError(f"moe.{f.name} must be true or false, got {getattr(self, f.name)!r}")
         for name in ("capacity_factor", "eval_capacity_factor"):
             v = getattr(self, name)
             if v is not None and not v > 0:
