@@ -14,3 +14,4 @@ logits.sum().backward()  # gradients flow back through the all-to-all
 sd = gather_expert_state(model, model.state_dict())  # full (E, ...) expert tensors on every rank
 w = "blocks.1.mlp.experts.fc1_weight"
 print(f"rank {dist.get_rank()}: holds {tuple(model.get_parameter(w).shape)}, checkpoint has {tuple(sd[w].shape)}")
+dist.destroy_process_group()  # leave the group before exit (an undestroyed gloo group can abort at exit)

@@ -471,7 +471,12 @@ def console_main() -> int:
     except ValueError as e:  # a mistyped VISIONMOE_MALLOC
         print(f"visionmoe: error: {e}", file=sys.stderr)
         return 2
-    return main()
+    try:
+        return main()
+    finally:  # under torchrun: leave the process group (an undestroyed gloo group can abort at exit)
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover
