@@ -83,3 +83,63 @@ def test_page_faults_count_fresh_memory(monkeypatch):
     rows = {r["name"]: r for r in _summarise([reuse, fresh], tokens=1)}
     assert rows["fresh"]["fwd_page_faults"] >= 0.9 * n * 4 // 4096
     assert rows["dense"]["fwd_page_faults"] < 100
+
+
+def test_scaling_rows_carry_a_weight_traffic_estimate(tmp_path):
+    """The E = 4..64 table explains its growth: every MoE row has the parameter bytes beyond
+    the dense MLP's and the ratio dense time + 3 passes over them would give at the measured
+    bandwidth, recomputed here from the JSON by hand."""
+    res = run_bench(quick=True, peers=False, vit=False, crmoe=False, out=tmp_path, progress=False)
+    rows = {r["name"]: r for r in res["suites"]["scaling"]}
+    bw = res["bandwidth_gb_s"]
+    assert bw["read"] > 0 and bw["write"] > 0
+    D, H = res["config"]["dim"], res["config"]["hidden"]
+    dense = rows["dense"]
+    assert dense["param_mb"] == round((2 * D * H + H + D) * 4 / 1e6, 3)  # timm Mlp, float32
+    ratios = []
+    for e in (2, 4):
+        r = rows[f"visionmoe-E{e}-k1"]
+        expert_bytes = (2 * D * H + H + D) * 4
+        router_bytes = (D * e + e) * 4  # LinearRouter: a D -> E linear layer with bias
+        assert abs(r["extra_param_mb"] - ((e - 1) * expert_bytes + router_bytes) / 1e6) < 2e-3
+        seconds = r["extra_param_mb"] * 1e6 * (2 / (bw["read"] * 1e9) + 1 / (bw["write"] * 1e9))
+        assert r["traffic_ratio"] == pytest.approx(1 + seconds * 1e3 / dense["fwdbwd_ms"], abs=2e-3)
+        ratios.append(r["traffic_ratio"])
+        assert r["split_gemm_ratio"] > 0
+    assert 1 < ratios[0] < ratios[1]  # more experts, more bytes
+
+
+def test_memory_bandwidth_is_bytes_over_time(monkeypatch):
+    """A fake clock where every pass over the buffer takes 1 ms: 4 MB / 1 ms = 4 GB/s."""
+    import itertools
+
+    import visionmoe.bench as b
+
+    ticks = itertools.count()
+    monkeypatch.setattr(b.time, "perf_counter", lambda: next(ticks) * 1e-3)
+    assert b.memory_bandwidth(nbytes=4 * 10**6, repeats=3) == {"read": 4.0, "write": 4.0}
+
+
+def test_split_gemm_ratio_times_the_expert_matmuls_on_one_thread(monkeypatch):
+    """A fake clock that advances by the rows each matmul multiplies plus 8 per call: one
+    GEMM of 64 rows costs 72, four of 16 rows cost 4 * 24 = 96, ratio 4/3; every matmul sees
+    one thread, and the caller's count comes back."""
+    import visionmoe.bench as b
+
+    clock = [0.0]
+    seen_threads = set()
+
+    def fake_mm(x, w, out):
+        assert out.shape == (x.shape[0], w.shape[1])
+        seen_threads.add(torch.get_num_threads())
+        clock[0] += x.shape[0] + 8
+
+    monkeypatch.setattr(b.torch, "mm", fake_mm)
+    monkeypatch.setattr(b.time, "perf_counter", lambda: clock[0])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert b.split_gemm_ratio(64, 4, 6, experts=4, repeats=3) == pytest.approx(96 / 72)
+        assert seen_threads == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

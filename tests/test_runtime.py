@@ -93,3 +93,13 @@ def test_the_program_tunes_and_bench_records_it(tmp_path):
     cfg = json.loads((tmp_path / "bench.json").read_text())["config"]
     expected = "M_MMAP_MAX=0" if sys.platform.startswith("linux") else "default"
     assert expected in cfg["allocator"]
+
+
+def test_bench_module_names_a_mistyped_env_value_in_one_line():
+    env = {**os.environ, "VISIONMOE_MALLOC": "defualt"}
+    res = subprocess.run([sys.executable, "-m", "visionmoe.bench", "--quick"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()]  # one line
+    assert "VISIONMOE_MALLOC='defualt'" in res.stderr

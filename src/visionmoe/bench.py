@@ -33,7 +33,8 @@ from .moe.experts import grouped_mm_available
 from .moe.reference import EinsumDispatcher, LoopDispatcher
 from .runtime import allocator_state, tune_cpu_allocator
 
-__all__ = ["run_bench", "main", "paired_ratios"]
+__all__ = ["run_bench", "main", "paired_ratios", "memory_bandwidth", "add_traffic_estimate",
+           "split_gemm_ratio"]
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -232,13 +233,90 @@ def vit_cases(*, batch: int, img_size: int, experts: int) -> list[Case]:
     return cases
 
 
+def _param_mb(module: nn.Module) -> float:
+    return sum(p.numel() * p.element_size() for p in module.parameters()) / 1e6
+
+
 def scaling_cases(*, batch: int, tokens: int, dim: int, hidden: int, experts_list: list[int]) -> list[Case]:
     x = torch.randn(batch, tokens, dim)
-    cases = [_layer_case("dense", "scaling", Mlp(dim, hidden), x)]
+    dense = Mlp(dim, hidden)
+    cases = [_layer_case("dense", "scaling", dense, x, param_mb=round(_param_mb(dense), 3))]
     for e in experts_list:
         m = _moe(dim, hidden, e, 1)
-        cases.append(_layer_case(f"visionmoe-E{e}-k1", "scaling", m, x, aux=lambda m=m: m.last.aux_loss, E=e, k=1))
+        cases.append(_layer_case(f"visionmoe-E{e}-k1", "scaling", m, x, aux=lambda m=m: m.last.aux_loss, E=e, k=1,
+                                 param_mb=round(_param_mb(m), 3)))
     return cases
+
+
+def memory_bandwidth(nbytes: int = 2**28, repeats: int = 5) -> dict[str, float]:
+    """Main-memory bandwidth in GB/s with the current torch threads: ``read`` (a sum over a
+    float32 buffer of ``nbytes``, far above the last-level cache by default) and ``write``
+    (filling it); the median of ``repeats`` passes after one that pages the buffer in."""
+    buf = torch.ones(max(nbytes // 4, 1))
+
+    def seconds(fn: Callable[[], Any]) -> float:
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    nbytes = buf.numel() * 4
+    return {"read": round(nbytes / seconds(buf.sum) / 1e9, 2),
+            "write": round(nbytes / seconds(lambda: buf.fill_(0.5)) / 1e9, 2)}
+
+
+def split_gemm_ratio(rows: int, dim: int, hidden: int, experts: int, repeats: int = 5) -> float:
+    """On one thread: the time of ``experts`` matmuls of ``rows / experts`` rows, each with its
+    own ``(hidden, dim)`` weight (the fc1 GEMMs of a balanced top-1 layer), over one matmul
+    of all ``rows`` with one weight (the dense fc1); median of ``repeats``. What splitting the
+    GEMM costs by itself: smaller row blocks and a weight matrix to read and pack per expert."""
+    n = rows // experts
+    x, out = torch.randn(n * experts, dim), torch.empty(n * experts, hidden)
+    w = torch.randn(experts, hidden, dim)
+
+    def one() -> None:
+        torch.mm(x, w[0].t(), out=out)
+
+    def split() -> None:
+        for e in range(experts):
+            torch.mm(x[e * n:(e + 1) * n], w[e].t(), out=out[e * n:(e + 1) * n])
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times = {}
+        for name, fn in (("one", one), ("split", split)):
+            fn()
+            ts = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+            times[name] = statistics.median(ts)
+    finally:
+        torch.set_num_threads(threads)
+    return times["split"] / times["one"]
+
+
+def add_traffic_estimate(rows: list[dict], bandwidth: dict[str, float]) -> None:
+    """For each MoE row of the scaling suite, ``traffic_ratio``: the dense MLP's
+    forward+backward time plus the time to move the parameter bytes the MoE layer has
+    beyond the dense MLP's — read in forward, read again in backward, gradient written — at
+    the measured ``bandwidth``, over the dense time. At constant FLOPs this is the part of
+    the cost that grows with E. An estimate, not a hard floor: a GEMM can overlap part of
+    its loads with arithmetic, and caches hold the smaller layers."""
+    dense = next((r for r in rows if r["name"] == "dense"), None)
+    if dense is None or "fwdbwd_ms" not in dense:
+        return
+    per_byte = 2 / (bandwidth["read"] * 1e9) + 1 / (bandwidth["write"] * 1e9)  # seconds per byte
+    for r in rows:
+        if r is dense or "param_mb" not in r:
+            continue
+        extra = max(r["param_mb"] - dense["param_mb"], 0.0) * 1e6
+        r["extra_param_mb"] = round(extra / 1e6, 3)
+        r["traffic_ratio"] = round(1 + extra * per_byte * 1e3 / dense["fwdbwd_ms"], 3)
 
 
 def _run_rounds(cases: list[Case], rounds: int, modes: tuple[str, ...], inner: int) -> None:
@@ -372,6 +450,12 @@ def run_bench(
         console.print(f"[bold]bench[/] {name}: {len(cs)} cases x {rounds} rounds ({', '.join(modes)})")
         _run_rounds(cs, rounds if name != "vit_step" else max(2, rounds // 2), modes, inner)
         results["suites"][name] = _summarise(cs, ntok)
+        if name == "scaling":
+            results["bandwidth_gb_s"] = bw = memory_bandwidth(2**28 if not quick else 2**22)
+            add_traffic_estimate(results["suites"][name], bw)
+            for r in results["suites"][name]:
+                if "E" in r:
+                    r["split_gemm_ratio"] = round(split_gemm_ratio(batch * tokens, dim, hidden, r["E"]), 3)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(results, indent=2))
@@ -387,13 +471,18 @@ def _print_tables(results: dict, console) -> None:
     for suite, rows in results["suites"].items():
         t = Table(title=f"{suite} (ratio = median time / dense's; paired = median of per-round ratios)")
         cols = ["name", "fwd_ms", "fwd_ratio", "fwdbwd_ms", "fwdbwd_iqr_ms", "fwdbwd_ratio", "fwdbwd_paired_ratio",
-                "fwdbwd_paired_iqr", "fwdbwd_page_faults", "activation_ratio"]
+                "fwdbwd_paired_iqr", "fwdbwd_page_faults", "activation_ratio", "traffic_ratio",
+                "split_gemm_ratio"]
         cols = [c for c in cols if any(c in r for r in rows)]
         for c in cols:
             t.add_column(c)
         for r in rows:
             t.add_row(*[str(r.get(c, r.get("error", "")[:40] if c == "fwdbwd_ms" else "")) for c in cols])
         console.print(t)
+    if "bandwidth_gb_s" in results:
+        bw = results["bandwidth_gb_s"]
+        console.print(f"memory bandwidth: read {bw['read']} GB/s, write {bw['write']} GB/s (traffic_ratio: dense time "
+                      "+ the extra expert parameters read twice and their gradients written once, over dense time)")
     for peer, st in results.get("peers", {}).items():
         console.print(f"peer {peer}: {st}")
 
@@ -466,5 +555,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    tune_cpu_allocator()  # as the `visionmoe` program does (VISIONMOE_MALLOC=default skips it)
+    import sys
+
+    try:
+        tune_cpu_allocator()  # as the `visionmoe` program does (VISIONMOE_MALLOC=default skips it)
+    except ValueError as e:  # a mistyped VISIONMOE_MALLOC: one line, as the program says it
+        print(f"visionmoe bench: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     raise SystemExit(main())
