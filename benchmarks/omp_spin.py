@@ -1,0 +1,116 @@
+"""Does a shorter OpenMP spin (GOMP_SPINCOUNT) make MoE layers cheaper? (docs/performance.md)
+
+libgomp reads GOMP_SPINCOUNT when torch loads it, so each setting needs its own process:
+this script starts ``--reps`` rounds of one child process per setting, in alternating
+order, each timing the dense MLP, MoE layers and (``--vit``) a ViT-S/16 training step in
+interleaved rounds, and prints the medians over the children of the per-child paired
+ratios and times.
+
+    python benchmarks/omp_spin.py --reps 5 --rounds 12 --vit      # about 20 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+
+def child(rounds: int, vit: bool) -> dict:
+    from visionmoe.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()
+    import torch
+    from timm.layers import Mlp
+
+    from visionmoe.bench import _loss_of, _moe
+    from visionmoe.models import create_model
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    dim, hidden = 384, 1536
+    x = torch.randn(64, 65, dim)
+    layers = {"dense": Mlp(dim, hidden), "top-1": _moe(dim, hidden, 8, 1),
+              "image-level": _moe(dim, hidden, 8, 1, level="image"), "top-2": _moe(dim, hidden, 8, 2),
+              "E=64": _moe(dim, hidden, 64, 1)}
+
+    def layer_step(m) -> None:
+        xx = x.detach().requires_grad_(True)
+        out = m(xx)
+        loss = _loss_of(out) + (out.aux_loss if getattr(out, "aux_loss", None) is not None else 0)
+        loss.backward()
+        m.zero_grad(set_to_none=True)
+
+    cases = {k: (lambda m=m: layer_step(m)) for k, m in layers.items()}
+    if vit:
+        images, labels = torch.randn(8, 3, 224, 224), torch.randint(0, 1000, (8,))
+        for name, moe in (("vit-dense", None), ("vit-moe", dict(num_experts=8, top_k=1, placement="every_2"))):
+            model = create_model("vit_small_patch16_224", moe=moe)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+            def vit_step(model=model, opt=opt, moe=moe) -> None:
+                loss = torch.nn.functional.cross_entropy(model(images), labels)
+                if moe is not None:
+                    loss = loss + model.moe_aux_loss()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+            cases[name] = vit_step
+    for f in cases.values():
+        f()
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(rounds):
+        order = list(cases)
+        random.shuffle(order)
+        for k in order:
+            t0 = time.perf_counter()
+            cases[k]()
+            times[k].append(time.perf_counter() - t0)
+    res = {}
+    for k, ts in times.items():
+        ref = times["vit-dense" if k.startswith("vit") else "dense"]
+        res[k] = {"ms": statistics.median(ts) * 1e3, "ratio": statistics.median(a / b for a, b in zip(ts, ref))}
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--settings", default="unset,10000,0", help="GOMP_SPINCOUNT values; 'unset': libgomp's default")
+    p.add_argument("--reps", type=int, default=3, help="child processes per setting")
+    p.add_argument("--rounds", type=int, default=12, help="interleaved rounds in each child")
+    p.add_argument("--vit", action="store_true", help="also time a ViT-S/16 training step, dense and MoE")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        print(json.dumps(child(a.rounds, a.vit)))
+        return
+    settings = a.settings.split(",")
+    runs: dict[str, list[dict]] = {s: [] for s in settings}
+    for rep in range(a.reps):
+        for s in settings if rep % 2 == 0 else settings[::-1]:  # alternate the order: drift hits all alike
+            env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+            if s != "unset":
+                env["GOMP_SPINCOUNT"] = s
+            cmd = [sys.executable, __file__, "--child", "--rounds", str(a.rounds)] + (["--vit"] if a.vit else [])
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+            runs[s].append(json.loads(out.strip().splitlines()[-1]))
+            print(f"rep {rep + 1}/{a.reps} GOMP_SPINCOUNT={s} done", file=sys.stderr)
+    names = list(runs[settings[0]][0])
+    moe_names = [n for n in names if n not in ("dense", "vit-dense")]
+    print("| GOMP_SPINCOUNT | " + " | ".join(f"{n} ratio" for n in moe_names)
+          + " | " + " | ".join(f"{n} ms" for n in names) + " |")
+    print("|---" * (2 * len(names) - 1) + "|")
+    for s, rs in runs.items():
+        ratios = [f"{statistics.median(r[n]['ratio'] for r in rs):.3f}" for n in moe_names]
+        ms = [f"{statistics.median(r[n]['ms'] for r in rs):.0f}" for n in names]
+        print(f"| {s} | " + " | ".join(ratios) + " | " + " | ".join(ms) + " |")
+
+
+if __name__ == "__main__":
+    main()
