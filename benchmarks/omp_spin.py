@@ -20,16 +20,18 @@ import subprocess
 import sys
 import time
 
+DENSE_VIT = "vit-s16-dense"  # the dense ViT case of visionmoe.bench.vit_cases
+
 
 def child(rounds: int, vit: bool) -> dict:
+    """Paired ratios and median times of the bench's own cases (visionmoe.bench), one process."""
     from visionmoe.runtime import tune_cpu_allocator
 
     tune_cpu_allocator()
     import torch
     from timm.layers import Mlp
 
-    from visionmoe.bench import _loss_of, _moe
-    from visionmoe.models import create_model
+    from visionmoe.bench import _layer_case, _moe, vit_cases
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -38,30 +40,10 @@ def child(rounds: int, vit: bool) -> dict:
     layers = {"dense": Mlp(dim, hidden), "top-1": _moe(dim, hidden, 8, 1),
               "image-level": _moe(dim, hidden, 8, 1, level="image"), "top-2": _moe(dim, hidden, 8, 2),
               "E=64": _moe(dim, hidden, 64, 1)}
-
-    def layer_step(m) -> None:
-        xx = x.detach().requires_grad_(True)
-        out = m(xx)
-        loss = _loss_of(out) + (out.aux_loss if getattr(out, "aux_loss", None) is not None else 0)
-        loss.backward()
-        m.zero_grad(set_to_none=True)
-
-    cases = {k: (lambda m=m: layer_step(m)) for k, m in layers.items()}
+    cases = {k: _layer_case(k, "layers", m, x, aux=None if k == "dense" else (lambda m=m: m.last.aux_loss)).make(True)
+             for k, m in layers.items()}
     if vit:
-        images, labels = torch.randn(8, 3, 224, 224), torch.randint(0, 1000, (8,))
-        for name, moe in (("vit-dense", None), ("vit-moe", dict(num_experts=8, top_k=1, placement="every_2"))):
-            model = create_model("vit_small_patch16_224", moe=moe)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-
-            def vit_step(model=model, opt=opt, moe=moe) -> None:
-                loss = torch.nn.functional.cross_entropy(model(images), labels)
-                if moe is not None:
-                    loss = loss + model.moe_aux_loss()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
-            cases[name] = vit_step
+        cases.update({c.name: c.make(True) for c in vit_cases(batch=8, img_size=224, experts=8)})
     for f in cases.values():
         f()
     times: dict[str, list[float]] = {k: [] for k in cases}
@@ -74,16 +56,23 @@ def child(rounds: int, vit: bool) -> dict:
             times[k].append(time.perf_counter() - t0)
     res = {}
     for k, ts in times.items():
-        ref = times["vit-dense" if k.startswith("vit") else "dense"]
+        ref = times[DENSE_VIT if k.startswith("vit") else "dense"]
         res[k] = {"ms": statistics.median(ts) * 1e3, "ratio": statistics.median(a / b for a, b in zip(ts, ref))}
     return res
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--settings", default="unset,10000,0", help="GOMP_SPINCOUNT values; 'unset': libgomp's default")
-    p.add_argument("--reps", type=int, default=3, help="child processes per setting")
-    p.add_argument("--rounds", type=int, default=12, help="interleaved rounds in each child")
+    p.add_argument("--reps", type=_positive, default=3, help="child processes per setting")
+    p.add_argument("--rounds", type=_positive, default=12, help="interleaved rounds in each child")
     p.add_argument("--vit", action="store_true", help="also time a ViT-S/16 training step, dense and MoE")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -102,7 +91,7 @@ def main() -> None:
             runs[s].append(json.loads(out.strip().splitlines()[-1]))
             print(f"rep {rep + 1}/{a.reps} GOMP_SPINCOUNT={s} done", file=sys.stderr)
     names = list(runs[settings[0]][0])
-    moe_names = [n for n in names if n not in ("dense", "vit-dense")]
+    moe_names = [n for n in names if n not in ("dense", DENSE_VIT)]
     print("| GOMP_SPINCOUNT | " + " | ".join(f"{n} ratio" for n in moe_names)
           + " | " + " | ".join(f"{n} ms" for n in names) + " |")
     print("|---" * (2 * len(names) - 1) + "|")

@@ -143,3 +143,18 @@ def test_split_gemm_ratio_times_the_expert_matmuls_on_one_thread(monkeypatch):
         assert seen_threads == {1} and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("call, word", [
+    (lambda b: b.split_gemm_ratio(4, 2, 2, experts=8), "experts"),
+    (lambda b: b.split_gemm_ratio(64, 2, 2, experts=4, repeats=0), "repeats"),
+    (lambda b: b.memory_bandwidth(nbytes=2), "nbytes"),
+    (lambda b: b.memory_bandwidth(nbytes=64, repeats=0), "repeats"),
+])
+def test_bench_probes_reject_sizes_they_cannot_time(call, word):
+    """More experts than rows (an empty GEMM per expert), no repeats or a buffer smaller than
+    one float would divide by zero or time nothing: a ValueError that names the argument."""
+    import visionmoe.bench as b
+
+    with pytest.raises(ValueError, match=word):
+        call(b)

@@ -248,23 +248,26 @@ def scaling_cases(*, batch: int, tokens: int, dim: int, hidden: int, experts_lis
     return cases
 
 
+def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of ``repeats`` calls of ``fn``."""
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
 def memory_bandwidth(nbytes: int = 2**28, repeats: int = 5) -> dict[str, float]:
     """Main-memory bandwidth in GB/s with the current torch threads: ``read`` (a sum over a
     float32 buffer of ``nbytes``, far above the last-level cache by default) and ``write``
     (filling it); the median of ``repeats`` passes after one that pages the buffer in."""
-    buf = torch.ones(max(nbytes // 4, 1))
-
-    def seconds(fn: Callable[[], Any]) -> float:
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
-
+    if nbytes < 4 or repeats < 1:
+        raise ValueError(f"memory_bandwidth needs nbytes >= 4 and repeats >= 1, got {nbytes} and {repeats}")
+    buf = torch.ones(nbytes // 4)
     nbytes = buf.numel() * 4
-    return {"read": round(nbytes / seconds(buf.sum) / 1e9, 2),
-            "write": round(nbytes / seconds(lambda: buf.fill_(0.5)) / 1e9, 2)}
+    return {"read": round(nbytes / _median_seconds(buf.sum, repeats) / 1e9, 2),
+            "write": round(nbytes / _median_seconds(lambda: buf.fill_(0.5), repeats) / 1e9, 2)}
 
 
 def split_gemm_ratio(rows: int, dim: int, hidden: int, experts: int, repeats: int = 5) -> float:
@@ -272,6 +275,9 @@ def split_gemm_ratio(rows: int, dim: int, hidden: int, experts: int, repeats: in
     own ``(hidden, dim)`` weight (the fc1 GEMMs of a balanced top-1 layer), over one matmul
     of all ``rows`` with one weight (the dense fc1); median of ``repeats``. What splitting the
     GEMM costs by itself: smaller row blocks and a weight matrix to read and pack per expert."""
+    if not 1 <= experts <= rows or repeats < 1:
+        raise ValueError(f"split_gemm_ratio needs 1 <= experts <= rows and repeats >= 1, got experts={experts}, "
+                         f"rows={rows}, repeats={repeats}")
     n = rows // experts
     x, out = torch.randn(n * experts, dim), torch.empty(n * experts, hidden)
     w = torch.randn(experts, hidden, dim)
@@ -286,18 +292,10 @@ def split_gemm_ratio(rows: int, dim: int, hidden: int, experts: int, repeats: in
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        times = {}
-        for name, fn in (("one", one), ("split", split)):
-            fn()
-            ts = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - t0)
-            times[name] = statistics.median(ts)
+        one(), split()  # warm-up
+        return _median_seconds(split, repeats) / _median_seconds(one, repeats)
     finally:
         torch.set_num_threads(threads)
-    return times["split"] / times["one"]
 
 
 def add_traffic_estimate(rows: list[dict], bandwidth: dict[str, float]) -> None:

@@ -126,7 +126,6 @@ def build_optimizer(model: nn.Module, cfg, extra: nn.Module | None = None) -> to
     return create_optimizer_v2(out, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
 
 
-
 class Trainer:
     """Train and evaluate a model described by an :class:`ExperimentConfig`.
 
