@@ -28,7 +28,7 @@ import torch
 from timm.layers import Mlp
 from torch import Tensor, nn
 
-from .moe import Experts, LinearRouter, MoE, PooledRouter, SortedDispatcher
+from .moe import Experts, LinearRouter, MoE, PooledRouter, SortedDispatcher, native
 from .moe.experts import grouped_mm_available
 from .moe.reference import EinsumDispatcher, LoopDispatcher
 from .runtime import allocator_state, tune_cpu_allocator
@@ -182,8 +182,11 @@ def layer_cases(*, batch: int, tokens: int, dim: int, hidden: int, experts: int,
         ours = _moe(dim, hidden, experts, k)
         cases.append(_layer_case(f"visionmoe-k{k}", group, ours, x, aux=lambda m=ours: m.last.aux_loss, k=k))
         variants = {"split": dict(impl="split"), "grouped": dict(impl="grouped")}
-        if k == 1:  # the fused kernel's options: experts one after another; activation recomputed
+        if k == 1:  # the fused kernel's options: experts one after another; on the Python thread pool
+            # instead of the compiled loop (when that is built); activation recomputed
             variants.update({"serial": dict(threads=False), "recompute": dict(recompute=True)})
+            if native.load() is not None:
+                variants["pythreads"] = dict(threads="python")
         for variant, kw in variants.items():
             if variant == "grouped" and not grouped_mm_available():
                 continue
@@ -425,7 +428,7 @@ def run_bench(
     console = Console(quiet=not progress)
     results: dict[str, Any] = {"config": dict(batch=batch, tokens=tokens, dim=dim, hidden=hidden, experts=experts,
                                               rounds=rounds, threads=threads, torch=torch.__version__,
-                                              allocator=allocator_state()),
+                                              allocator=allocator_state(), native=native.status()),
                                "suites": {}}
     suites: list[tuple[str, list[Case], int, tuple[str, ...]]] = []
     cases, status = layer_cases(batch=batch, tokens=tokens, dim=dim, hidden=hidden, experts=experts, ks=(1, 2),

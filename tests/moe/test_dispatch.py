@@ -148,14 +148,18 @@ def test_dispatch_invariants(s, e, cf, bpr, data):
 def _impls():
     from visionmoe.moe.experts import grouped_mm_available
 
-    return ["split", "fused", "fused-serial", "fused-recompute"] + (["grouped"] if grouped_mm_available() else [])
+    return (["split", "fused", "fused-serial", "fused-python", "fused-recompute"]
+            + (["grouped"] if grouped_mm_available() else []))
 
 
 def _experts_kwargs(impl: str) -> dict:
     """``Experts`` arguments of a kernel variant: the fused kernel with its experts run in
-    parallel threads (the CPU default), one after another, or recomputing the activation."""
+    parallel threads (the CPU default: the compiled loop when it is built), on the Python
+    thread pool, one after another, or recomputing the activation."""
     if impl == "fused-serial":
         return dict(impl="fused", threads=False)
+    if impl == "fused-python":
+        return dict(impl="fused", threads="python")
     if impl == "fused-recompute":
         return dict(impl="fused", recompute=True)
     return dict(impl=impl)
@@ -351,7 +355,7 @@ def test_expert_threads_run_every_expert_once_and_restore_the_thread_count(exper
 
 
 def test_fused_kernel_threads_use_both_threads_and_keep_modes(expert_threads):
-    """A threaded forward really spreads the experts over two threads (each leaves its own
+    """A forward on the Python thread pool really spreads the experts over two threads (each leaves its own
     scratch buffers, all freed by clear_scratch), and works under no_grad and
     inference_mode (thread-local modes reach the workers) with the serial results."""
     import threading
@@ -360,7 +364,8 @@ def test_fused_kernel_threads_use_both_threads_and_keep_modes(expert_threads):
 
     torch.manual_seed(0)
     x, rows, counts = torch.randn(40, 8), torch.randperm(40), [10, 12, 0, 18]
-    par, ser = Experts(4, 8, 16, impl="fused", recompute=True), Experts(4, 8, 16, impl="fused", threads=False)
+    par = Experts(4, 8, 16, impl="fused", recompute=True, threads="python")
+    ser = Experts(4, 8, 16, impl="fused", threads=False)
     ser.load_state_dict(par.state_dict())
     clear_scratch()
     ref = ser.forward_gathered(x, rows, counts)

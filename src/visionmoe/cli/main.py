@@ -278,6 +278,23 @@ def _cmd_list_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_build_native(args: argparse.Namespace) -> int:
+    from ..moe import native
+
+    if args.status:
+        print(native.status())
+        return 0
+    if not native.built():
+        print(f"[native] compiling the CPU expert loop ({native.SOURCE.name}, about 40 s) ...", file=sys.stderr)
+    try:
+        native.build(verbose=args.verbose)
+    except (RuntimeError, OSError) as e:
+        print(f"visionmoe: error: the compiled expert loop was not built: {e}", file=sys.stderr)
+        return 1
+    print(native.status())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="visionmoe", description="Vision Mixture-of-Experts: train, analyse, deploy.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -431,6 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ld = sub.add_parser("list-data", help="list the data sets")
     ld.set_defaults(fn=_cmd_list_data)
+
+    bn = sub.add_parser("build-native", help="compile the CPU expert loop once (C++ compiler and ninja needed; "
+                        "without it MoE layers run their experts on a Python thread pool, same results)")
+    bn.add_argument("--status", action="store_true", help="only say whether it is built and used")
+    bn.add_argument("--verbose", action="store_true", help="show the compiler's output")
+    bn.set_defaults(fn=_cmd_build_native)
 
     info = sub.add_parser("info", help="parameters (total and active) and MoE layout of a model or checkpoint")
     info.add_argument("model", help="a registered model name or a checkpoint file")

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Experts", "grouped_mm_available", "IMPLS", "clear_scratch"]
+from . import native
+
+__all__ = ["Experts", "grouped_mm_available", "IMPLS", "THREAD_MODES", "clear_scratch"]
 
 #: expert kernels: auto picks fused on CPU (and whenever dropout is off), grouped on CUDA
 IMPLS = ("auto", "fused", "grouped", "split")
@@ -74,6 +76,10 @@ def clear_scratch() -> None:
     _SCRATCH.bufs.clear()
 
 
+#: ``Experts(threads=...)``: auto (compiled loop if built, else Python pool), the compiled
+#: loop, the Python pool, serial
+THREAD_MODES = (True, "native", "python", False)
+
 #: below this many multiply-adds per matmul layer (N * H * D) the experts run one after
 #: another: handing work to a thread costs tens of microseconds
 MIN_THREADED_WORK = 2**22
@@ -119,12 +125,7 @@ class _ExpertThreads:
             for e in range(len(counts)):
                 fn(e, starts[e], starts[e + 1])
             return
-        groups: list[list[int]] = [[] for _ in range(nt)]
-        load = [0] * nt
-        for e in sorted(range(len(counts)), key=lambda e: -counts[e]):  # largest first, least loaded
-            i = load.index(min(load))
-            groups[i].append(e)
-            load[i] += counts[e]
+        groups = _deal(counts, nt)
         grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
         def run_group(group: list[int]) -> None:  # the caller's thread-local modes, in every thread
@@ -146,6 +147,40 @@ class _ExpertThreads:
 
 
 _THREADS = _ExpertThreads()
+
+
+def _deal(counts: list[int], threads: int) -> list[list[int]]:
+    """The experts dealt to ``threads`` groups: largest first, onto the least loaded group."""
+    groups: list[list[int]] = [[] for _ in range(threads)]
+    load = [0] * threads
+    for e in sorted(range(len(counts)), key=lambda e: -counts[e]):
+        i = load.index(min(load))
+        groups[i].append(e)
+        load[i] += counts[e]
+    return groups
+
+
+def _native_plan(counts: list[int], threaded: bool, gelu: str | None):
+    """``(module, starts, order, bounds)`` when the compiled expert loop (:mod:`.native`)
+    runs these experts: ``threaded`` True or ``"native"``, GELU, at least 2 threads and 2
+    experts with rows, built and enabled; else None (the Python thread pool or the serial
+    loop). ``"native"`` without the build is an error."""
+    nt = torch.get_num_threads()
+    if threaded in (False, "python") or gelu is None or nt < 2 or sum(c > 0 for c in counts) < 2:
+        return None
+    module = native.load()
+    if module is None:
+        if threaded == "native":
+            raise RuntimeError(f"Experts(threads='native') needs the compiled expert loop: {native.status()}")
+        return None
+    groups = _deal(counts, nt)
+    starts, order, bounds = [0], [], [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    for g in groups:
+        order += g
+        bounds.append(len(order))
+    return module, starts, order, bounds
 
 
 def _gather_rows(src: Tensor, rows: Tensor, unit: int, name: str) -> Tensor:
@@ -179,8 +214,9 @@ class _FusedSortedMLP(torch.autograd.Function):
     backward. Top-1 keeps about 1.1x the dense MLP's activation memory; with ``recompute``
     the activation is recomputed in backward instead (as megablocks does): about 0.7x, ~3%
     slower on the 2-core CPU. Other activations than GELU are always recomputed (their
-    derivative needs autograd). ``threaded``: run the experts in parallel over the threads
-    (:class:`_ExpertThreads`). Transient tensors live in per-thread scratch buffers
+    derivative needs autograd). ``threaded`` (a :data:`THREAD_MODES` value): run the experts
+    in parallel over the threads, in the compiled loop (:func:`_native_plan`) or on the
+    Python pool (:class:`_ExpertThreads`). Transient tensors live in per-thread scratch buffers
     (:class:`_Scratch`). Outputs and gradients equal the plain autograd path (tested).
     """
 
@@ -214,7 +250,14 @@ class _FusedSortedMLP(torch.autograd.Function):
             else:
                 torch.addmm(b2[e], ae, w2[e].t(), out=ys[start:end])
 
-        _THREADS.run(counts, expert, threaded)
+        plan = _native_plan(counts, threaded, gelu)
+        if plan is None:
+            _THREADS.run(counts, expert, threaded)
+        else:  # the same experts and groups in one at::parallel_for
+            module, *where = plan
+            buf = h if a is not None else _SCRATCH.get("act_all", tuple(h.shape), h)  # recomputed activation
+            module.experts_forward(xs, w1, b1, w2, b2, h, a, buf, ys, *where, gelu)
+        ctx.plan = plan
         ctx.num_x, ctx.counts, ctx.act, ctx.has_bias = x.shape[0], counts, act, b1 is not None
         ctx.combined, ctx.unique, ctx.unit, ctx.threaded = w is not None, unique, unit, threaded
         if w is None:
@@ -268,7 +311,12 @@ class _FusedSortedMLP(torch.autograd.Function):
                 torch.sum(grad_h, 0, out=gb1[e])
                 torch.sum(g, 0, out=gb2[e])
 
-        _THREADS.run(ctx.counts, expert, ctx.threaded)
+        if ctx.plan is None:
+            _THREADS.run(ctx.counts, expert, ctx.threaded)
+        else:
+            module, *where = ctx.plan
+            buf = _SCRATCH.get("grad_h_all", tuple(h.shape), h)
+            module.experts_backward(g_all, xs, h, a, w1, w2, gw1, gb1, gw2, gb2, grad_xs, buf, *where, gelu)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = _scatter_rows(grad_xs.view(wide), rows, ctx.num_x // unit, ctx.unique).view(-1, d)
@@ -334,8 +382,11 @@ class Experts(nn.Module):
         recompute: fused kernel: recompute the GELU activation in backward instead of saving
             it (top-1: ~0.7x instead of ~1.1x the dense MLP's activation memory, ~3% slower).
         threads: fused kernel on CPU: run the experts in parallel over the intra-op threads,
-            each op single-threaded (faster: small matmuls parallelise badly); False runs
-            them one after another, every op using all threads. Attribute, can be changed.
+            each op single-threaded (faster: small matmuls parallelise badly). ``True``: in
+            the compiled expert loop when it is built (:mod:`visionmoe.moe.native`), else on
+            a Python thread pool; ``"native"``: the compiled loop, an error if it is not
+            built; ``"python"``: the thread pool; ``False``: one expert after another, every
+            op using all threads. All give the same results. Attribute, can be changed.
     """
 
     def __init__(
@@ -349,11 +400,13 @@ class Experts(nn.Module):
         drop: float = 0.0,
         impl: str = "auto",
         recompute: bool = False,
-        threads: bool = True,
+        threads: bool | str = True,
     ) -> None:
         super().__init__()
         if impl not in IMPLS:
             raise ValueError(f"unknown experts impl {impl!r}; choose from {IMPLS}")
+        if threads not in THREAD_MODES:
+            raise ValueError(f"threads must be one of {THREAD_MODES}, got {threads!r}")
         self.impl, self.recompute, self.threads = impl, recompute, threads
         if num_experts < 1 or dim < 1 or hidden < 1:
             raise ValueError(f"num_experts, dim and hidden must be >= 1, got {num_experts}, {dim}, {hidden}")
@@ -475,9 +528,11 @@ class Experts(nn.Module):
         b1 = None if self.fc1_bias is None else self.fc1_bias.to(x.dtype)
         b2 = None if self.fc2_bias is None else self.fc2_bias.to(x.dtype)
         # threads only for GELU: other activations need autograd in backward, on this thread
+        if self.threads not in THREAD_MODES:
+            raise ValueError(f"Experts.threads must be one of {THREAD_MODES}, got {self.threads!r}")
         threaded = (self.threads and x.device.type == "cpu" and type(self.act) is nn.GELU
                     and not torch.is_autocast_enabled("cpu")
-                    and len(rows) * unit * self.hidden * self.dim >= MIN_THREADED_WORK)
+                    and len(rows) * unit * self.hidden * self.dim >= MIN_THREADED_WORK) and self.threads
         return _FusedSortedMLP.apply(x, rows, counts_list, self.act, w1, b1, w2, b2, weights, unique, unit,
                                      self.recompute, threaded)
 

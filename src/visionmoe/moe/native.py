@@ -1,0 +1,151 @@
+"""The optional compiled CPU expert loop (``csrc/experts_cpu.cpp``).
+
+The fused expert kernel runs the experts of a layer in parallel over the CPU threads. In
+pure Python that takes a thread pool next to PyTorch's own OpenMP threads; on a 2-core
+machine the pool's worker then shares a core with libgomp's worker, which keeps spinning
+for a while after the last parallel op (docs/performance.md). The compiled loop runs the
+same groups of experts inside one ``at::parallel_for`` instead, so the OpenMP worker runs
+the second group itself.
+
+It is compiled once per source, PyTorch and Python version (about 40 s with a C++
+compiler; ``visionmoe build-native``, which ``make setup`` runs) into
+``~/.cache/visionmoe/native/<key>/`` (``VISIONMOE_CACHE`` moves it) and loaded from there
+afterwards without a compiler. Nothing is compiled implicitly: until it is built, or with
+``VISIONMOE_NATIVE=0``, the experts run on the Python thread pool, with identical results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import logging
+import os
+import shutil
+import sys
+import sysconfig
+import tempfile
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+__all__ = ["SOURCE", "cache_dir", "build", "built", "load", "enabled", "status"]
+
+SOURCE = Path(__file__).with_name("csrc") / "experts_cpu.cpp"
+_NAME = "visionmoe_experts_cpu"
+_LOCK = threading.Lock()
+_LOADED: dict[Path, ModuleType | None] = {}
+
+
+def _key() -> str:
+    h = hashlib.sha256(SOURCE.read_bytes())
+    for part in (torch.__version__, sys.version, sysconfig.get_platform(), sysconfig.get_config_var("EXT_SUFFIX")):
+        h.update(str(part).encode())
+    return h.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    """Where the build for this source, PyTorch and Python lives."""
+    root = Path(os.environ.get("VISIONMOE_CACHE") or Path.home() / ".cache" / "visionmoe")
+    return root / "native" / _key()
+
+
+def enabled() -> bool:
+    """``VISIONMOE_NATIVE`` is unset or ``1`` (``0`` turns the compiled loop off)."""
+    env = os.environ.get("VISIONMOE_NATIVE", "1").strip()
+    if env not in ("0", "1"):
+        raise ValueError(f"VISIONMOE_NATIVE={env!r} is not a setting: use 1 (the compiled expert loop when it is "
+                         "built, the default) or 0 (always the Python thread pool)")
+    return env == "1"
+
+
+def _library(directory: Path) -> Path:
+    return directory / f"{_NAME}{'.pyd' if os.name == 'nt' else '.so'}"  # what torch's JIT build writes
+
+
+def _import(path: Path) -> ModuleType:
+    loader = importlib.machinery.ExtensionFileLoader(_NAME, str(path))
+    spec = importlib.util.spec_from_file_location(_NAME, path, loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def built() -> bool:
+    """Whether the library for this source, PyTorch and Python is in :func:`cache_dir`."""
+    return _library(cache_dir()).is_file()
+
+
+def load() -> ModuleType | None:
+    """The compiled module if it is built and enabled, else None (never compiles)."""
+    if not enabled():
+        return None
+    directory = cache_dir()
+    with _LOCK:
+        if directory not in _LOADED:
+            lib = _library(directory)
+            _LOADED[directory] = _import(lib) if lib.is_file() else None
+        return _LOADED[directory]
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the expert loop into :func:`cache_dir` (a no-op when it is there already) and
+    return the library's path. Needs a C++ compiler and ninja (``pip install ninja``); the
+    build goes to a temporary folder that is renamed into place, so an interrupted build
+    leaves nothing half-written behind."""
+    directory = cache_dir()
+    lib = _library(directory)
+    if lib.is_file():
+        return lib
+    missing = [tool for tool in ("c++", "ninja") if _which(tool) is None]
+    if missing:
+        raise RuntimeError(f"building the compiled expert loop needs {' and '.join(missing)} on PATH "
+                           "(Debian: apt install g++; ninja: pip install ninja); without it the experts run on "
+                           "the Python thread pool")
+    # a CPU-only build: quiet torch's note that no CUDA runtime is found, printed on import
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    from torch.utils.cpp_extension import load as cpp_load
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    path = os.environ.get("PATH", "")
+    try:
+        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])  # the venv's ninja
+        cpp_load(_NAME, [str(SOURCE)], extra_cflags=["-O3"], build_directory=str(tmp), verbose=verbose,
+                 is_python_module=True)
+        if not (tmp / lib.name).is_file():
+            raise RuntimeError(f"the build finished without writing {lib.name} in {tmp}")
+        for f in tmp.iterdir():  # keep the library only
+            if f.name != lib.name:
+                shutil.rmtree(f) if f.is_dir() else f.unlink()
+        try:
+            tmp.rename(directory)
+        except OSError:  # built meanwhile by another process: keep theirs
+            if not lib.is_file():
+                raise
+    finally:
+        os.environ["PATH"] = path
+        shutil.rmtree(tmp, ignore_errors=True)
+    with _LOCK:
+        _LOADED.pop(directory, None)
+    return lib
+
+
+def _which(tool: str) -> str | None:
+    return shutil.which(tool, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+
+
+def status() -> str:
+    """One line: whether the compiled expert loop is used, and why not."""
+    try:
+        on = enabled()
+    except ValueError as e:
+        return str(e)
+    lib = _library(cache_dir())
+    if not on:
+        return "off (VISIONMOE_NATIVE=0): experts run on the Python thread pool"
+    if not lib.is_file():
+        return f"not built: experts run on the Python thread pool (visionmoe build-native writes {lib})"
+    return f"on: {lib}"

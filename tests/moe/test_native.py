@@ -1,0 +1,165 @@
+"""The compiled CPU expert loop (visionmoe.moe.native, csrc/experts_cpu.cpp): same results
+as the Python thread pool and the serial loop, really used when built, clear errors."""
+
+import itertools
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import visionmoe.moe.experts as ex
+from visionmoe.moe import Experts, native
+
+
+@pytest.fixture(scope="module")
+def module():
+    """The compiled loop, built here if `make setup` did not (about 40 s); skipped only where
+    no C++ compiler or ninja is found."""
+    if not native.built():
+        if native._which("c++") is None or native._which("ninja") is None:
+            pytest.skip("no C++ compiler or ninja here: the compiled expert loop cannot be built")
+        native.build()
+    mod = native.load()
+    assert mod is not None
+    return mod
+
+
+@pytest.fixture
+def two_threads(monkeypatch):
+    monkeypatch.setattr(ex, "MIN_THREADED_WORK", 0)
+    monkeypatch.delenv("VISIONMOE_NATIVE", raising=False)
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)
+
+
+class _Spy:
+    """The compiled module, counting its calls."""
+
+    def __init__(self, mod):
+        self.mod, self.calls = mod, []
+
+    def __getattr__(self, name):
+        fn = getattr(self.mod, name)
+
+        def call(*args):
+            self.calls.append(name)
+            return fn(*args)
+
+        return call
+
+
+@pytest.mark.parametrize("recompute, bias, approximate, combined, unit", [
+    *itertools.product([False, True], [True, False], ["none", "tanh"], [True], [1, 5]),
+    (False, True, "none", False, 1), (True, False, "tanh", False, 1),
+])
+def test_compiled_loop_matches_python_threads_and_serial(module, two_threads, monkeypatch, recompute, bias,
+                                                         approximate, combined, unit):
+    """Outputs and every gradient (input, combine weights, weights, biases) of the compiled
+    loop equal the Python pool's and the serial loop's, with an expert that gets no rows
+    (zero gradients), whole images (unit = 5), recomputed activations, tanh GELU, no bias;
+    and the compiled loop really ran (forward and backward)."""
+    spy = _Spy(module)
+    monkeypatch.setattr(native, "load", lambda: spy)
+    D, H, units = 8, 16, 40
+    torch.manual_seed(0)
+    x0, rows, w0 = torch.randn(units * unit, D), torch.randperm(units)[:30], torch.rand(30)
+    counts = [c * unit for c in (10, 12, 0, 8)]
+    res = {}
+    for mode in ("native", "python", False):
+        e = Experts(4, D, H, impl="fused", recompute=recompute, bias=bias,
+                    act_layer=torch.nn.GELU(approximate=approximate), threads=mode)
+        torch.manual_seed(1)
+        e.reset_parameters()
+        if bias:
+            with torch.no_grad():
+                e.fc1_bias.normal_()
+                e.fc2_bias.normal_()
+        x, w = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        if combined:
+            y = e.forward_combined(x, rows, counts, w, unique=True, unit=unit)
+        else:
+            y = e.forward_gathered(x, rows, counts)
+        y.pow(2).sum().backward()
+        res[mode] = [y, x.grad, w.grad, *[p.grad for p in e.parameters()]]
+        if mode == "native":
+            assert spy.calls == ["experts_forward", "experts_backward"]
+    for mode in ("python", False):
+        for a, b in zip(res["native"], res[mode]):
+            if a is None:
+                assert b is None
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=str(mode))
+    assert torch.equal(res["native"][3][2], torch.zeros(H, D))  # expert 2 had no rows
+
+
+def test_default_threads_use_the_compiled_loop_and_the_switch_turns_it_off(module, two_threads, monkeypatch):
+    """threads=True takes the compiled loop when it is built; VISIONMOE_NATIVE=0 sends it to
+    the Python pool (same numbers); another value is refused with the two settings named."""
+    calls = []
+    real_load = native.load
+    monkeypatch.setattr(native, "load", lambda: (calls.append(1), real_load())[1])
+    e = Experts(2, 8, 16, impl="fused")
+    x, rows = torch.randn(20, 8), torch.randperm(20)
+    y = e.forward_gathered(x, rows, [8, 12])
+    assert calls and native.status().startswith("on:")
+    monkeypatch.setenv("VISIONMOE_NATIVE", "0")
+    assert real_load() is None and native.status().startswith("off")
+    torch.testing.assert_close(e.forward_gathered(x, rows, [8, 12]), y, rtol=1e-5, atol=1e-6)
+    monkeypatch.setenv("VISIONMOE_NATIVE", "yes")
+    with pytest.raises(ValueError, match="VISIONMOE_NATIVE='yes'.*use 1"):
+        native.enabled()
+
+
+def test_native_mode_without_the_build_is_a_clear_error(two_threads, monkeypatch):
+    monkeypatch.setattr(native, "load", lambda: None)
+    e = Experts(2, 8, 16, impl="fused", threads="native")
+    with pytest.raises(RuntimeError, match="compiled expert loop"):
+        e.forward_gathered(torch.randn(20, 8), torch.randperm(20), [8, 12])
+    with pytest.raises(ValueError, match="threads must be one of"):
+        Experts(2, 8, 16, threads="fast")
+
+
+def test_build_without_tools_names_what_is_missing(monkeypatch, tmp_path):
+    monkeypatch.setenv("VISIONMOE_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_which", lambda tool: None if tool == "ninja" else "/usr/bin/" + tool)
+    with pytest.raises(RuntimeError, match="needs ninja on PATH"):
+        native.build()
+    assert not any(tmp_path.iterdir())  # nothing half-made left behind
+
+
+def test_compiled_loop_checks_its_plan(module):
+    """A plan that does not cover the rows or lists an unknown expert is refused, not run."""
+    xs, w1, w2 = torch.randn(10, 4), torch.randn(2, 6, 4), torch.randn(2, 4, 6)
+    h, ys = torch.empty(10, 6), torch.empty(10, 4)
+    args = (xs, w1, None, w2, None, h, None, torch.empty(10, 6), ys)
+    with pytest.raises(RuntimeError, match="starts must run from 0 to the row count"):
+        module.experts_forward(*args, [0, 4, 9], [0, 1], [0, 1, 2], "none")
+    with pytest.raises(RuntimeError, match="out of range"):
+        module.experts_forward(*args, [0, 4, 10], [0, 5], [0, 1, 2], "none")
+    module.experts_forward(*args, [0, 4, 10], [1, 0], [0, 1, 2], "none")
+    ref = torch.cat([torch.nn.functional.gelu(xs[:4] @ w1[0].T) @ w2[0].T,
+                     torch.nn.functional.gelu(xs[4:] @ w1[1].T) @ w2[1].T])
+    torch.testing.assert_close(ys, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_build_native_command_reports_status(module):
+    out = subprocess.run([sys.executable, "-m", "visionmoe", "build-native", "--status"], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.startswith("on: ") and native.cache_dir().name in out
+
+
+@pytest.mark.slow
+def test_build_writes_only_the_library_into_a_fresh_cache(monkeypatch, tmp_path):
+    """A build into an empty cache (about 40 s) leaves the library and nothing else: no
+    temporary folder, no object files; a second build is a no-op returning the same path."""
+    if shutil.which("c++") is None or native._which("ninja") is None:
+        pytest.skip("no C++ compiler or ninja")
+    monkeypatch.setenv("VISIONMOE_CACHE", str(tmp_path))
+    lib = native.build()
+    assert lib.is_file() and [p.name for p in lib.parent.iterdir()] == [lib.name]
+    assert [p.name for p in (tmp_path / "native").iterdir()] == [lib.parent.name]
+    assert native.build() == lib and native.load() is not None
