@@ -16,7 +16,7 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ constraints.txt -nt
     .venv/bin/python -m pip install -q -c constraints.txt -e ".[data,dev,export]"
     touch "$STAMP"
 fi
-# The compiled CPU expert loop (optional: without a C++ compiler MoE layers use a Python thread pool).
-.venv/bin/visionmoe build-native || echo "[setup] warning: compiled expert loop not built; experts run on the Python thread pool"
+# The opt-in compiled CPU expert loop (Experts(threads="native"), VISIONMOE_NATIVE=1; needs a C++ compiler).
+.venv/bin/visionmoe build-native || echo "[setup] warning: the opt-in compiled expert loop was not built (the default Python thread pool is unaffected)"
 # Real images that ship in Debian: Fashion-MNIST (used by the data sets; optional).
 bash scripts/fetch_data.sh || echo "[setup] warning: Fashion-MNIST package not fetched; fashion_mnist data set unavailable"

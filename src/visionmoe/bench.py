@@ -182,11 +182,11 @@ def layer_cases(*, batch: int, tokens: int, dim: int, hidden: int, experts: int,
         ours = _moe(dim, hidden, experts, k)
         cases.append(_layer_case(f"visionmoe-k{k}", group, ours, x, aux=lambda m=ours: m.last.aux_loss, k=k))
         variants = {"split": dict(impl="split"), "grouped": dict(impl="grouped")}
-        if k == 1:  # the fused kernel's options: experts one after another; on the Python thread pool
-            # instead of the compiled loop (when that is built); activation recomputed
+        if k == 1:  # the fused kernel's options: experts one after another; in the compiled loop
+            # (opt-in, when it is built) instead of the Python pool; activation recomputed
             variants.update({"serial": dict(threads=False), "recompute": dict(recompute=True)})
             if native.load() is not None:
-                variants["pythreads"] = dict(threads="python")
+                variants["native"] = dict(threads="native")
         for variant, kw in variants.items():
             if variant == "grouped" and not grouped_mm_available():
                 continue

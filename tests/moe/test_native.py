@@ -1,7 +1,8 @@
 """The compiled CPU expert loop (visionmoe.moe.native, csrc/experts_cpu.cpp): same results
-as the Python thread pool and the serial loop, really used when built, clear errors."""
+as the Python thread pool and the serial loop, used when asked for, clear errors."""
 
 import itertools
+import os
 import shutil
 import subprocess
 import sys
@@ -96,22 +97,21 @@ def test_compiled_loop_matches_python_threads_and_serial(module, two_threads, mo
     assert torch.equal(res["native"][3][2], torch.zeros(H, D))  # expert 2 had no rows
 
 
-def test_default_threads_use_the_compiled_loop_and_the_switch_turns_it_off(module, two_threads, monkeypatch):
-    """threads=True takes the compiled loop when it is built; VISIONMOE_NATIVE=0 sends it to
-    the Python pool (same numbers); another value is refused with the two settings named."""
-    calls = []
-    real_load = native.load
-    monkeypatch.setattr(native, "load", lambda: (calls.append(1), real_load())[1])
+def test_compiled_loop_is_opt_in_and_the_switch_turns_it_on(module, two_threads, monkeypatch):
+    """threads=True layers use the Python pool by default and the compiled loop with
+    VISIONMOE_NATIVE=1 (same numbers); another value is refused with the settings named."""
+    spy = _Spy(module)
+    monkeypatch.setattr(native, "load", lambda: spy)
     e = Experts(2, 8, 16, impl="fused")
     x, rows = torch.randn(20, 8), torch.randperm(20)
     y = e.forward_gathered(x, rows, [8, 12])
-    assert calls and native.status().startswith("on:")
-    monkeypatch.setenv("VISIONMOE_NATIVE", "0")
-    assert real_load() is None and native.status().startswith("off")
+    assert spy.calls == [] and native.status().startswith("built, opt-in")
+    monkeypatch.setenv("VISIONMOE_NATIVE", "1")
     torch.testing.assert_close(e.forward_gathered(x, rows, [8, 12]), y, rtol=1e-5, atol=1e-6)
+    assert spy.calls == ["experts_forward"] and native.status().startswith("on (VISIONMOE_NATIVE=1)")
     monkeypatch.setenv("VISIONMOE_NATIVE", "yes")
     with pytest.raises(ValueError, match="VISIONMOE_NATIVE='yes'.*use 1"):
-        native.enabled()
+        e.forward_gathered(x, rows, [8, 12])
 
 
 def test_native_mode_without_the_build_is_a_clear_error(two_threads, monkeypatch):
@@ -147,9 +147,10 @@ def test_compiled_loop_checks_its_plan(module):
 
 
 def test_build_native_command_reports_status(module):
+    env = {k: v for k, v in os.environ.items() if k != "VISIONMOE_NATIVE"}
     out = subprocess.run([sys.executable, "-m", "visionmoe", "build-native", "--status"], capture_output=True,
-                         text=True, check=True).stdout
-    assert out.startswith("on: ") and native.cache_dir().name in out
+                         text=True, check=True, env=env).stdout
+    assert out.startswith("built, opt-in: ") and native.cache_dir().name in out
 
 
 @pytest.mark.slow

@@ -285,7 +285,7 @@ def _cmd_build_native(args: argparse.Namespace) -> int:
         print(native.status())
         return 0
     if not native.built():
-        print(f"[native] compiling the CPU expert loop ({native.SOURCE.name}, about 40 s) ...", file=sys.stderr)
+        print(f"[native] compiling the CPU expert loop ({native.SOURCE.name}, about 35 s) ...", file=sys.stderr)
     try:
         native.build(verbose=args.verbose)
     except (RuntimeError, OSError) as e:
@@ -449,8 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     ld = sub.add_parser("list-data", help="list the data sets")
     ld.set_defaults(fn=_cmd_list_data)
 
-    bn = sub.add_parser("build-native", help="compile the CPU expert loop once (C++ compiler and ninja needed; "
-                        "without it MoE layers run their experts on a Python thread pool, same results)")
+    bn = sub.add_parser("build-native", help="compile the opt-in CPU expert loop once (Experts(threads='native'), "
+                        "VISIONMOE_NATIVE=1; C++ compiler and ninja needed; the default Python thread pool needs "
+                        "nothing)")
     bn.add_argument("--status", action="store_true", help="only say whether it is built and used")
     bn.add_argument("--verbose", action="store_true", help="show the compiler's output")
     bn.set_defaults(fn=_cmd_build_native)

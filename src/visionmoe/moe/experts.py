@@ -76,8 +76,8 @@ def clear_scratch() -> None:
     _SCRATCH.bufs.clear()
 
 
-#: ``Experts(threads=...)``: auto (compiled loop if built, else Python pool), the compiled
-#: loop, the Python pool, serial
+#: ``Experts(threads=...)``: the Python pool (the compiled loop with VISIONMOE_NATIVE=1),
+#: the compiled loop, the Python pool, serial
 THREAD_MODES = (True, "native", "python", False)
 
 #: below this many multiply-adds per matmul layer (N * H * D) the experts run one after
@@ -162,11 +162,13 @@ def _deal(counts: list[int], threads: int) -> list[list[int]]:
 
 def _native_plan(counts: list[int], threaded: bool, gelu: str | None):
     """``(module, starts, order, bounds)`` when the compiled expert loop (:mod:`.native`)
-    runs these experts: ``threaded`` True or ``"native"``, GELU, at least 2 threads and 2
-    experts with rows, built and enabled; else None (the Python thread pool or the serial
-    loop). ``"native"`` without the build is an error."""
+    runs these experts: ``threaded`` is ``"native"`` (or True with ``VISIONMOE_NATIVE=1``),
+    GELU, at least 2 threads and 2 experts with rows, and it is built; else None (the
+    Python thread pool or the serial loop). ``"native"`` without the build is an error."""
     nt = torch.get_num_threads()
     if threaded in (False, "python") or gelu is None or nt < 2 or sum(c > 0 for c in counts) < 2:
+        return None
+    if threaded is True and not native.enabled():
         return None
     module = native.load()
     if module is None:
@@ -382,11 +384,12 @@ class Experts(nn.Module):
         recompute: fused kernel: recompute the GELU activation in backward instead of saving
             it (top-1: ~0.7x instead of ~1.1x the dense MLP's activation memory, ~3% slower).
         threads: fused kernel on CPU: run the experts in parallel over the intra-op threads,
-            each op single-threaded (faster: small matmuls parallelise badly). ``True``: in
-            the compiled expert loop when it is built (:mod:`visionmoe.moe.native`), else on
-            a Python thread pool; ``"native"``: the compiled loop, an error if it is not
-            built; ``"python"``: the thread pool; ``False``: one expert after another, every
-            op using all threads. All give the same results. Attribute, can be changed.
+            each op single-threaded (faster: small matmuls parallelise badly). ``True``: on a
+            Python thread pool (in the compiled loop instead with ``VISIONMOE_NATIVE=1`` when
+            it is built); ``"native"``: the compiled loop (:mod:`visionmoe.moe.native`), an
+            error if it is not built; ``"python"``: the thread pool; ``False``: one expert
+            after another, every op using all threads. All give the same results.
+            Attribute, can be changed.
     """
 
     def __init__(

@@ -7,11 +7,16 @@ for a while after the last parallel op (docs/performance.md). The compiled loop 
 same groups of experts inside one ``at::parallel_for`` instead, so the OpenMP worker runs
 the second group itself.
 
-It is compiled once per source, PyTorch and Python version (about 40 s with a C++
-compiler; ``visionmoe build-native``, which ``make setup`` runs) into
+It is opt-in: on the 2-core machine it was measured here it was faster in some runs and
+slower in others (slower for E = 64 in every run; docs/performance.md), so the Python pool
+stays the default. ``Experts(threads="native")`` uses it for one layer; with
+``VISIONMOE_NATIVE=1`` every ``threads=True`` layer uses it when it is built.
+
+It is compiled once per source, PyTorch and Python version (about 35 s with a C++
+compiler and ninja; ``visionmoe build-native``, which ``make setup`` runs) into
 ``~/.cache/visionmoe/native/<key>/`` (``VISIONMOE_CACHE`` moves it) and loaded from there
-afterwards without a compiler. Nothing is compiled implicitly: until it is built, or with
-``VISIONMOE_NATIVE=0``, the experts run on the Python thread pool, with identical results.
+afterwards without a compiler. Nothing is compiled implicitly. All loops give the same
+results.
 """
 
 from __future__ import annotations
@@ -53,11 +58,12 @@ def cache_dir() -> Path:
 
 
 def enabled() -> bool:
-    """``VISIONMOE_NATIVE`` is unset or ``1`` (``0`` turns the compiled loop off)."""
-    env = os.environ.get("VISIONMOE_NATIVE", "1").strip()
+    """Whether ``threads=True`` layers use the compiled loop: ``VISIONMOE_NATIVE=1`` (unset or
+    ``0``: the Python thread pool, the default)."""
+    env = os.environ.get("VISIONMOE_NATIVE", "0").strip()
     if env not in ("0", "1"):
-        raise ValueError(f"VISIONMOE_NATIVE={env!r} is not a setting: use 1 (the compiled expert loop when it is "
-                         "built, the default) or 0 (always the Python thread pool)")
+        raise ValueError(f"VISIONMOE_NATIVE={env!r} is not a setting: use 1 (the compiled expert loop, when it is "
+                         "built) or 0 (the Python thread pool, the default)")
     return env == "1"
 
 
@@ -79,9 +85,7 @@ def built() -> bool:
 
 
 def load() -> ModuleType | None:
-    """The compiled module if it is built and enabled, else None (never compiles)."""
-    if not enabled():
-        return None
+    """The compiled module if it is built, else None (never compiles)."""
     directory = cache_dir()
     with _LOCK:
         if directory not in _LOADED:
@@ -138,14 +142,16 @@ def _which(tool: str) -> str | None:
 
 
 def status() -> str:
-    """One line: whether the compiled expert loop is used, and why not."""
+    """One line: whether the compiled expert loop is built and whether ``threads=True`` uses it."""
     try:
         on = enabled()
     except ValueError as e:
         return str(e)
     lib = _library(cache_dir())
-    if not on:
-        return "off (VISIONMOE_NATIVE=0): experts run on the Python thread pool"
     if not lib.is_file():
-        return f"not built: experts run on the Python thread pool (visionmoe build-native writes {lib})"
-    return f"on: {lib}"
+        return (f"not built: experts run on the Python thread pool (visionmoe build-native writes {lib}; then "
+                "Experts(threads='native') or VISIONMOE_NATIVE=1 use it)")
+    if not on:
+        return (f"built, opt-in: {lib}; Experts(threads='native') uses it, threads=True layers use the Python "
+                "thread pool unless VISIONMOE_NATIVE=1")
+    return f"on (VISIONMOE_NATIVE=1): {lib}"
