@@ -114,6 +114,19 @@ def test_compiled_loop_is_opt_in_and_the_switch_turns_it_on(module, two_threads,
         e.forward_gathered(x, rows, [8, 12])
 
 
+def test_compiled_loop_keeps_grad_and_inference_modes(module, two_threads):
+    """Under no_grad and inference_mode (parameters still requiring grad) the compiled loop,
+    whose second group runs on an OpenMP worker, gives the serial loop's outputs."""
+    e, s = Experts(4, 8, 16, impl="fused", threads="native"), Experts(4, 8, 16, impl="fused", threads=False)
+    s.load_state_dict(e.state_dict())
+    x, rows, counts = torch.randn(40, 8), torch.randperm(40), [10, 12, 0, 18]
+    ref = s.forward_gathered(x, rows, counts).detach()
+    with torch.no_grad():
+        torch.testing.assert_close(e.forward_gathered(x, rows, counts), ref, rtol=1e-5, atol=1e-6)
+    with torch.inference_mode():
+        torch.testing.assert_close(e.forward_gathered(x, rows, counts), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_native_mode_without_the_build_is_a_clear_error(two_threads, monkeypatch):
     monkeypatch.setattr(native, "load", lambda: None)
     e = Experts(2, 8, 16, impl="fused", threads="native")

@@ -160,7 +160,7 @@ def _deal(counts: list[int], threads: int) -> list[list[int]]:
     return groups
 
 
-def _native_plan(counts: list[int], threaded: bool, gelu: str | None):
+def _native_plan(counts: list[int], threaded: bool | str, gelu: str | None):
     """``(module, starts, order, bounds)`` when the compiled expert loop (:mod:`.native`)
     runs these experts: ``threaded`` is ``"native"`` (or True with ``VISIONMOE_NATIVE=1``),
     GELU, at least 2 threads and 2 experts with rows, and it is built; else None (the
