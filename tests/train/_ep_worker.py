@@ -4,6 +4,7 @@ differences (outputs, input gradients, replicated and expert gradients) as JSON.
 
 import copy
 import json
+import os
 import sys
 
 import torch
@@ -107,3 +108,9 @@ if rank == 0:
     with open(out_path, "w") as f:
         json.dump(gathered, f, indent=2)
 dist.destroy_process_group()
+# Skip the interpreter's teardown: twice in many runs a rank aborted there ("terminate called
+# without an active exception", SIGABRT) after all its work was done and written, which failed
+# the test; nothing is left to clean up that the process exit does not.
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
