@@ -21,6 +21,7 @@ results.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -44,7 +45,8 @@ _LOCK = threading.Lock()
 _LOADED: dict[Path, ModuleType | None] = {}
 
 
-def _key() -> str:
+@functools.lru_cache(maxsize=1)
+def _key() -> str:  # read once per process: load() runs on every forward of a native layer
     h = hashlib.sha256(SOURCE.read_bytes())
     for part in (torch.__version__, sys.version, sysconfig.get_platform(), sysconfig.get_config_var("EXT_SUFFIX")):
         h.update(str(part).encode())
