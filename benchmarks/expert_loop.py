@@ -15,17 +15,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def _positive(text: str) -> int:
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
+from _args import positive_int  # benchmarks/_args.py (this script runs as a file)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=_positive, default=20, help="interleaved rounds")
+    p.add_argument("--rounds", type=positive_int, default=20, help="interleaved rounds")
     p.add_argument("--vit", action="store_true", help="also a ViT-S/16 training step, dense and MoE")
     a = p.parse_args(argv)
     from visionmoe.runtime import tune_cpu_allocator

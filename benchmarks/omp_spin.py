@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+from _args import positive_int  # benchmarks/_args.py (this script runs as a file)
+
 DENSE_VIT = "vit-s16-dense"  # the dense ViT case of visionmoe.bench.vit_cases
 
 
@@ -61,18 +63,11 @@ def child(rounds: int, vit: bool) -> dict:
     return res
 
 
-def _positive(text: str) -> int:
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--settings", default="unset,10000,0", help="GOMP_SPINCOUNT values; 'unset': libgomp's default")
-    p.add_argument("--reps", type=_positive, default=3, help="child processes per setting")
-    p.add_argument("--rounds", type=_positive, default=12, help="interleaved rounds in each child")
+    p.add_argument("--reps", type=positive_int, default=3, help="child processes per setting")
+    p.add_argument("--rounds", type=positive_int, default=12, help="interleaved rounds in each child")
     p.add_argument("--vit", action="store_true", help="also time a ViT-S/16 training step, dense and MoE")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
