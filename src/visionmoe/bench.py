@@ -426,6 +426,7 @@ def run_bench(
     from rich.console import Console
 
     console = Console(quiet=not progress)
+    native.enabled()  # a mistyped VISIONMOE_NATIVE: refused here, not as errored rows later
     results: dict[str, Any] = {"config": dict(batch=batch, tokens=tokens, dim=dim, hidden=hidden, experts=experts,
                                               rounds=rounds, threads=threads, torch=torch.__version__,
                                               allocator=allocator_state(), native=native.status()),
@@ -560,7 +561,8 @@ if __name__ == "__main__":  # pragma: no cover
 
     try:
         tune_cpu_allocator()  # as the `visionmoe` program does (VISIONMOE_MALLOC=default skips it)
-    except ValueError as e:  # a mistyped VISIONMOE_MALLOC: one line, as the program says it
+        code = main()
+    except ValueError as e:  # e.g. a mistyped VISIONMOE_MALLOC / VISIONMOE_NATIVE: one line, as the program says it
         print(f"visionmoe bench: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    raise SystemExit(main())
+    raise SystemExit(code)

@@ -177,3 +177,15 @@ def test_build_writes_only_the_library_into_a_fresh_cache(monkeypatch, tmp_path)
     assert lib.is_file() and [p.name for p in lib.parent.iterdir()] == [lib.name]
     assert [p.name for p in (tmp_path / "native").iterdir()] == [lib.parent.name]
     assert native.build() == lib and native.load() is not None
+
+
+@pytest.mark.parametrize("cmd", [["-m", "visionmoe.bench"], ["-m", "visionmoe", "bench"]])
+def test_bench_refuses_a_mistyped_native_switch_in_one_line(cmd, tmp_path):
+    """Before any timing, not as errored rows: one line naming the variable and its settings."""
+    env = {**os.environ, "VISIONMOE_NATIVE": "yes"}
+    res = subprocess.run([sys.executable, *cmd, "--quick", "--out", str(tmp_path)], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()]
+    assert "VISIONMOE_NATIVE='yes'" in res.stderr and "use 1" in res.stderr
+    assert not (tmp_path / "bench.json").exists()

@@ -117,9 +117,7 @@ class _ExpertThreads:
 
     def run(self, counts: list[int], fn, threaded: bool) -> None:
         """``fn(e, start, end)`` for every expert ``e`` (rows ``start:end``)."""
-        starts = [0]
-        for c in counts:
-            starts.append(starts[-1] + c)
+        starts = _offsets(counts)
         nt = torch.get_num_threads()
         if not threaded or nt < 2 or sum(c > 0 for c in counts) < 2:
             for e in range(len(counts)):
@@ -149,6 +147,14 @@ class _ExpertThreads:
 _THREADS = _ExpertThreads()
 
 
+def _offsets(counts: list[int]) -> list[int]:
+    """``[0, c0, c0 + c1, ...]``: expert e owns sorted rows ``offsets[e]:offsets[e + 1]``."""
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    return starts
+
+
 def _deal(counts: list[int], threads: int) -> list[list[int]]:
     """The experts dealt to ``threads`` groups: largest first, onto the least loaded group."""
     groups: list[list[int]] = [[] for _ in range(threads)]
@@ -175,14 +181,11 @@ def _native_plan(counts: list[int], threaded: bool | str, gelu: str | None):
         if threaded == "native":
             raise RuntimeError(f"Experts(threads='native') needs the compiled expert loop: {native.status()}")
         return None
-    groups = _deal(counts, nt)
-    starts, order, bounds = [0], [], [0]
-    for c in counts:
-        starts.append(starts[-1] + c)
-    for g in groups:
+    order, bounds = [], [0]
+    for g in _deal(counts, nt):
         order += g
         bounds.append(len(order))
-    return module, starts, order, bounds
+    return module, _offsets(counts), order, bounds
 
 
 def _gather_rows(src: Tensor, rows: Tensor, unit: int, name: str) -> Tensor:
@@ -533,9 +536,9 @@ class Experts(nn.Module):
         # threads only for GELU: other activations need autograd in backward, on this thread
         if self.threads not in THREAD_MODES:
             raise ValueError(f"Experts.threads must be one of {THREAD_MODES}, got {self.threads!r}")
-        threaded = (self.threads and x.device.type == "cpu" and type(self.act) is nn.GELU
-                    and not torch.is_autocast_enabled("cpu")
-                    and len(rows) * unit * self.hidden * self.dim >= MIN_THREADED_WORK) and self.threads
+        parallel = (x.device.type == "cpu" and type(self.act) is nn.GELU and not torch.is_autocast_enabled("cpu")
+                    and len(rows) * unit * self.hidden * self.dim >= MIN_THREADED_WORK)
+        threaded = self.threads if parallel else False
         return _FusedSortedMLP.apply(x, rows, counts_list, self.act, w1, b1, w2, b2, weights, unique, unit,
                                      self.recompute, threaded)
 
