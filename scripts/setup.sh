@@ -13,7 +13,7 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ constraints.txt -nt
     echo "[setup] installing visionmoe and its dependencies (torch from constraints.txt; ~2 min first time)"
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -c constraints.txt torch torchvision
-    .venv/bin/python -m pip install -q -c constraints.txt -e ".[data,dev,export]"
+    .venv/bin/python -m pip install -q -c constraints.txt -e ".[data,dev,export,peers]"
     touch "$STAMP"
 fi
 # The opt-in compiled CPU expert loop (Experts(threads="native"), VISIONMOE_NATIVE=1; needs a C++ compiler).

@@ -158,3 +158,35 @@ def test_bench_probes_reject_sizes_they_cannot_time(call, word):
 
     with pytest.raises(ValueError, match=word):
         call(b)
+
+
+def test_peer_cases_run_the_pure_python_peers_and_report_the_missing(monkeypatch):
+    """The peers that install from PyPI (the `peers` extra) each give a case whose forward and
+    forward + backward run at the bench's shapes; one that cannot import is reported, not fatal."""
+    import sys
+
+    from visionmoe.bench import _peer_cases
+
+    for mod in ("mixture_of_experts", "st_moe_pytorch", "soft_moe_pytorch"):
+        pytest.importorskip(mod)
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # as if not installed (and no process group here)
+    monkeypatch.setitem(sys.modules, "deepspeed.moe.layer", None)
+    torch.manual_seed(0)
+    x = torch.randn(2, 17, 32)
+    names, status = set(), {}
+    for k in (1, 2):
+        cases, st = _peer_cases("layer", x, 32, 64, 4, k)
+        status.update(st)
+        for c in cases:
+            assert c.error is None, (c.name, c.error)
+            assert c.memory > 0
+            out = c.make(False)()
+            out = out[0] if isinstance(out, tuple) else out
+            assert out.shape == x.shape and torch.isfinite(out).all(), c.name
+            c.make(True)()  # forward + backward
+            names.add(c.name)
+    assert names == {"soft-moe-pytorch", "mixture-of-experts-k2", "st-moe-pytorch-k2"}
+    # 17 tokens over 4 experts: 4 slots each, 16 of 17 tokens' expert FLOPs
+    assert status["soft-moe-pytorch"].startswith("ran (Soft MoE, 4 x 4 slots per image: 16 of 17")
+    assert status["deepspeed"].startswith("unavailable: ")
+    assert status["tutel"] == "not installed (not on PyPI)"

@@ -161,6 +161,22 @@ def _peer_cases(group: str, x: Tensor, dim: int, hidden: int, experts: int, k: i
         status["st-moe-pytorch"] = "ran (threshold 0: always top-n, its default capacity factor 1.25)"
     except Exception as e:  # noqa: BLE001
         status["st-moe-pytorch"] = f"unavailable: {type(e).__name__}: {str(e)[:120]}"
+    # soft-moe-pytorch: Soft MoE (every token weighs into every slot, no top-k, nothing dropped);
+    # E experts x s slots per image with E*s <= tokens: about the dense MLP's expert FLOPs, so in
+    # the top-1 group, plus its dispatch and combine einsums over all (token, slot) pairs
+    if k == 1:
+        try:
+            from soft_moe_pytorch import SoftMoE
+
+            slots = x.shape[1] // experts
+            if slots < 1:
+                raise ValueError(f"{x.shape[1]} tokens give no slot per expert for {experts} experts")
+            m = SoftMoE(dim, num_experts=experts, num_slots=slots, expert_mult=hidden // dim, is_distributed=False)
+            cases.append(_layer_case("soft-moe-pytorch", group, m, x, capacity=f"{slots} slots per expert"))
+            status["soft-moe-pytorch"] = (f"ran (Soft MoE, {experts} x {slots} slots per image: "
+                                          f"{experts * slots} of {x.shape[1]} tokens' expert FLOPs)")
+        except Exception as e:  # noqa: BLE001
+            status["soft-moe-pytorch"] = f"unavailable: {type(e).__name__}: {str(e)[:120]}"
     for name, mod, why in (("tutel", "tutel", "not on PyPI"), ("fastmoe", "fmoe", "needs CUDA to build"),
                            ("megablocks", "megablocks", "needs CUDA (Triton/stk kernels)")):
         try:
