@@ -4,7 +4,8 @@ libgomp reads GOMP_SPINCOUNT when torch loads it, so each setting needs its own 
 this script starts ``--reps`` rounds of one child process per setting, in alternating
 order, each timing the dense MLP, MoE layers and (``--vit``) a ViT-S/16 training step in
 interleaved rounds, and prints the medians over the children of the per-child paired
-ratios and times.
+ratios and times. The experts run on the Python thread pool (``VISIONMOE_NATIVE=0`` in the
+children), whose worker the spin competes with.
 
     python benchmarks/omp_spin.py --reps 5 --rounds 12 --vit      # about 20 minutes
 """
@@ -79,6 +80,7 @@ def main() -> None:
     for rep in range(a.reps):
         for s in settings if rep % 2 == 0 else settings[::-1]:  # alternate the order: drift hits all alike
             env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+            env["VISIONMOE_NATIVE"] = "0"  # the Python pool, not the compiled loop
             if s != "unset":
                 env["GOMP_SPINCOUNT"] = s
             cmd = [sys.executable, __file__, "--child", "--rounds", str(a.rounds)] + (["--vit"] if a.vit else [])

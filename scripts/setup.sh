@@ -16,7 +16,7 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ constraints.txt -nt
     .venv/bin/python -m pip install -q -c constraints.txt -e ".[data,dev,export,peers]"
     touch "$STAMP"
 fi
-# The opt-in compiled CPU expert loop (Experts(threads="native"), VISIONMOE_NATIVE=1; needs a C++ compiler).
-.venv/bin/visionmoe build-native || echo "[setup] warning: the opt-in compiled expert loop was not built (the default Python thread pool is unaffected)"
+# The compiled CPU expert loop (used by default for experts of >= 256 rows; needs a C++ compiler).
+.venv/bin/visionmoe build-native || echo "[setup] warning: the compiled expert loop was not built (the experts run on the Python thread pool)"
 # Real images that ship in Debian: Fashion-MNIST (used by the data sets; optional).
 bash scripts/fetch_data.sh || echo "[setup] warning: Fashion-MNIST package not fetched; fashion_mnist data set unavailable"

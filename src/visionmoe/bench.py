@@ -198,11 +198,11 @@ def layer_cases(*, batch: int, tokens: int, dim: int, hidden: int, experts: int,
         ours = _moe(dim, hidden, experts, k)
         cases.append(_layer_case(f"visionmoe-k{k}", group, ours, x, aux=lambda m=ours: m.last.aux_loss, k=k))
         variants = {"split": dict(impl="split"), "grouped": dict(impl="grouped")}
-        if k == 1:  # the fused kernel's options: experts one after another; in the compiled loop
-            # (opt-in, when it is built) instead of the Python pool; activation recomputed
+        if k == 1:  # the fused kernel's options: experts one after another; activation recomputed;
+            # on the Python pool when the default runs them in the compiled loop (built, >= MIN_ROWS rows)
             variants.update({"serial": dict(threads=False), "recompute": dict(recompute=True)})
             if native.load() is not None:
-                variants["native"] = dict(threads="native")
+                variants["python"] = dict(threads="python")
         for variant, kw in variants.items():
             if variant == "grouped" and not grouped_mm_available():
                 continue
@@ -442,7 +442,7 @@ def run_bench(
     from rich.console import Console
 
     console = Console(quiet=not progress)
-    native.enabled()  # a mistyped VISIONMOE_NATIVE: refused here, not as errored rows later
+    native.setting()  # a mistyped VISIONMOE_NATIVE: refused here, not as errored rows later
     results: dict[str, Any] = {"config": dict(batch=batch, tokens=tokens, dim=dim, hidden=hidden, experts=experts,
                                               rounds=rounds, threads=threads, torch=torch.__version__,
                                               allocator=allocator_state(), native=native.status()),

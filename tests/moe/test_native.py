@@ -1,5 +1,6 @@
 """The compiled CPU expert loop (visionmoe.moe.native, csrc/experts_cpu.cpp): same results
-as the Python thread pool and the serial loop, used when asked for, clear errors."""
+as the Python thread pool and the serial loop, used when the switch and the experts' size
+say so, clear errors."""
 
 import itertools
 import os
@@ -97,21 +98,41 @@ def test_compiled_loop_matches_python_threads_and_serial(module, two_threads, mo
     assert torch.equal(res["native"][3][2], torch.zeros(H, D))  # expert 2 had no rows
 
 
-def test_compiled_loop_is_opt_in_and_the_switch_turns_it_on(module, two_threads, monkeypatch):
-    """threads=True layers use the Python pool by default and the compiled loop with
-    VISIONMOE_NATIVE=1 (same numbers); another value is refused with the settings named."""
+def test_threads_true_picks_the_loop_by_expert_size_and_the_switch_overrides(module, two_threads, monkeypatch):
+    """threads=True layers run in the compiled loop when their experts with rows average at
+    least MIN_ROWS rows (the default, VISIONMOE_NATIVE unset or auto), on the Python pool
+    below that; VISIONMOE_NATIVE=1 always, 0 never (same numbers every way); another
+    value is refused with the settings named."""
     spy = _Spy(module)
     monkeypatch.setattr(native, "load", lambda: spy)
-    e = Experts(2, 8, 16, impl="fused")
-    x, rows = torch.randn(20, 8), torch.randperm(20)
-    y = e.forward_gathered(x, rows, [8, 12])
-    assert spy.calls == [] and native.status().startswith("built, opt-in")
-    monkeypatch.setenv("VISIONMOE_NATIVE", "1")
-    torch.testing.assert_close(e.forward_gathered(x, rows, [8, 12]), y, rtol=1e-5, atol=1e-6)
-    assert spy.calls == ["experts_forward"] and native.status().startswith("on (VISIONMOE_NATIVE=1)")
+    monkeypatch.setattr(native, "MIN_ROWS", 10)
+    e = Experts(3, 8, 16, impl="fused")
+    torch.manual_seed(0)
+    x = torch.randn(20, 8)
+    big, small = (torch.randperm(20), [8, 0, 12]), (torch.randperm(20)[:19], [7, 0, 12])  # means 10 and 9.5
+    ref = {k: Experts(3, 8, 16, impl="fused", threads=False) for k in ("big", "small")}
+    for r in ref.values():
+        r.load_state_dict(e.state_dict())
+
+    def calls(case, rows, counts):
+        spy.calls.clear()
+        torch.testing.assert_close(e.forward_gathered(x, rows, counts), ref[case].forward_gathered(x, rows, counts),
+                                   rtol=1e-5, atol=1e-6)
+        return list(spy.calls)
+
+    for env, want_big, want_small, word in ((None, True, False, "built, auto"), ("auto", True, False, "built, auto"),
+                                            ("1", True, True, "on (VISIONMOE_NATIVE=1)"),
+                                            ("0", False, False, "built, off (VISIONMOE_NATIVE=0)")):
+        if env is None:
+            monkeypatch.delenv("VISIONMOE_NATIVE", raising=False)
+        else:
+            monkeypatch.setenv("VISIONMOE_NATIVE", env)
+        assert calls("big", *big) == (["experts_forward"] if want_big else []), env
+        assert calls("small", *small) == (["experts_forward"] if want_small else []), env
+        assert native.status().startswith(word)
     monkeypatch.setenv("VISIONMOE_NATIVE", "yes")
-    with pytest.raises(ValueError, match="VISIONMOE_NATIVE='yes'.*use 1"):
-        e.forward_gathered(x, rows, [8, 12])
+    with pytest.raises(ValueError, match="VISIONMOE_NATIVE='yes'.*use auto"):
+        e.forward_gathered(x, *big)
 
 
 def test_compiled_loop_keeps_grad_and_inference_modes(module, two_threads):
@@ -163,7 +184,7 @@ def test_build_native_command_reports_status(module):
     env = {k: v for k, v in os.environ.items() if k != "VISIONMOE_NATIVE"}
     out = subprocess.run([sys.executable, "-m", "visionmoe", "build-native", "--status"], capture_output=True,
                          text=True, check=True, env=env).stdout
-    assert out.startswith("built, opt-in: ") and native.cache_dir().name in out
+    assert out.startswith("built, auto: ") and native.cache_dir().name in out
 
 
 @pytest.mark.slow
@@ -187,5 +208,5 @@ def test_bench_refuses_a_mistyped_native_switch_in_one_line(cmd, tmp_path):
                          text=True, timeout=120)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines() == [res.stderr.strip()]
-    assert "VISIONMOE_NATIVE='yes'" in res.stderr and "use 1" in res.stderr
+    assert "VISIONMOE_NATIVE='yes'" in res.stderr and "use auto" in res.stderr
     assert not (tmp_path / "bench.json").exists()

@@ -449,9 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     ld = sub.add_parser("list-data", help="list the data sets")
     ld.set_defaults(fn=_cmd_list_data)
 
-    bn = sub.add_parser("build-native", help="compile the opt-in CPU expert loop once (Experts(threads='native'), "
-                        "VISIONMOE_NATIVE=1; C++ compiler and ninja needed; the default Python thread pool needs "
-                        "nothing)")
+    bn = sub.add_parser("build-native", help="compile the CPU expert loop once (used by default for experts of >= "
+                        "256 rows; VISIONMOE_NATIVE=1: always, 0: never; C++ compiler and ninja needed; without it "
+                        "the experts run on a Python thread pool)")
     bn.add_argument("--status", action="store_true", help="only say whether it is built and used")
     bn.add_argument("--verbose", action="store_true", help="show the compiler's output")
     bn.set_defaults(fn=_cmd_build_native)

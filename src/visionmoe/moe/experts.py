@@ -76,8 +76,8 @@ def clear_scratch() -> None:
     _SCRATCH.bufs.clear()
 
 
-#: ``Experts(threads=...)``: the Python pool (the compiled loop with VISIONMOE_NATIVE=1),
-#: the compiled loop, the Python pool, serial
+#: ``Experts(threads=...)``: the compiled loop for experts of >= native.MIN_ROWS rows when
+#: it is built, else the Python pool (VISIONMOE_NATIVE); the compiled loop; the Python pool; serial
 THREAD_MODES = (True, "native", "python", False)
 
 #: below this many multiply-adds per matmul layer (N * H * D) the experts run one after
@@ -168,14 +168,19 @@ def _deal(counts: list[int], threads: int) -> list[list[int]]:
 
 def _native_plan(counts: list[int], threaded: bool | str, gelu: str | None):
     """``(module, starts, order, bounds)`` when the compiled expert loop (:mod:`.native`)
-    runs these experts: ``threaded`` is ``"native"`` (or True with ``VISIONMOE_NATIVE=1``),
-    GELU, at least 2 threads and 2 experts with rows, and it is built; else None (the
-    Python thread pool or the serial loop). ``"native"`` without the build is an error."""
+    runs these experts (``counts``: rows per expert): ``threaded`` is ``"native"``, or True
+    and ``VISIONMOE_NATIVE`` allows it (``auto``, the default: the experts with rows average
+    at least :data:`.native.MIN_ROWS` rows; ``1``: always); GELU, at least 2 threads and 2
+    experts with rows; and it is built. Else None (the Python thread pool or the serial
+    loop). ``"native"`` without the build is an error."""
     nt = torch.get_num_threads()
-    if threaded in (False, "python") or gelu is None or nt < 2 or sum(c > 0 for c in counts) < 2:
+    active = sum(c > 0 for c in counts)
+    if threaded in (False, "python") or gelu is None or nt < 2 or active < 2:
         return None
-    if threaded is True and not native.enabled():
-        return None
+    if threaded is True:
+        mode = native.setting()
+        if mode == "0" or (mode == "auto" and sum(counts) < native.MIN_ROWS * active):
+            return None
     module = native.load()
     if module is None:
         if threaded == "native":
@@ -387,11 +392,12 @@ class Experts(nn.Module):
         recompute: fused kernel: recompute the GELU activation in backward instead of saving
             it (top-1: ~0.7x instead of ~1.1x the dense MLP's activation memory, ~3% slower).
         threads: fused kernel on CPU: run the experts in parallel over the intra-op threads,
-            each op single-threaded (faster: small matmuls parallelise badly). ``True``: on a
-            Python thread pool (in the compiled loop instead with ``VISIONMOE_NATIVE=1`` when
-            it is built); ``"native"``: the compiled loop (:mod:`visionmoe.moe.native`), an
-            error if it is not built; ``"python"``: the thread pool; ``False``: one expert
-            after another, every op using all threads. All give the same results.
+            each op single-threaded (faster: small matmuls parallelise badly). ``True``: in
+            the compiled loop when it is built and the experts average >= 256 rows
+            (:data:`visionmoe.moe.native.MIN_ROWS`; ``VISIONMOE_NATIVE=1``: always, ``0``:
+            never), else on a Python thread pool; ``"native"``: the compiled loop
+            (:mod:`visionmoe.moe.native`), an error if it is not built; ``"python"``: the
+            thread pool; ``False``: one expert after another, every op using all threads. All give the same results.
             Attribute, can be changed.
     """
 

@@ -7,10 +7,12 @@ for a while after the last parallel op (docs/performance.md). The compiled loop 
 same groups of experts inside one ``at::parallel_for`` instead, so the OpenMP worker runs
 the second group itself.
 
-It is opt-in: on the 2-core machine it was measured here it was faster in some runs and
-slower in others (slower for E = 64 in every run; docs/performance.md), so the Python pool
-stays the default. ``Experts(threads="native")`` uses it for one layer; with
-``VISIONMOE_NATIVE=1`` every ``threads=True`` layer uses it when it is built.
+By default (``VISIONMOE_NATIVE`` unset or ``auto``) ``threads=True`` layers use it when it
+is built and their experts average at least :data:`MIN_ROWS` rows, the Python pool below
+that: on the 2-core machine measured here it beat the pool at 520 rows per expert in
+seven interleaved comparisons of eight, won or tied at 260, lost or tied at 130 and lost
+at 65 every time (docs/performance.md, "The compiled expert loop"). ``VISIONMOE_NATIVE=1`` uses it for
+every ``threads=True`` layer, ``0`` never; ``Experts(threads="native")`` for one layer.
 
 It is compiled once per source, PyTorch and Python version (about 35 s with a C++
 compiler and ninja; ``visionmoe build-native``, which ``make setup`` runs) into
@@ -37,12 +39,19 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["SOURCE", "cache_dir", "build", "built", "load", "enabled", "status"]
+__all__ = ["SOURCE", "MIN_ROWS", "SETTINGS", "cache_dir", "build", "built", "load", "setting", "status"]
 
 SOURCE = Path(__file__).with_name("csrc") / "experts_cpu.cpp"
 _NAME = "visionmoe_experts_cpu"
 _LOCK = threading.Lock()
 _LOADED: dict[Path, ModuleType | None] = {}
+
+#: ``VISIONMOE_NATIVE=auto``: threads=True layers whose experts with rows average at least
+#: this many rows run in the compiled loop (when built), smaller ones on the Python pool;
+#: measured crossover between 260 (compiled faster) and 130 rows (pool faster)
+MIN_ROWS = 256
+#: the values ``VISIONMOE_NATIVE`` may take (unset means ``auto``)
+SETTINGS = ("auto", "1", "0")
 
 
 @functools.lru_cache(maxsize=1)
@@ -59,14 +68,16 @@ def cache_dir() -> Path:
     return root / "native" / _key()
 
 
-def enabled() -> bool:
-    """Whether ``threads=True`` layers use the compiled loop: ``VISIONMOE_NATIVE=1`` (unset or
-    ``0``: the Python thread pool, the default)."""
-    env = os.environ.get("VISIONMOE_NATIVE", "0").strip()
-    if env not in ("0", "1"):
-        raise ValueError(f"VISIONMOE_NATIVE={env!r} is not a setting: use 1 (the compiled expert loop, when it is "
-                         "built) or 0 (the Python thread pool, the default)")
-    return env == "1"
+def setting() -> str:
+    """``VISIONMOE_NATIVE``: ``"auto"`` (unset, the default: the compiled loop for experts of
+    at least :data:`MIN_ROWS` rows when it is built), ``"1"`` (for every ``threads=True``
+    layer when built) or ``"0"`` (never: the Python thread pool)."""
+    env = os.environ.get("VISIONMOE_NATIVE", "").strip().lower() or "auto"
+    if env not in SETTINGS:
+        raise ValueError(f"VISIONMOE_NATIVE={env!r} is not a setting: use auto (the default: the compiled expert "
+                         f"loop for experts of >= {MIN_ROWS} rows when it is built), 1 (always when built) or 0 "
+                         "(never: the Python thread pool)")
+    return env
 
 
 def _library(directory: Path) -> Path:
@@ -144,16 +155,19 @@ def _which(tool: str) -> str | None:
 
 
 def status() -> str:
-    """One line: whether the compiled expert loop is built and whether ``threads=True`` uses it."""
+    """One line: whether the compiled expert loop is built and when ``threads=True`` uses it."""
     try:
-        on = enabled()
+        mode = setting()
     except ValueError as e:
         return str(e)
     lib = _library(cache_dir())
     if not lib.is_file():
         return (f"not built: experts run on the Python thread pool (visionmoe build-native writes {lib}; then "
-                "Experts(threads='native') or VISIONMOE_NATIVE=1 use it)")
-    if not on:
-        return (f"built, opt-in: {lib}; Experts(threads='native') uses it, threads=True layers use the Python "
-                "thread pool unless VISIONMOE_NATIVE=1")
-    return f"on (VISIONMOE_NATIVE=1): {lib}"
+                f"threads=True layers use it for experts of >= {MIN_ROWS} rows)")
+    if mode == "0":
+        return (f"built, off (VISIONMOE_NATIVE=0): {lib}; threads=True layers use the Python thread pool, "
+                "Experts(threads='native') uses it")
+    if mode == "1":
+        return f"on (VISIONMOE_NATIVE=1): {lib}; every threads=True layer uses it"
+    return (f"built, auto: {lib}; threads=True layers use it when their experts average >= {MIN_ROWS} rows, "
+            "the Python thread pool below (VISIONMOE_NATIVE=1: always, 0: never)")
