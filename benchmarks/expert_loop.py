@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     from timm.layers import Mlp
 
     from visionmoe.bench import _layer_case, _moe, _run_rounds, _summarise, vit_cases
-    from visionmoe.moe import Experts, native
+    from visionmoe.moe import native
 
     if native.load() is None:
         print(f"expert_loop.py: the compiled expert loop is needed: {native.status()}", file=sys.stderr)
@@ -48,11 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     suites = [[_layer_case(k, "layer", m, x, aux=None if k == "dense" else (lambda m=m: m.last.aux_loss))
                for k, m in layers.items()]]
     if a.vit:
-        dense, moe = vit_cases(batch=8, img_size=224, experts=8)
-        pool = vit_cases(batch=8, img_size=224, experts=8)[1]
-        for m in pool.make.__defaults__[0].modules():  # make(backward, model, opt)
-            if isinstance(m, Experts):
-                m.threads = "python"
+        dense, moe = vit_cases(batch=8, img_size=224, experts=8, threads="native")
+        pool = vit_cases(batch=8, img_size=224, experts=8, threads="python")[1]
         moe.name, pool.name = "vit-s16-moe native", "vit-s16-moe python"
         suites.append([dense, moe, pool])
     cases = [c for s in suites for c in s]

@@ -223,7 +223,9 @@ def layer_cases(*, batch: int, tokens: int, dim: int, hidden: int, experts: int,
     return cases, status
 
 
-def vit_cases(*, batch: int, img_size: int, experts: int) -> list[Case]:
+def vit_cases(*, batch: int, img_size: int, experts: int, threads: bool | str = True) -> list[Case]:
+    """A dense and an MoE (every-2, top-1) ViT-S/16 training step; ``threads``: the MoE
+    layers' ``Experts.threads`` (a :data:`~visionmoe.moe.experts.THREAD_MODES` value)."""
     from .models import create_model
 
     x = torch.randn(batch, 3, img_size, img_size)
@@ -232,6 +234,9 @@ def vit_cases(*, batch: int, img_size: int, experts: int) -> list[Case]:
     for name, moe in (("vit-s16-dense", None), ("vit-s16-moe-every2-k1", dict(num_experts=experts, top_k=1,
                                                                               placement="every_2"))):
         model = create_model("vit_small_patch16_224", img_size=img_size, moe=moe)
+        for m in model.modules():
+            if isinstance(m, Experts):
+                m.threads = threads
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the Trainer (optim.fused)
 
         def make(backward: bool, model=model, opt=opt):

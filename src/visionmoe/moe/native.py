@@ -10,8 +10,8 @@ the second group itself.
 By default (``VISIONMOE_NATIVE`` unset or ``auto``) ``threads=True`` layers use it when it
 is built and their experts average at least :data:`MIN_ROWS` rows, the Python pool below
 that: on the 2-core machine measured here it beat the pool at 520 rows per expert in
-seven interleaved comparisons of eight, won or tied at 260, lost or tied at 130 and lost
-at 65 every time (docs/performance.md, "The compiled expert loop").
+seven interleaved comparisons of nine (one tie), won or tied at 260, lost or tied at 130
+and lost at 65 every time (docs/performance.md, "The compiled expert loop").
 ``VISIONMOE_NATIVE=1`` uses it for every ``threads=True`` layer, ``0`` never;
 ``Experts(threads="native")`` for one layer.
 
