@@ -190,3 +190,23 @@ def test_peer_cases_run_the_pure_python_peers_and_report_the_missing(monkeypatch
     assert status["soft-moe-pytorch"].startswith("ran (Soft MoE, 4 x 4 slots per image: 16 of 17")
     assert status["deepspeed"].startswith("unavailable: ")
     assert status["tutel"] == "not installed (not on PyPI)"
+
+
+def test_vit_cases_set_the_moe_layers_thread_mode(monkeypatch):
+    """vit_cases(threads=...) is what the MoE ViT step's expert loops run with."""
+    import visionmoe.moe.experts as ex
+    from visionmoe.bench import vit_cases
+
+    seen = []
+    run = ex._THREADS.run
+    monkeypatch.setattr(ex, "MIN_THREADED_WORK", 0)
+
+    def spy(counts, fn, threaded):
+        seen.append(threaded)
+        return run(counts, fn, threaded)
+
+    monkeypatch.setattr(ex._THREADS, "run", spy)
+    dense, moe = vit_cases(batch=2, img_size=32, experts=2, threads="python")
+    assert dense.name == "vit-s16-dense" and moe.name == "vit-s16-moe-every2-k1"
+    moe.make(True)()
+    assert seen and set(seen) == {"python"}  # forward and backward of every MoE block
