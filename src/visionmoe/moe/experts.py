@@ -397,7 +397,8 @@ class Experts(nn.Module):
             (:data:`visionmoe.moe.native.MIN_ROWS`; ``VISIONMOE_NATIVE=1``: always, ``0``:
             never), else on a Python thread pool; ``"native"``: the compiled loop
             (:mod:`visionmoe.moe.native`), an error if it is not built; ``"python"``: the
-            thread pool; ``False``: one expert after another, every op using all threads. All give the same results.
+            thread pool; ``False``: one expert after another, every op using all threads.
+            All give the same results.
             Attribute, can be changed.
     """
 
