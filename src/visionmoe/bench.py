@@ -204,7 +204,7 @@ def layer_cases(*, batch: int, tokens: int, dim: int, hidden: int, experts: int,
             if native.load() is not None:
                 variants["python"] = dict(threads="python")
         for variant, kw in variants.items():
-            if variant == "grouped" and not grouped_mm_available():
+            if variant == "grouped" and not grouped_mm_available(x.device):
                 continue
             alt = _moe(dim, hidden, experts, k, **kw)
             cases.append(_layer_case(f"visionmoe-{variant}-k{k}", group, alt, x, aux=lambda m=alt: m.last.aux_loss,
@@ -438,8 +438,22 @@ def run_bench(
     out: str | Path = "runs/bench",
     quick: bool = False,
     progress: bool = True,
+    device: str = "cpu",
 ) -> dict:
-    """Run the benchmark suites; write ``bench.json`` and ``bench.png`` to ``out``."""
+    """Run the benchmark suites; write ``bench.json`` and ``bench.png`` to ``out``. ``device``:
+    where the cases are built and timed (``cuda``: the ``grouped`` kernel vs dense on a GPU,
+    synchronised around every timed call)."""
+    from .train.context import resolve_device
+
+    dev = resolve_device(device)
+    with torch.device(dev):
+        return _run_bench(batch=batch, tokens=tokens, dim=dim, hidden=hidden, experts=experts, rounds=rounds,
+                          inner=inner, threads=threads, peers=peers, vit=vit, vit_batch=vit_batch, scaling=scaling,
+                          crmoe=crmoe, out=out, quick=quick, progress=progress, device=str(dev))
+
+
+def _run_bench(*, batch, tokens, dim, hidden, experts, rounds, inner, threads, peers, vit, vit_batch, scaling, crmoe,
+               out, quick, progress, device) -> dict:
     if quick:
         batch, tokens, dim, hidden, rounds, vit_batch = 4, 17, 32, 128, 2, 1
     torch.set_num_threads(threads)
@@ -449,7 +463,7 @@ def run_bench(
     console = Console(quiet=not progress)
     native.setting()  # a mistyped VISIONMOE_NATIVE: refused here, not as errored rows later
     results: dict[str, Any] = {"config": dict(batch=batch, tokens=tokens, dim=dim, hidden=hidden, experts=experts,
-                                              rounds=rounds, threads=threads, torch=torch.__version__,
+                                              rounds=rounds, threads=threads, torch=torch.__version__, device=device,
                                               allocator=allocator_state(), native=native.status()),
                                "suites": {}}
     suites: list[tuple[str, list[Case], int, tuple[str, ...]]] = []
@@ -562,6 +576,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--no-crmoe", action="store_true", help="skip the CR-MoE shape (E=16, top-2, H=2D)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds (a smoke test, not a measurement)")
     p.add_argument("--out", default="runs/bench")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N: time the layers on a GPU")
     return p
 
 
@@ -569,7 +584,7 @@ def run_from_args(args: argparse.Namespace) -> dict:
     return run_bench(batch=args.batch, tokens=args.tokens, dim=args.dim, hidden=args.hidden, experts=args.experts,
                      rounds=args.rounds, inner=args.inner, threads=args.threads, peers=not args.no_peers,
                      vit=not args.no_vit, scaling=not args.no_scaling, crmoe=not args.no_crmoe, out=args.out,
-                     quick=args.quick)
+                     quick=args.quick, device=getattr(args, "device", "cpu"))
 
 
 def main(argv: list[str] | None = None) -> int:

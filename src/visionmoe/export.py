@@ -69,6 +69,7 @@ def export_onnx(
     atol: float = 1e-4,
     dynamo: bool = True,
     opset: int | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Write ``model`` as ONNX (input ``images (B, C, H, W)``, output ``logits``, dynamic
     batch) and, with ``check``, run it in onnxruntime on random images and compare with
@@ -79,6 +80,9 @@ def export_onnx(
             the experts this id routes to (:meth:`VisionTransformer.extract_dense`).
         dynamo: use the ``torch.export``-based exporter (default) or the older
             TorchScript-based one (faster to run, deprecated in recent PyTorch).
+        metadata: strings stored in the file's ``metadata_props`` (the CLI writes the
+            preprocessing as JSON under ``visionmoe.preprocessing`` and the class names under
+            ``visionmoe.classes``), read back with ``onnx.load(path).metadata_props``.
 
     Returns ``{"path", "kind" ("dense" | "moe" | "dense-from-experts"), "max_abs_diff",
     "input_shape"}``.
@@ -117,6 +121,12 @@ def export_onnx(
             torch.onnx.export(model, (example,), tmp, **kwargs)
         if not Path(tmp).stat().st_size:
             raise RuntimeError(f"the ONNX exporter wrote nothing to {tmp}")
+        if metadata:
+            import onnx
+
+            proto = onnx.load(tmp)
+            onnx.helper.set_model_props(proto, {str(k): str(v) for k, v in metadata.items()})
+            onnx.save(proto, tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -86,7 +87,8 @@ def test_read_image_matches_the_folder_loader(tmp_path):
 
 
 def test_segmentation_folder_in_ade20k_layout(tmp_path):
-    from visionmoe.data import load_dataset
+    from visionmoe.data import Preprocessing, load_dataset, load_segmentation_folder
+    from visionmoe.data.streaming import collate, eval_set, training_set
 
     for split, n in (("training", 3), ("validation", 2)):
         (tmp_path / "images" / split).mkdir(parents=True)
@@ -98,10 +100,17 @@ def test_segmentation_folder_in_ade20k_layout(tmp_path):
             Image.fromarray(lab).save(tmp_path / "annotations" / split / f"ADE_{split}_{i}.png")
     _write(tmp_path / "images" / "training" / "orphan", "RGB", 8, 8, "png", 9)  # no label map
     with pytest.warns(UserWarning, match="1 image"):
-        d = load_dataset("segmentation_folder", root=str(tmp_path), size=8, reduce_zero_label=True)
+        d = load_segmentation_folder(tmp_path, size=8, reduce_zero_label=True)
     assert d.x_train.shape == (3, 3, 8, 8) and d.y_train.shape == (3, 8, 8) and len(d.x_test) == 2
     assert set(d.y_train.unique().tolist()) == {2, 255}
     assert (d.y_train[:, :, :4] == 255).all() and (d.y_train[:, :, 5:] == 2).all()
     assert d.classes == ["0", "1", "2"]
+    with pytest.warns(UserWarning, match="1 image"):  # streamed: the same images and label maps
+        s = load_dataset("segmentation_folder", root=str(tmp_path), reduce_zero_label=True)
+    assert s.classes == d.classes and len(s.train) == 3 and len(s.test) == 2
+    prep = Preprocessing(8, 3)
+    x, y = collate(training_set(s, prep, seed=0).__getitems__([(0, i) for i in range(3)]))
+    assert torch.allclose(x, d.x_train, atol=1e-6) and torch.equal(y, d.y_train)
+    assert torch.equal(collate(eval_set(s, prep).__getitems__([0, 1]))[1], d.y_test)
     with pytest.raises(FileNotFoundError, match="annotations"):
         load_dataset("segmentation_folder", root=str(tmp_path / "images"))

@@ -88,7 +88,7 @@ def test_trainer_reports_miou_from_the_confusion_matrix(tmp_path):
     assert {"test_miou", "test_pixel_acc", "test_iou"} <= set(s) and not any(k.startswith("test_conf") for k in s)
     with torch.no_grad():  # the same numbers computed directly over the whole test set
         t.model.eval()
-        pred = t.objective.logits(t.model, t._x_test, (32, 32)).argmax(1)
+        pred = t.objective.logits(t.model, t.test_inputs(), (32, 32)).argmax(1)
     direct = segmentation_scores(confusion_matrix(pred, t.data.y_test, 11))
     assert s["test_miou"] == pytest.approx(direct["miou"], abs=1e-6)
     assert s["test_pixel_acc"] == pytest.approx(direct["pixel_acc"], abs=1e-6)

@@ -330,7 +330,7 @@ def test_load_trained_model_rebuilds_without_the_init_file(tmp_path, digits):
     t = Trainer(_cfg(), run_dir=tmp_path / "m", data=digits)
     t.fit(stop_after=2)
     model, cfg, st = load_trained_model(t.latest_checkpoint())
-    x = t._x_test[:4]
+    x = t.test_inputs(4)
     t.model.eval()
     assert torch.equal(model(x), t.model(x))
-    assert st["num_classes"] == 10 and cfg.model.name == QUICK["model"]["name"]
+    assert st.num_classes == 10 and cfg.model.name == QUICK["model"]["name"]

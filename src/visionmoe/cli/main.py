@@ -69,22 +69,32 @@ def _cmd_vimoe(args: argparse.Namespace) -> int:
     return 0 if res["stability"] or res["segmentation"] else 1
 
 
+def _prepared_tasks(names: list[str], prep, n_train: int | None, n_test: int | None) -> dict:
+    """Bundled data sets as in-memory splits prepared exactly as a checkpoint's inputs
+    (``prep``: its stored preprocessing)."""
+    import torch
+
+    from ..data import TensorSplits, load_dataset
+    from ..data.streaming import ensure_tensor_splits
+
+    out = {}
+    for name in names:
+        s = ensure_tensor_splits(load_dataset(name), f"data set {name!r}")
+        g = torch.Generator().manual_seed(0)
+        tr = torch.randperm(len(s.x_train), generator=g)[:n_train] if n_train else torch.arange(len(s.x_train))
+        te = torch.randperm(len(s.x_test), generator=g)[:n_test] if n_test else torch.arange(len(s.x_test))
+        out[name] = TensorSplits(s.name, prep(s.x_train[tr]), s.y_train[tr], prep(s.x_test[te]), s.y_test[te],
+                                 s.classes)
+    return out
+
+
 def _cmd_probe(args: argparse.Namespace) -> int:
-    from ..data import load_dataset
-    from ..recipes.crmoe import _limit, evaluate_backbone
+    from ..recipes.crmoe import evaluate_backbone
 
     model, cfg, st = _model_from_checkpoint(args.checkpoint)
-    size = st.get("img_size") or model.patch_embed.img_size[0]
-    channels = st.get("in_chans", 1)
-    tasks = {}
-    for name in args.data:
-        t = _limit(load_dataset(name), args.train_limit, args.test_limit, size)
-        if channels != 1:
-            from ..data import adapt
-
-            t = type(t)(t.name, adapt(t.x_train, channels=channels), t.y_train, adapt(t.x_test, channels=channels),
-                        t.y_test, t.classes)
-        tasks[name] = t
+    prep = st.preprocess
+    print(f"{args.checkpoint}: {prep.describe()}", file=sys.stderr)
+    tasks = _prepared_tasks(args.data, prep, args.train_limit, args.test_limit)
     first = next(iter(tasks.values()))
     res = evaluate_backbone(model, tasks, shots=args.shots, episodes=args.episodes, semi=first,
                             semi_fractions=args.semi, semi_steps=args.semi_steps,
@@ -97,15 +107,23 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from ..analysis.report import analyze_routing
-    from ..data import adapt, load_dataset
+    from ..data import load_dataset
+    from ..data.streaming import eval_set
 
     model, cfg, st = _model_from_checkpoint(args.checkpoint)
     d = load_dataset(args.data or cfg.data.name, **(cfg.data.args if not args.data else {}))
-    n = min(args.limit, len(d.x_test))
-    x = adapt(d.x_test[:n], channels=st.get("in_chans", 1), size=st.get("img_size") or model.patch_embed.img_size[0])
-    res = analyze_routing(model, x, d.y_test[:n], d.classes, args.out)
+    ds = eval_set(d, st.preprocess)
+    n = min(args.limit, len(ds))
+    x, y = ds.__getitems__(list(range(n)))[:2] if not ds.folder else _stack(ds, n)
+    res = analyze_routing(model, x, y, d.classes, args.out)
     print(f"routing degree {res['routing_degree']:,}; report: {Path(args.out) / 'report.md'}")
     return 0
+
+
+def _stack(ds, n: int):
+    from ..data.streaming import collate
+
+    return collate(ds.__getitems__(list(range(n))))[:2]
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -161,8 +179,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     if Path(args.model).is_file():
         model, cfg, st = _model_from_checkpoint(args.model)
-        print(f"checkpoint {args.model}: model {cfg.model.name}, step {st['step']}, data {cfg.data.name} "
-              f"({st['num_classes']} classes, {st['in_chans']} channels, {st['img_size']} px)")
+        print(f"checkpoint {args.model}: model {cfg.model.name}, step {st.step}, data {cfg.data.name} "
+              f"({st.num_classes} classes); input: {st.preprocess.describe()}")
         name = cfg.model.name
     else:
         with torch.device("meta"):
@@ -188,64 +206,90 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from ..data import adapt, load_dataset
-    from ..train import Trainer
+def _eval_data(cfg, st, args):
+    """The data set ``eval`` scores on: the checkpoint's own, or ``--data`` / ``--data-arg``."""
+    from ..data import load_dataset
 
-    model, cfg, st = _model_from_checkpoint(args.checkpoint)
     if args.data:
         cfg.data.name = args.data
         cfg.data.args = {}
     for item in args.data_arg:
+        if "=" not in item:
+            raise ValueError(f"--data-arg {item!r} must look like key=value")
         k, v = item.split("=", 1)
         cfg.data.args[k] = yaml.safe_load(v)
     data = load_dataset(cfg.data.name, **cfg.data.args)
-    if data.num_classes != st["num_classes"]:
-        raise ValueError(f"the checkpoint predicts {st['num_classes']} classes but {data.name!r} has "
+    if data.num_classes != st.num_classes:
+        raise ValueError(f"the checkpoint predicts {st.num_classes} classes but {data.name!r} has "
                          f"{data.num_classes}; evaluate on a data set with the same classes")
-    cfg.run.progress = False
-    trainer = Trainer(cfg, data=data, model=model, run_dir=Path(args.checkpoint).parent)
-    trainer._x_test = adapt(data.x_test, channels=st["in_chans"], size=st["img_size"])
-    res = trainer.evaluate(model)
+    return data
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from ..data.streaming import default_workers, eval_set
+    from ..objectives import create_objective
+    from ..train import RunContext, evaluate_objective
+    from ..train.checkpoint import load_checkpoint
+
+    model, cfg, st = _model_from_checkpoint(args.checkpoint)
+    data = _eval_data(cfg, st, args)
+    ctx = RunContext.create(device=args.device, amp="none")
+    prep = st.preprocess
+    objective = create_objective(cfg.objective, model, num_classes=st.num_classes, total_steps=1, run=cfg.run,
+                                 args=cfg.objective_args)
+    saved = load_checkpoint(args.checkpoint)["objective"]
+    if saved:  # the objective's own weights (MAE decoder, segmentation head) as trained
+        objective.load_state_dict(saved)
+    ds = eval_set(data, prep)
+    print(f"evaluating {args.checkpoint} on {data.name!r} ({len(ds):,} test images): {prep.describe()}; "
+          f"{ctx.describe()}", file=sys.stderr)
+    res = evaluate_objective(model.to(ctx.device), objective.to(ctx.device), ds, ctx,
+                             batch_size=cfg.data.eval_batch_size, workers=default_workers(data))
     print(json.dumps(res, indent=2))
     return 0
+
+
+def _onnx_metadata(st) -> dict[str, str]:
+    return {"visionmoe.preprocessing": json.dumps(st.preprocess.to_dict()),
+            "visionmoe.classes": json.dumps(list(st.classes))}
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from ..export import export_onnx
 
     model, cfg, st = _model_from_checkpoint(args.checkpoint)
+    prep = st.preprocess
     out = args.out or str(Path(args.checkpoint).with_suffix(".onnx"))
-    res = export_onnx(model, out, input_shape=(st["in_chans"], st["img_size"], st["img_size"]), key=args.key,
-                      check=not args.no_check, dynamo=not args.legacy)
+    res = export_onnx(model, out, input_shape=(prep.channels, prep.size, prep.size), key=args.key,
+                      check=not args.no_check, dynamo=not args.legacy, metadata=_onnx_metadata(st))
     diff = "" if res["max_abs_diff"] is None else f"; onnxruntime matches PyTorch within {res['max_abs_diff']:.2g}"
-    print(f"wrote {res['path']} ({res['kind']}, input {res['input_shape']}){diff}")
+    print(f"wrote {res['path']} ({res['kind']}, input {res['input_shape']}: {prep.describe()}){diff}")
     return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
 
-    from ..data import read_image
     from ..export import predict_images
 
     model, cfg, st = _model_from_checkpoint(args.checkpoint)
     if args.key is not None:
         model = model.extract_dense(key=args.key).eval()
+    prep = st.preprocess
+    print(f"{args.checkpoint}: {prep.describe()}", file=sys.stderr)
     xs, names = [], []
     for p in args.images:
         try:
-            xs.append(read_image(p, size=st["img_size"], channels=st["in_chans"]))
+            xs.append(prep.read(p))
             names.append(p)
         except Exception as e:  # noqa: BLE001 - any unreadable file is reported and skipped
             print(f"skipping {p}: not a readable image ({type(e).__name__}: {e})", file=sys.stderr)
     if not xs:
         raise ValueError("none of the given files is a readable image")
-    x = torch.from_numpy(np.stack(xs))
+    x = torch.stack(xs)
     preds = []
     for i in range(0, len(x), 256):
-        preds += predict_images(model, x[i : i + 256], st.get("classes"), top=args.top, routing=args.routing)
+        preds += predict_images(model, x[i : i + 256], st.classes or None, top=args.top, routing=args.routing)
     if args.json:
         print(json.dumps([{"image": n, **p} for n, p in zip(names, preds)], indent=2))
         return 0
@@ -267,6 +311,33 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from ..bench import run_from_args
 
     run_from_args(args)
+    return 0
+
+
+def _cmd_bench_data(args: argparse.Namespace) -> int:
+    from ..bench_data import run_data_bench
+
+    root = args.root
+    if root is None:
+        from ..data import make_photo_folder
+
+        root = make_photo_folder(Path(args.out) / "photos", per_class=40, val_per_class=0) / "train"
+        print(f"no folder given: generated {root} (400 JPEGs of 256-500 px from the bundled photos)", file=sys.stderr)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    res = run_data_bench(root, size=args.size, workers=args.workers, batch_size=args.batch_size,
+                         batches=args.batches, model=None if args.model == "none" else args.model,
+                         model_batch=args.model_batch, model_steps=args.model_steps, threads=args.threads,
+                         device=args.device, amp=args.amp, out=args.out)
+    ld = res["loader"]
+    print(f"loader: {ld['images_per_s']:.1f} images/s ({ld['size']} px RandomResizedCrop + flip from JPEG, "
+          f"{ld['workers']} workers, batch {ld['batch_size']}, {ld['images']} images)")
+    if "model" in res:
+        m = res["model"]
+        print(f"training step: {m['images_per_s']:.1f} images/s ({m['model']}, batch {m['batch_size']}, "
+              f"{m['device']}, amp {m['amp']}, {m['threads']} threads, loader included)")
     return 0
 
 
@@ -411,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("checkpoint")
     ev.add_argument("--data", default=None, help="data set name (default: the one it was trained on)")
     ev.add_argument("--data-arg", action="append", default=[], help="loader argument key=value, repeatable")
+    ev.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N, mps")
     ev.set_defaults(fn=_cmd_eval)
 
     ex = sub.add_parser("export", help="write a checkpoint as ONNX (dense, MoE with routing, or the dense model of "
@@ -445,6 +517,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --data-parallel: split the experts over the N processes (moe.expert_parallel=N) and "
                         "report the measured all-to-all bytes")
     b.set_defaults(fn=_cmd_bench)
+
+    bd = sub.add_parser("bench-data", help="images/s of the streaming loader (224 px RandomResizedCrop from JPEG) "
+                                           "beside a model's training images/s")
+    bd.add_argument("root", nargs="?", default=None,
+                    help="an image folder (class sub-folders); default: generate one from the bundled photos")
+    bd.add_argument("--size", type=int, default=224)
+    bd.add_argument("--workers", type=int, default=2)
+    bd.add_argument("--batch-size", type=int, default=64)
+    bd.add_argument("--batches", type=int, default=20)
+    bd.add_argument("--model", default="vit_small_patch16_224",
+                    help="model whose training step is timed ('none': skip)")
+    bd.add_argument("--model-batch", type=int, default=16)
+    bd.add_argument("--model-steps", type=int, default=5)
+    bd.add_argument("--threads", type=int, default=None, help="torch threads of the main process")
+    bd.add_argument("--device", default="auto")
+    bd.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    bd.add_argument("--out", default="runs/bench_data")
+    bd.set_defaults(fn=_cmd_bench_data)
 
     ld = sub.add_parser("list-data", help="list the data sets")
     ld.set_defaults(fn=_cmd_list_data)

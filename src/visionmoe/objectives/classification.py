@@ -7,10 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import Objective, register_objective
+
 __all__ = ["ClassificationObjective"]
 
 
-class ClassificationObjective:
+@register_objective("classification")
+class ClassificationObjective(Objective):
     """``(model, (x, y[, routing_key])) -> {"loss", "acc"}``.
 
     Args:
@@ -20,6 +23,7 @@ class ClassificationObjective:
     """
 
     def __init__(self, num_classes: int, *, label_smoothing: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0):
+        super().__init__()
         self.label_smoothing = label_smoothing
         self.mix = None
         if mixup > 0 or cutmix > 0:
@@ -28,7 +32,11 @@ class ClassificationObjective:
             self.mix = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing,
                              num_classes=num_classes)
 
-    def __call__(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+    @classmethod
+    def from_config(cls, model, *, num_classes, total_steps, run, args):
+        return cls(num_classes, label_smoothing=run.label_smoothing, mixup=run.mixup, cutmix=run.cutmix, **args)
+
+    def forward(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
         x, y = batch[0], batch[1]
         kw = {"routing_key": batch[2]} if len(batch) > 2 and batch[2] is not None else {}
         if self.mix is not None and model.training and len(x) % 2 == 0:

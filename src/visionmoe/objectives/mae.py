@@ -13,6 +13,8 @@ from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from .base import Objective, register_objective
+
 __all__ = ["random_masking", "patchify", "unpatchify", "MAEDecoder", "MAEObjective"]
 
 
@@ -27,7 +29,8 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, *, device=No
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     keep = int(num_patches * (1 - mask_ratio))
-    noise = torch.rand(batch, num_patches, device=device, generator=generator)
+    gen_device = generator.device if generator is not None else device  # a CPU generator draws on the CPU
+    noise = torch.rand(batch, num_patches, device=gen_device, generator=generator).to(device)
     ids_shuffle = noise.argsort(dim=1)
     ids_restore = ids_shuffle.argsort(dim=1)
     ids_keep = ids_shuffle[:, :keep]
@@ -81,7 +84,8 @@ class MAEDecoder(nn.Module):
         return self.pred(self.norm(x))
 
 
-class MAEObjective(nn.Module):
+@register_objective("mae")
+class MAEObjective(Objective):
     """``(model, (x, y)) -> {"loss", "recon_loss"}`` for a :class:`~visionmoe.models.VisionTransformer`
     (dense or MoE); the decoder's parameters belong to this objective.
 

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import Objective, register_objective
+
 __all__ = [
     "crop_with_geometry",
     "TwoViewAugment",
@@ -85,7 +87,8 @@ class TwoViewAugment:
     def __call__(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         v1, g1 = zip(*(self._one(img, 0) for img in x))
         v2, g2 = zip(*(self._one(img, 1) for img in x))
-        return torch.stack(v1), torch.stack(g1), torch.stack(v2), torch.stack(g2)
+        dev = x.device  # the geometry is built on the CPU from Python numbers
+        return torch.stack(v1), torch.stack(g1).to(dev), torch.stack(v2), torch.stack(g2).to(dev)
 
 
 def patch_boxes(geom: Tensor, grid: int) -> Tensor:
@@ -173,7 +176,8 @@ def _mlp(num_layers: int, dim_in: int, hidden: int, dim_out: int, last_bn: bool)
     return nn.Sequential(*layers)
 
 
-class MoCoObjective(nn.Module):
+@register_objective("moco")
+class MoCoObjective(Objective):
     """MoCo v3 on ``model`` (a ViT / ViT-MoE whose ``forward_features`` gives ``(B, 1 + N, D)``
     tokens), with optional OGAR when the model has MoE layers.
 
@@ -217,6 +221,10 @@ class MoCoObjective(nn.Module):
         self._moe = [m for _, m in model.moe_layers()] if hasattr(model, "moe_layers") else []
         for m in self._moe:
             m.keep_probs = True
+
+    @classmethod
+    def from_config(cls, model, *, num_classes, total_steps, run, args):
+        return cls(model, **{"total_steps": total_steps, **args})
 
     # ------------------------------------------------------------------ pieces
     def contrastive(self, q: Tensor, k: Tensor) -> Tensor:
@@ -295,7 +303,7 @@ class MoCoObjective(nn.Module):
     def eval_batch(self, model: nn.Module, x: Tensor, y: Tensor, key: Tensor | None = None,
                    generator: torch.Generator | None = None) -> dict[str, float]:
         """Sum over the batch of the contrastive loss on views drawn from a fixed seed."""
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (), generator=generator)) if generator else 0)
             v1, _, v2, _ = self.views(x)
         return {"ctr_loss": float(self._contrast(model, v1, v2)[0]) * len(x)}

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import Objective, register_objective
+
 __all__ = ["SegmentationObjective", "confusion_matrix", "segmentation_scores"]
 
 IGNORE_INDEX = 255
@@ -34,7 +36,8 @@ def segmentation_scores(conf: Tensor) -> dict[str, float]:
             "iou": [round(float(v), 4) for v in iou]}
 
 
-class SegmentationObjective(nn.Module):
+@register_objective("segmentation")
+class SegmentationObjective(Objective):
     """A 1x1 (linear) head on the patch tokens, upsampled to pixels, trained with
     cross-entropy that skips ``ignore_index``.
 
@@ -67,6 +70,10 @@ class SegmentationObjective(nn.Module):
         self.head = nn.Conv2d(model.embed_dim, outs, kernel_size=1)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_config(cls, model, *, num_classes, total_steps, run, args):
+        return cls(model, num_classes, **args)
 
     def logits(self, model: nn.Module, x: Tensor, size: tuple[int, int] | None = None,
                routing_key: Tensor | None = None) -> Tensor:

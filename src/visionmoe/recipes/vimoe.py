@@ -230,7 +230,7 @@ def _segmentation_figures(out: Path, variant: str, tr: Trainer, n: int = 6) -> N
     from ..analysis.routing import collect_routing
 
     model = tr.model.eval()
-    x, y = tr._x_test[:n], tr.data.y_test[:n]
+    x, y = tr.test_inputs(n).cpu(), tr.data.y_test[:n]
     pred = tr.objective.logits(model, x, y.shape[-2:]).argmax(1)
     k = tr.data.num_classes
     cmap = plt.get_cmap("tab20", max(k, 2))

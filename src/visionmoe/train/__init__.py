@@ -1,20 +1,22 @@
-"""Training engine: configs, the Trainer, checkpoints, and a compact tensor loop."""
+"""Training: configs, the Trainer (a thin loop over a run context), evaluation as a free
+function, typed checkpoint state, metrics writers, and a compact tensor loop."""
 
+from .build import TrainingDiverged, build_model, build_optimizer, cosine_lr, seed_everything
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, verify_checkpoint
 from .config import ConfigError, ExperimentConfig, apply_overrides, config_from_dict, config_to_dict, load_config
-from .engine import (
-    Trainer,
-    TrainingDiverged,
-    build_model,
-    build_optimizer,
-    cosine_lr,
-    load_trained_model,
-    seed_everything,
-)
+from .context import RunContext, resolve_device
+from .evaluation import evaluate as evaluate_objective
+from .loop import Trainer
+from .persist import load_trained_model
 from .simple import evaluate, train_classifier
+from .state import CheckpointState
 
 __all__ = [
     "Trainer",
+    "RunContext",
+    "resolve_device",
+    "CheckpointState",
+    "evaluate_objective",
     "TrainingDiverged",
     "load_trained_model",
     "ExperimentConfig",

@@ -58,15 +58,38 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     """``name``: a data set (``visionmoe list-data``); ``args``: loader arguments (``root``,
-    ``limit``...); images are adapted to ``img_size`` / ``channels`` (default: the model's)."""
+    ``limit``...); images are adapted to ``img_size`` / ``channels`` (default: the model's).
+
+    The evaluation preprocessing (stored in every checkpoint and used by ``eval``, ``predict``,
+    ``export``): ``resize`` ``squash`` (the whole image to ``img_size``) or ``crop`` (shorter side
+    to ``img_size / crop_pct``, centre crop: timm's eval transform); ``normalize`` ``none``
+    (inputs in [0, 1]), ``imagenet``, ``inception`` or ``model`` (the model's ``pretrained_cfg``).
+    Training: ``augment`` (``rrc`` on a folder is timm's ``create_transform`` with
+    ``auto_augment``, e.g. ``rand-m9-mstd0.5-inc1``, and random erasing ``reprob``); ``workers``
+    loader processes (default: 0 for in-memory sets, up to 4 for folders)."""
 
     name: str = "fashion_mnist"
     args: dict[str, Any] = field(default_factory=dict)
     img_size: int | None = None
     channels: int | None = None
-    augment: Literal["none", "basic", "flip", "rrc"] = "basic"
+    augment: Literal["none", "basic", "flip", "shift", "rrc"] = "basic"
+    auto_augment: str | None = None
+    reprob: float = 0.0
+    resize: Literal["squash", "crop"] = "squash"
+    crop_pct: float = 0.875
+    normalize: Literal["none", "imagenet", "inception", "model"] = "none"
     batch_size: int = 128
     eval_batch_size: int = 512
+    workers: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError(f"data.batch_size and data.eval_batch_size must be >= 1, got {self.batch_size} and "
+                             f"{self.eval_batch_size}")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"data.workers must be >= 0, got {self.workers}")
+        if self.img_size is not None and self.img_size < 1:
+            raise ValueError(f"data.img_size must be >= 1, got {self.img_size}")
 
 
 @dataclass
@@ -106,7 +129,9 @@ class RunConfig:
     mixup: float = 0.0
     cutmix: float = 0.0
     ema_decay: float | None = None
-    amp: Literal["none", "bf16"] = "none"
+    device: str = "auto"  # auto (CUDA if available, else CPU) | cpu | cuda | cuda:N | mps
+    amp: Literal["none", "bf16", "fp16"] = "none"  # fp16: CUDA only, with a GradScaler
+    tf32: bool = True  # TF32 matmuls and convolutions on CUDA
     compile: bool = False
     log_every: int = 50
     eval_every_epochs: float = 1.0
@@ -157,7 +182,7 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    objective: Literal["classification", "mae", "moco", "segmentation"] = "classification"
+    objective: str = "classification"  # a registered objective (visionmoe.objectives.OBJECTIVES)
     objective_args: dict[str, Any] = field(default_factory=dict)
     description: str = ""
 
@@ -252,16 +277,14 @@ def _from_dict(cls, d: dict, prefix: str = ""):
 
 
 def _check_objective_args(objective: str, args: dict) -> None:
-    """Unknown ``objective_args`` keys are refused here, with a suggestion, not deep in a run."""
-    import inspect
+    """Unknown objectives and ``objective_args`` keys are refused here, with a suggestion, not
+    deep in a run."""
+    from ..objectives import objective_arguments
 
-    from ..objectives import ClassificationObjective, MAEObjective, MoCoObjective, SegmentationObjective
-
-    cls = {"classification": ClassificationObjective, "mae": MAEObjective, "moco": MoCoObjective,
-           "segmentation": SegmentationObjective}[objective]
-    params = inspect.signature(cls.__init__).parameters
-    valid = [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY or (n not in ("self", "model", "num_classes")
-                                                                           and p.kind == p.POSITIONAL_OR_KEYWORD)]
+    try:
+        valid = objective_arguments(objective)
+    except ValueError as e:
+        raise ConfigError(f"objective: {e}") from None
     for key in args:
         if key not in valid:
             raise ConfigError(_unknown_msg(f"objective_args.{key}", key, valid))

@@ -33,8 +33,9 @@ class DistInfo:
         return self.world > 1
 
 
-def init_distributed() -> DistInfo:
-    """Join the process group ``torchrun`` describes (once); a plain process gets rank 0 of 1."""
+def init_distributed(backend: str | None = None) -> DistInfo:
+    """Join the process group ``torchrun`` describes (once); a plain process gets rank 0 of 1.
+    ``backend``: ``nccl`` for CUDA runs, ``gloo`` for CPU ones (default: by CUDA's presence)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
@@ -42,8 +43,8 @@ def init_distributed() -> DistInfo:
         raise RuntimeError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl" and not torch.cuda.is_initialized():
             torch.cuda.set_device(local)
         dist.init_process_group(backend=backend)
     return DistInfo(rank=rank, world=dist.get_world_size(), local_rank=local)
@@ -54,9 +55,16 @@ def all_reduce_sums(values: dict[str, float], info: DistInfo) -> dict[str, float
     if not info.enabled or not values:
         return dict(values)
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t)
-    return dict(zip(keys, t.tolist()))
+    return dict(zip(keys, t.cpu().tolist()))
+
+
+def collective_device() -> torch.device:
+    """Where tensors for collectives live: the current CUDA device under NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def barrier(info: DistInfo) -> None:
@@ -79,8 +87,8 @@ def benchmark_data_parallel(config: str, *, nprocs: tuple[int, ...] = (1, 2), st
     from pathlib import Path
 
     from ..moe.experts import Experts
+    from .build import build_model
     from .config import load_config
-    from .engine import build_model
 
     cfg = load_config(config, list(overrides))
     model = build_model(cfg, num_classes=10, in_chans=cfg.data.channels or 1)

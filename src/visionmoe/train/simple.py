@@ -48,7 +48,7 @@ def train_classifier(
     Logs and checkpoints go to ``run_dir`` (a temporary folder by default).
     """
     from .config import config_from_dict
-    from .engine import Trainer
+    from .loop import Trainer
 
     num_classes = int(y.max()) + 1 if len(y) else 0
     data = TensorSplits("tensors", x, y, x[:0], y[:0], [str(i) for i in range(num_classes)])
