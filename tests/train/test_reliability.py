@@ -307,6 +307,26 @@ def test_sigkill_at_a_random_step_resumes_to_identical_weights(kill_setup, tmp_p
     _check_same_as_reference(ref, tmp_path / "killed")
 
 
+def test_sigkill_with_two_loader_workers_on_a_streamed_folder_resumes_bitwise(tmp_path):
+    """A folder streamed by 2 DataLoader workers with timm's RandomResizedCrop + RandAugment:
+    killed twice and resumed, the run ends bitwise equal to an uninterrupted one."""
+    from visionmoe.data import make_photo_folder
+
+    photos = make_photo_folder(tmp_path / "photos", per_class=4, val_per_class=1, min_size=40, max_size=64)
+    cfg = {**KILL_CFG, "model": {"name": "vmoe_nano_patch4_32", "args": {"embed_dim": 24, "depth": 2}},
+           "data": {"name": "image_folder", "args": {"root": str(photos / "train"), "test_root": str(photos / "val")},
+                    "augment": "rrc", "auto_augment": "rand-m9-mstd0.5", "batch_size": 8, "workers": 2},
+           "schedule": {"epochs": 3, "warmup_epochs": 0.5}}
+    cfg["run"] = {**KILL_CFG["run"], "eval_every_epochs": 1, "device": "cpu"}
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    subprocess.run(_train_cmd(cfg_path, tmp_path / "ref", resume=False), check=True, capture_output=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    landed = _run_with_kills(cfg_path, tmp_path / "killed", kills=2, rng=random.Random(1))
+    assert landed >= 1, "the run finished before it could be killed"
+    _check_same_as_reference(tmp_path / "ref", tmp_path / "killed")
+
+
 @pytest.mark.slow
 def test_soak_random_kills_for_a_while(kill_setup, tmp_path):
     """Soak: repeated runs killed 1-4 times at random moments, each compared bitwise with the
