@@ -86,3 +86,40 @@ def test_sdr_sends_each_subset_to_a_fixed_random_expert(setup):
         expected = torch.tensor([choices[int(k)][b][0] for k in keys])
         assert torch.equal(layer.last.indices[:, 0], expected)
         torch.testing.assert_close(layer.last.weights, torch.ones(6, 1))  # the whole image to its expert
+
+
+def test_moce_gate_learns_from_the_mae_and_distillation_losses_with_renormalize(setup):
+    """Top-1 with renormalize: the combine weight is 1 in value (the model starts as the encoder)
+    but the gate (W_g and the cluster embeddings C) gets the MAE / distillation gradient, and a
+    few steps of that loss alone move the cluster-to-expert mapping."""
+    enc, d, cl = setup
+    torch.manual_seed(1)
+    moce = build_moce(enc, cl, blocks=[1, 2], num_experts=3, noise=0.05, renormalize=True, imbalance_weight=0.0)
+    obj = MoCEObjective(moce, enc, mask_ratio=0.5, decoder_dim=16, decoder_depth=1, decoder_heads=2,
+                        distill_weight=0.01)
+    keys = torch.arange(64) % 4
+    x = d.x_train[:64]
+    moce.train()
+    out = obj(moce, (x, None, keys))
+    out["loss"].backward()
+    for _, layer in moce.moe_layers():
+        assert float(layer.router.proj.weight.grad.norm()) > 1e-6  # W_g (was ~1e-11: no gradient)
+        assert float(layer.router.embed.weight.grad.norm()) > 1e-7  # C
+        assert torch.all(layer.last.weights == 1)  # still exactly 1 in value
+    moce.zero_grad()
+    before = {n: torch.softmax(l.router.proj(l.router.embed.weight), -1).detach() for n, l in moce.moe_layers()}
+    opt = torch.optim.SGD([p for n, p in moce.named_parameters() if ".router." in n], lr=50.0)
+    for _ in range(5):
+        opt.zero_grad()
+        obj(moce, (x, None, keys))["loss"].backward()
+        opt.step()
+    moved = max(float((torch.softmax(l.router.proj(l.router.embed.weight), -1).detach() - before[n]).abs().max())
+                for n, l in moce.moe_layers())
+    assert moved > 1e-3
+
+
+def test_moce_default_noise_is_eq4(setup):
+    enc, _, cl = setup
+    moce = build_moce(enc, cl, blocks=[2], num_experts=4)
+    router = moce.blocks[2].mlp.router
+    assert router.noise_std / router.num_experts == pytest.approx(4 ** -0.5)  # eps ~ N(0, 1/N): std 1/sqrt(N)

@@ -96,7 +96,9 @@ class Router(nn.Module):
         num_experts: E.
         k: experts per unit, 1 <= k <= E.
         noise_std: V-MoE noise; the std actually used in training is ``noise_std / E``.
-        renormalize: divide the top-k weights by their sum (Switch/Mixtral style).
+        renormalize: divide the top-k weights by their sum (Mixtral style). With k = 1 the
+            weight is then 1 in value but carries the gradient of ``log p`` (``p / stop_grad(p)``),
+            so the router still learns from the task loss, not only from the auxiliary losses.
         aux_weights: weights of the auxiliary losses by name
             (``importance``, ``load``, ``gshard``, ``z``, ``imbalance``);
             default V-MoE's ``{"importance": 0.005, "load": 0.005}``.
@@ -140,7 +142,11 @@ class Router(nn.Module):
         probs = noisy_logits.float().softmax(dim=-1)  # (S, E) dispatch gates
         clean_probs = logits.float().softmax(dim=-1) if noisy else probs
         weights, indices = probs.topk(self.k, dim=-1)  # (S, K)
-        if self.renormalize:
+        if self.renormalize and self.k == 1:
+            # the renormalised top-1 weight is exactly 1, which would leave the router no gradient
+            # from the task loss; p / stop_grad(p) is 1 in value with the gradient of log p
+            weights = weights / weights.detach().clamp_min(1e-9)
+        elif self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-9)
         aux = self._aux_losses(logits, noisy_logits if noisy else None, std, probs, clean_probs, indices)
         zero = logits.new_zeros((), dtype=torch.float32)

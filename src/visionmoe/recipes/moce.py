@@ -41,7 +41,7 @@ def build_moce(
     top_k: int = 1,
     noise: float = 0.01,
     imbalance_weight: float = 0.01,
-    noise_std: float = 0.0,
+    noise_std: float | None = None,
     renormalize: bool = False,
     seed: int = 0,
 ) -> VisionTransformer:
@@ -51,9 +51,14 @@ def build_moce(
 
     With ``renormalize=False`` (eq. 1 as written) an expert's output is scaled by its gate
     value, so the model starts away from the MAE encoder (gates near 1/E); with
-    ``renormalize=True`` and K = 1 the weight is 1 and, with ``noise=0``, the MoCE model
-    starts exactly equal to the encoder (but the gate then learns only from the imbalance loss).
+    ``renormalize=True`` and K = 1 the weight is 1 in value and, with ``noise=0``, the MoCE model
+    starts exactly equal to the encoder, while the gate still gets the MAE and distillation
+    losses' gradient (through ``log p``: see :class:`~visionmoe.moe.routers.LinearRouter`).
+    ``noise_std``: the router's convention (std ``noise_std / E``); ``None`` is eq. 4's
+    ``eps ~ N(0, 1/E)``, i.e. ``noise_std = sqrt(E)``.
     """
+    if noise_std is None:
+        noise_std = float(num_experts) ** 0.5
     if clustering.centroids.shape[1] != mae_encoder.embed_dim:
         raise ValueError(f"centroids have width {clustering.centroids.shape[1]} but the encoder has "
                          f"{mae_encoder.embed_dim}; cluster features of this encoder")
@@ -89,7 +94,7 @@ def build_sdr(
     cluster-conditional gate. The gates are frozen; a subset's images train only its experts.
     Deploy with :func:`deploy` like MoCE; the SDR recipe picks the subnet by brute force."""
     model = build_moce(mae_encoder, clustering, blocks=blocks, num_experts=num_experts, noise=noise,
-                       imbalance_weight=0.0, renormalize=True, seed=seed)
+                       imbalance_weight=0.0, renormalize=True, noise_std=0.0, seed=seed)
     g = torch.Generator().manual_seed(seed + 4242)
     n = clustering.num_clusters
     with torch.no_grad():
