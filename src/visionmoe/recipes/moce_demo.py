@@ -12,8 +12,13 @@
    experts, imbalance + distillation losses).
 6. Transfer to every task: MAE* and TokenMoE fine-tune the whole model; MoCE assigns the
    task's images to clusters, keeps the largest cluster's experts as a dense ViT and
-   fine-tunes that. SGD momentum 0.9, no weight decay, cosine schedule (MoCE A.5).
-7. A markdown report with plots, and the per-task accuracy table over seeds.
+   fine-tunes that. One protocol for every method (AdamW, warm-up, cosine, label smoothing,
+   layer-wise lr decay for pre-trained encoders), beside two baselines anyone can compute on
+   the same images: a linear probe on the raw pixels and the same fine-tune from random
+   initialisation.
+7. A markdown report with plots, the per-task accuracy table over seeds, and seed-paired
+   differences with 95% confidence intervals; an encoder that does not beat the random
+   initialisation is flagged.
 """
 
 from __future__ import annotations
@@ -68,6 +73,12 @@ class MoCEDemoConfig:
     in reconstruction loss, so the demo uses 1). ``tasks`` are the downstream classification
     sets (``None``: every pre-training source plus ``digits``). ``finetune_lrs`` with more than one value runs a
     learning-rate search on a validation split (first seed) for every task and method.
+    Fine-tuning (every method and the random-initialisation baseline alike): ``finetune_optim``
+    (a timm optimizer) with ``finetune_weight_decay``, linear warm-up over ``finetune_warmup`` of
+    the steps, cosine decay, ``label_smoothing``, augmentation ``finetune_augment`` (``none``,
+    ``shift``, ``basic``...) and, for pre-trained encoders only, layer-wise lr decay
+    ``finetune_layer_decay`` (timm's). ``baselines``: also report a linear probe on raw pixels
+    and the same fine-tune from random initialisation.
     ``compare_selection`` adds the paper's other expert-selection methods (first seed).
     ``sdr`` adds the SDR(ViT) baseline (MoCE Table 3; :func:`~visionmoe.recipes.moce.build_sdr`):
     the same clusters as data subsets, each sent to a random fixed expert, the same extra
@@ -80,13 +91,21 @@ class MoCEDemoConfig:
     per_source: int = 2000
     img_size: int = 28
     vit: dict = field(default_factory=lambda: dict(patch_size=4, embed_dim=64, depth=6, num_heads=4))
-    mae_steps: int = 400
-    mae_lr: float = 1.5e-3
+    mae_steps: int = 1500
+    mae_lr: float = 4e-3
+    mae_warmup: float = 0.5
     extra_steps: int = 150
     extra_lr_scale: float = 1.0
-    finetune_steps: int = 60
+    finetune_steps: int = 200
     finetune_batch_size: int = 64
-    finetune_lrs: list[float] = field(default_factory=lambda: [0.1])
+    finetune_lrs: list[float] = field(default_factory=lambda: [3e-3])
+    finetune_optim: str = "adamw"
+    finetune_weight_decay: float = 0.05
+    finetune_layer_decay: float | None = 0.75
+    finetune_warmup: float = 0.1
+    label_smoothing: float = 0.1
+    finetune_augment: str = "none"
+    baselines: bool = True
     finetune_train_limit: int = 1000
     finetune_test_limit: int | None = 1000
     num_clusters: int = 16
@@ -120,7 +139,7 @@ class MoCEDemoConfig:
     @classmethod
     def quick(cls) -> MoCEDemoConfig:
         """About a minute: small sizes, one seed."""
-        return cls(per_source=400, mae_steps=60, extra_steps=30, finetune_steps=30, num_clusters=8,
+        return cls(per_source=400, mae_steps=400, extra_steps=30, finetune_steps=300, num_clusters=8,
                    vit=dict(patch_size=4, embed_dim=32, depth=4, num_heads=2), seeds=[0],
                    finetune_train_limit=400, finetune_test_limit=1000, batch_size=64, finetune_batch_size=32)
 
@@ -137,13 +156,15 @@ class MoCEDemoConfig:
 
 
 def _cfg(objective: str, steps: int, bs: int, lr: float, optim: str = "adamw", seed: int = 0, wd: float = 0.05,
-         **objective_args) -> dict:
+         *, augment: str = "none", warmup_epochs: float = 0.05, layer_decay: float | None = None,
+         label_smoothing: float = 0.0, **objective_args) -> dict:
     return {"objective": objective, "objective_args": objective_args,
-            "data": {"name": "pool", "augment": "none", "batch_size": bs},
-            "optim": {"name": optim, "lr": lr, "weight_decay": wd, "momentum": 0.9},
-            "schedule": {"max_steps": steps, "warmup_epochs": 0.05, "min_lr": 0.0},
+            "data": {"name": "pool", "augment": augment, "batch_size": bs},
+            "optim": {"name": optim, "lr": lr, "weight_decay": wd, "momentum": 0.9, "layer_decay": layer_decay},
+            "schedule": {"max_steps": steps, "warmup_epochs": warmup_epochs, "min_lr": 0.0},
             "run": {"seed": seed, "progress": False, "print_eval": False, "log_every": 10, "eval_every_epochs": 1e9,
-                    "checkpoint_every": 10**9, "keep_checkpoints": 1}}
+                    "checkpoint_every": 10**9, "keep_checkpoints": 1, "label_smoothing": label_smoothing,
+                    "device": "cpu"}}
 
 
 def _mae_kwargs(c: MoCEDemoConfig) -> dict:
@@ -191,15 +212,25 @@ def _val_split(task: TensorSplits, seed: int, fraction: float = 0.2) -> TensorSp
 
 
 def _finetune(stages: _Stages, backbone: VisionTransformer, task: TensorSplits, c: MoCEDemoConfig, seed: int,
-              run_dir: Path, lr: float, steps: int | None = None) -> float:
-    """Fine-tune a copy of ``backbone`` with a new head on ``task`` (SGD momentum 0.9, no weight
-    decay, cosine; MoCE appendix A.5); returns its test accuracy."""
+              run_dir: Path, lr: float, steps: int | None = None, pretrained: bool = True) -> float:
+    """Fine-tune a copy of ``backbone`` with a new head on ``task`` with the demo's one protocol
+    (see :class:`MoCEDemoConfig`; layer-wise lr decay only for a pre-trained backbone); returns
+    its test accuracy."""
     model = copy.deepcopy(backbone)
     model.reset_classifier(task.num_classes, global_pool="avg")
     model.head.reset_parameters()
-    cfg = _cfg("classification", steps or c.finetune_steps, c.finetune_batch_size, lr, optim="sgd", seed=seed,
-               wd=0.0)
+    steps = steps or c.finetune_steps
+    warmup = c.finetune_warmup * steps * c.finetune_batch_size / max(1, len(task.x_train))  # in epochs
+    cfg = _cfg("classification", steps, c.finetune_batch_size, lr, optim=c.finetune_optim, seed=seed,
+               wd=c.finetune_weight_decay, augment=c.finetune_augment, warmup_epochs=warmup,
+               layer_decay=c.finetune_layer_decay if pretrained else None, label_smoothing=c.label_smoothing)
     return stages.train(model, task, cfg, run_dir, f"fine-tune {run_dir.name}")[1]["test_acc"]
+
+
+def pixel_probe(task: TensorSplits) -> float:
+    """The baseline anyone can compute: a linear probe on the raw pixels of the same images."""
+    return linear_probe(task.x_train.flatten(1), task.y_train, task.x_test.flatten(1), task.y_test,
+                        num_classes=task.num_classes)
 
 
 def _cluster(enc: VisionTransformer, feats: Tensor, pool: TensorSplits, k: int, c: MoCEDemoConfig, seed: int):
@@ -239,7 +270,7 @@ def _methods(c: MoCEDemoConfig) -> tuple[str, ...]:
 
 def _total_steps(c: MoCEDemoConfig) -> int:
     methods = _methods(c)
-    ft = len(methods) * len(c.task_names) * c.finetune_steps
+    ft = (len(methods) + int(c.baselines)) * len(c.task_names) * c.finetune_steps
     per_seed = c.mae_steps + len(methods) * c.extra_steps + ft
     search = ft * len(c.finetune_lrs) if len(c.finetune_lrs) > 1 else 0
     return per_seed * len(c.seeds) + search
@@ -296,14 +327,42 @@ def _write_results(out: Path, results: dict) -> None:
     ``results.json`` and ``report.md`` atomically."""
     from .._utils import atomic_write_bytes, mean_std
 
-    for key, field_ in (("tasks", "acc"), ("probe", "probe")):
+    for key, field_ in (("tasks", "acc"), ("probe", "probe"), ("baselines", "baselines")):
+        if field_ not in results["runs"][0]:
+            continue
         results[key] = {}
         for name in results["runs"][0][field_]:
             results[key][name] = {}
             for method in results["runs"][0][field_][name]:
                 results[key][name][method] = mean_std([r[field_][name][method] for r in results["runs"]])
+    results["paired"] = paired_comparisons(results["runs"])
     atomic_write_bytes(out / "results.json", json.dumps(results, indent=2).encode())
     _write_report(out, results)
+
+
+#: the paper's claims (MoCE Table 2) and the baseline every pre-trained encoder should beat:
+#: (a, b) means "a is better than b"
+CLAIMS = (("MoCE", "MAE*"), ("MoCE", "TokenMoE"), ("MAE*", "random init"), ("TokenMoE", "random init"),
+          ("MoCE", "random init"))
+
+
+def paired_comparisons(runs: list[dict]) -> dict:
+    """Per task, the seed-paired fine-tuned accuracy differences of :data:`CLAIMS` with their 95%
+    intervals and verdicts (``reproduced`` / ``refuted`` / ``not resolved``)."""
+    from ..eval.stats import paired_difference
+
+    def col(run: dict, task: str, m: str):
+        return run["acc"][task].get(m, run.get("baselines", {}).get(task, {}).get(m))
+
+    out: dict = {}
+    for task in runs[0]["acc"]:
+        out[task] = {}
+        for a, b in CLAIMS:
+            va, vb = [col(r, task, a) for r in runs], [col(r, task, b) for r in runs]
+            if any(v is None for v in va + vb):
+                continue
+            out[task][f"{a} - {b}"] = paired_difference(va, vb)
+    return out
 
 
 def _run_seed(stages: _Stages, c: MoCEDemoConfig, seed: int, mix, tasks: dict, out: Path,
@@ -317,7 +376,8 @@ def _run_seed(stages: _Stages, c: MoCEDemoConfig, seed: int, mix, tasks: dict, o
     # 2. dense MAE pre-training
     t0 = time.perf_counter()
     enc = VisionTransformer(**vit_args)
-    mae, _ = stages.train(enc, pool, _cfg("mae", c.mae_steps, c.batch_size, c.mae_lr, seed=seed, **mk),
+    mae, _ = stages.train(enc, pool, _cfg("mae", c.mae_steps, c.batch_size, c.mae_lr, seed=seed,
+                                          warmup_epochs=c.mae_warmup, **mk),
                           sd / "mae", f"seed {seed}: MAE pre-training")
     timings["mae"] = time.perf_counter() - t0
     # 3. balanced clustering of unit-norm MAE features
@@ -393,6 +453,11 @@ def _run_seed(stages: _Stages, c: MoCEDemoConfig, seed: int, mix, tasks: dict, o
     for name, task in tasks.items():
         run["acc"][name] = {}
         run.setdefault("probe", {})[name] = {}
+        if c.baselines:  # the same images: raw pixels, and the same fine-tune from random initialisation
+            run.setdefault("baselines", {})[name] = {
+                "pixel probe": pixel_probe(task),
+                "random init": _finetune(stages, VisionTransformer(**vit_args), task, c, seed, sd / f"ft_random_{name}",
+                                         c.finetune_lrs[0], pretrained=False)}
         for method, bb in backbones[name].items():
             ftr, fte = extract_features(bb, task.x_train), extract_features(bb, task.x_test)
             run["probe"][name][method] = linear_probe(ftr, task.y_train, fte, task.y_test, num_classes=task.num_classes)
@@ -400,7 +465,14 @@ def _run_seed(stages: _Stages, c: MoCEDemoConfig, seed: int, mix, tasks: dict, o
             tag = {"MAE*": "mae", "TokenMoE": "tok", "MoCE": "moce", "SDR": "sdr"}[method]
             run["acc"][name][method] = _finetune(stages, bb, task, c, seed, sd / f"ft_{tag}_{name}", lr)
         fmt = lambda d: ", ".join(f"{k} {v:.3f}" for k, v in d.items())  # noqa: E731
-        console.print(f"seed {seed} {name}: fine-tuned {fmt(run['acc'][name])}; linear probe {fmt(run['probe'][name])}")
+        base = run.get("baselines", {}).get(name)
+        console.print(f"seed {seed} {name}: fine-tuned {fmt(run['acc'][name])}; linear probe {fmt(run['probe'][name])}"
+                      + (f"; baselines {fmt(base)}" if base else ""))
+        if base:
+            for method, acc in run["acc"][name].items():
+                if acc <= base["random init"]:
+                    console.print(f"[bold yellow]warning:[/] {name}: pre-trained {method} ({acc:.3f}) does not beat "
+                                  f"the same fine-tune from random initialisation ({base['random init']:.3f})")
     if first and c.compare_selection:
         lrs = {name: results["lr"].get(name, {}).get("MoCE", {}).get("chosen", c.finetune_lrs[0]) for name in tasks}
         run["selection_methods"] = _compare_selection(stages, c, seed, moce, sizes, tasks, run, sd, lrs)
@@ -525,15 +597,24 @@ def _speed(enc: VisionTransformer, moce: VisionTransformer, token: VisionTransfo
 def _summary_table(res: dict):
     from rich.table import Table
 
-    t = Table(title="fine-tuned test accuracy, mean ± std over seeds")
+    n = len(res["runs"])
+    t = Table(title="fine-tuned test accuracy" + (", mean ± std over seeds" if n > 1 else " (one seed)"))
     t.add_column("task")
     methods = list(next(iter(res["tasks"].values())))
-    for m in methods:
-        t.add_column(m, justify="right")
+    base = res.get("baselines") or {}
+    extra = list(next(iter(base.values()))) if base else []
+    for m in methods + extra:
+        t.add_column(m if m in methods else f"[dim]{m}", justify="right")
+
+    def fmt(d):
+        return f"{d['mean']:.4f}" + (f" ± {d['std']:.4f}" if n > 1 else "")
+
     for task, m in res["tasks"].items():
         best = max(methods, key=lambda k: m[k]["mean"])
-        t.add_row(task, *[("[bold]" if k == best else "") + f"{m[k]['mean']:.4f} ± {m[k]['std']:.4f}"
-                          for k in methods])
+        rand = base.get(task, {}).get("random init")
+        cells = [("[bold]" if k == best else "") + fmt(m[k]) + (" [red]†" if rand and m[k]["mean"] <= rand["mean"]
+                                                                 else "") for k in methods]
+        t.add_row(task, *cells, *[f"[dim]{fmt(base[task][b])}" for b in extra])
     return t
 
 
@@ -641,19 +722,55 @@ def _denorm(pred, x, p):
     return pred * (t.var(-1, keepdim=True) + 1e-6) ** 0.5 + t.mean(-1, keepdim=True)
 
 
-def _method_table(title: str, table: dict, digits: int = 4, level: str = "##") -> list[str]:
-    """A markdown section: one row per task (mean ± std of each method, the best in bold) and
-    the average over tasks; ``table[task][method]`` is a :func:`mean_std` dict."""
+def _method_table(title: str, table: dict, digits: int = 4, level: str = "##", seeds: int = 2,
+                  baselines: dict | None = None) -> list[str]:
+    """A markdown section: one row per task (mean ± std of each method, the best in bold; no
+    ± with one seed) and the average over tasks; ``table[task][method]`` is a :func:`mean_std`
+    dict. ``baselines[task][name]`` adds those columns; a method at or below the random-init
+    fine-tune is marked with a dagger."""
     methods = list(next(iter(table.values())))
-    lines = [f"{level} {title}", "", "| task | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    extra = list(next(iter(baselines.values()))) if baselines else []
+    lines = [f"{level} {title}", "", "| task | " + " | ".join(methods + [f"baseline: {b}" for b in extra]) + " |",
+             "|---" * (len(methods) + len(extra) + 1) + "|"]
+
+    def cell(d):
+        return f"{d['mean']:.{digits}f}" + (f" ± {d['std']:.{digits}f}" if seeds > 1 else "")
+
+    flagged = False
     for task, m in table.items():
         best = max(methods, key=lambda k: m[k]["mean"])
-        cells = [f"{m[k]['mean']:.{digits}f}" for k in methods]
-        cells = [f"**{v}**" if k == best else v for k, v in zip(methods, cells)]
-        lines.append(f"| {task} | " + " | ".join(f"{v} ± {m[k]['std']:.{digits}f}" for k, v in zip(methods, cells))
-                     + " |")
+        rand = (baselines or {}).get(task, {}).get("random init")
+        cells = []
+        for k in methods:
+            v = cell(m[k])
+            v = f"**{v}**" if k == best else v
+            if rand is not None and m[k]["mean"] <= rand["mean"]:
+                v += " †"
+                flagged = True
+            cells.append(v)
+        cells += [cell(baselines[task][b]) for b in extra]
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
     means = {k: statistics.mean(table[t][k]["mean"] for t in table) for k in methods}
-    return [*lines, "| **average** | " + " | ".join(f"{means[k]:.{digits}f}" for k in methods) + " |", ""]
+    lines.append("| **average** | " + " | ".join(f"{means[k]:.{digits}f}" for k in methods) + " |" * (len(extra) + 1)
+                 if extra else "| **average** | " + " | ".join(f"{means[k]:.{digits}f}" for k in methods) + " |")
+    if flagged:
+        lines += ["", "**Warning: † marks a pre-trained encoder that does not beat the same fine-tune from random "
+                  "initialisation; its number is not evidence for the method.**"]
+    return [*lines, ""]
+
+
+def _paired_lines(paired: dict) -> list[str]:
+    from ..eval.stats import format_difference
+
+    if not paired:
+        return []
+    lines = ["## Seed-paired differences of fine-tuned accuracy (95% t interval)", "",
+             "`reproduced`: the interval excludes 0 in the claimed direction (a > b); `refuted`: it excludes 0 the "
+             "other way; `not resolved`: it contains 0.", "", "| task | comparison (a - b) | difference |",
+             "|---|---|---|"]
+    for task, d in paired.items():
+        lines += [f"| {task} | {k} | {format_difference(v)} |" for k, v in d.items()]
+    return [*lines, ""]
 
 
 def _search_cost_lines(sel: dict) -> list[str]:
@@ -678,15 +795,24 @@ def _search_cost_lines(sel: dict) -> list[str]:
 
 def _write_report(out: Path, res: dict) -> None:
     cfg = res["config"]
+    n = len(res["runs"])
     lines = ["# MoCE demo report", "",
              f"Pre-training pool: {cfg['per_source']} images per source from {cfg['sources']}; ViT {cfg['vit']}; "
              f"{cfg['mae_steps']} MAE steps, then {cfg['extra_steps']} extra steps each for MAE*, TokenMoE and MoCE "
              f"({cfg['num_experts']} experts, {cfg['num_clusters']} clusters); fine-tuning {cfg['finetune_steps']} "
-             f"SGD steps on up to {cfg['finetune_train_limit']} images per task. "
-             f"Seeds {[r['seed'] for r in res['runs']]}, {res['seconds'] / 60:.1f} min in total.", "",
-             *_method_table("Fine-tuned accuracy per downstream task (mean ± std over seeds)", res["tasks"])]
+             f"{cfg.get('finetune_optim', 'sgd')} steps (lr {cfg['finetune_lrs']}, layer decay "
+             f"{cfg.get('finetune_layer_decay')} for pre-trained encoders, label smoothing "
+             f"{cfg.get('label_smoothing', 0)}, augmentation {cfg.get('finetune_augment', 'none')}) on up to "
+             f"{cfg['finetune_train_limit']} images per task; the baselines use the same images and the same "
+             f"fine-tune. Seeds {[r['seed'] for r in res['runs']]}, {res['seconds'] / 60:.1f} min in total.", "",
+             *_method_table("Fine-tuned accuracy per downstream task" + (" (mean ± std over seeds)" if n > 1 else
+                                                                         " (one seed)"), res["tasks"], seeds=n,
+                            baselines=res.get("baselines")),
+             *_paired_lines(res.get("paired", {}))]
     if res.get("probe"):
-        lines += _method_table("Linear probe on frozen features (same images; mean ± std over seeds)", res["probe"])
+        lines += _method_table("Linear probe on frozen features (same images" + ("; mean ± std over seeds)" if n > 1
+                                                                                 else "; one seed)"), res["probe"],
+                               seeds=n)
     if res.get("lr"):
         lines += ["Fine-tuning learning rate chosen on a validation split (first seed): "
                   + "; ".join(f"{t}: " + ", ".join(f"{m} {v['chosen']:g}" for m, v in d.items())

@@ -148,8 +148,8 @@ def _mae(stages: _Stages, c: MoCEDemoConfig, seed: int, pool: TensorSplits, step
     """MAE from random initialisation; the encoder (and its trainer with ``trainer=True``)."""
     torch.manual_seed(seed)
     enc = VisionTransformer(img_size=c.img_size, in_chans=1, num_classes=0, **c.vit)
-    t, _ = stages.train(enc, pool, _cfg("mae", steps, c.batch_size, c.mae_lr, seed=seed, **_mae_kwargs(c)), run_dir,
-                        label)
+    cfg = _cfg("mae", steps, c.batch_size, c.mae_lr, seed=seed, warmup_epochs=c.mae_warmup, **_mae_kwargs(c))
+    t, _ = stages.train(enc, pool, cfg, run_dir, label)
     return (enc, t) if trainer else enc
 
 
@@ -226,7 +226,8 @@ def _scratch_seed(stages: _Stages, c: MoCEDemoConfig, seed: int, sources: dict, 
             layer.router.embed.weight.copy_(clustering.centroids)
     obj = MoCEObjective(moce, probe_enc, distill_weight=0.0, **_mae_kwargs(c))  # no teacher from scratch
     _, s_moce = stages.train(moce, pool.with_keys(keys_tr, keys_te),
-                             _cfg("mae", c.mae_steps, c.batch_size, c.mae_lr, seed=seed, **_mae_kwargs(c)),
+                             _cfg("mae", c.mae_steps, c.batch_size, c.mae_lr, seed=seed, warmup_epochs=c.mae_warmup,
+                                  **_mae_kwargs(c)),
                              sd / "moce", f"seed {seed}: MoCE from scratch", objective=obj)
     run = {"seed": seed, "short_steps": short, "blocks": blocks, "transfer": {t: {} for t in tasks},
            "moce_recon": s_moce["test_recon_loss"], "selection": {}}
