@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from visionmoe.cli.main import main
 
 TINY = ["sources=[digits, faces]", "tasks=[digits, faces, mnist5k]", "per_source=200", "img_size=16",
@@ -34,7 +36,17 @@ def test_tiny_moce_demo_end_to_end(tmp_path):
         assert d["val_acc"][str(d["picked"])] == max(d["val_acc"].values()) and d["seconds"] > 0
         assert all(s > 0 for s in sel[task]["seconds"].values())
     assert set(run["recon"]) == {"MAE*", "TokenMoE", "MoCE", "SDR"}
+    # baselines on the same images, and the paired comparisons a reader checks the claims with
+    for task, b in res["baselines"].items():
+        assert set(b) == {"pixel probe", "random init"} and all(0 <= v["mean"] <= 1 for v in b.values())
+        assert set(res["paired"][task]) >= {"MoCE - MAE*", "MoCE - TokenMoE", "MoCE - random init"}
+        d = res["paired"][task]["MoCE - random init"]
+        assert d["mean"] == pytest.approx(res["tasks"][task]["MoCE"]["mean"] - b["random init"]["mean"])
+        assert d["ci"] is None and d["verdict"] == "not resolved (1 seed)"  # one seed: no interval, no claim
+    from visionmoe.recipes.moce_demo import pixel_probe  # noqa: F401 - the public baseline
     report = (tmp_path / "report.md").read_text()
+    assert "baseline: random init" in report and "Seed-paired differences" in report
+    assert "± 0.0000" not in report  # one seed: no std printed
     assert "| digits |" in report and "Expert selection methods" in report and "images/s" in report
     assert "SDR(ViT): brute-force subnet search" in report and "| exhaustive |" in report
     assert all(5 < v < 60 for d in run["psnr"].values() for v in d.values())  # dB, finite and plausible

@@ -58,7 +58,7 @@ __all__ = ["MoCEDemoConfig", "run_moce_demo"]
 
 @dataclass
 class MoCEDemoConfig:
-    """Sizes and budgets of the demo (defaults: about 15 minutes on 2 CPU cores).
+    """Sizes and budgets of the demo (defaults: about 22 minutes on 2 CPU cores).
 
     Ablations are plain fields: ``num_experts``, ``num_clusters``, ``blocks`` (explicit MoE
     blocks; default: the ``moe_blocks`` MLPs with the largest MAE-loss gradient),
@@ -138,7 +138,7 @@ class MoCEDemoConfig:
 
     @classmethod
     def quick(cls) -> MoCEDemoConfig:
-        """About a minute: small sizes, one seed."""
+        """About two minutes: small sizes, one seed (a smoke run: its models do not learn enough to compare)."""
         return cls(per_source=400, mae_steps=400, extra_steps=30, finetune_steps=300, num_clusters=8,
                    vit=dict(patch_size=4, embed_dim=32, depth=4, num_heads=2), seeds=[0],
                    finetune_train_limit=400, finetune_test_limit=1000, batch_size=64, finetune_batch_size=32)
@@ -380,6 +380,13 @@ def _run_seed(stages: _Stages, c: MoCEDemoConfig, seed: int, mix, tasks: dict, o
                                           warmup_epochs=c.mae_warmup, **mk),
                           sd / "mae", f"seed {seed}: MAE pre-training")
     timings["mae"] = time.perf_counter() - t0
+    _, losses = _curve(sd / "mae")
+    k = max(1, len(losses) // 10)  # mean of the first and the last tenth of the logged steps
+    mae_curve = {"first": sum(losses[:k]) / k, "last": sum(losses[-k:]) / k}
+    mae_curve["falls"] = mae_curve["last"] < mae_curve["first"]
+    if not mae_curve["falls"]:
+        console.print(f"[bold yellow]warning:[/] seed {seed}: the MAE loss did not fall ({mae_curve['first']:.3f} -> "
+                      f"{mae_curve['last']:.3f}); its features are not evidence of pre-training")
     # 3. balanced clustering of unit-norm MAE features
     t0 = time.perf_counter()
     feats = extract_features(enc, pool.x_train)
@@ -416,6 +423,7 @@ def _run_seed(stages: _Stages, c: MoCEDemoConfig, seed: int, mix, tasks: dict, o
                                     objective_cls=MoCEObjective, teacher=enc, distill_weight=c.distill_weight)
     sizes = torch.bincount(keys_tr, minlength=c.num_clusters)
     run = {"seed": seed, "blocks": blocks, "grad_scores": scores, "cluster_sizes": sizes.tolist(),
+           "mae_loss": mae_curve,
            "recon": {"MAE*": s_star["test_recon_loss"], "TokenMoE": s_tok["test_recon_loss"],
                      "MoCE": s_moce["test_recon_loss"]},
            "tokenmoe_routing": s_tok["routing"], "moce_routing": s_moce["routing"], "acc": {}, "selection": {},
@@ -733,8 +741,8 @@ def _method_table(title: str, table: dict, digits: int = 4, level: str = "##", s
     lines = [f"{level} {title}", "", "| task | " + " | ".join(methods + [f"baseline: {b}" for b in extra]) + " |",
              "|---" * (len(methods) + len(extra) + 1) + "|"]
 
-    def cell(d):
-        return f"{d['mean']:.{digits}f}" + (f" ± {d['std']:.{digits}f}" if seeds > 1 else "")
+    def cell(d):  # no ± with one seed, nor for a baseline that is the same in every seed
+        return f"{d['mean']:.{digits}f}" + (f" ± {d['std']:.{digits}f}" if seeds > 1 and d["std"] > 0 else "")
 
     flagged = False
     for task, m in table.items():
@@ -835,6 +843,10 @@ def _write_report(out: Path, res: dict) -> None:
                   "Cluster chosen for each task (share of its images): "
                   + ", ".join(f"{t} -> {v['cluster']} ({v['share']:.0%})" for t, v in r["selection"].items()), "",
                   "Time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in r.get("timings_s", {}).items()), "",
+                  *([f"MAE pre-training loss, mean of the first / last tenth of the logged steps: "
+                     f"{r['mae_loss']['first']:.4f} -> {r['mae_loss']['last']:.4f} "
+                     + ("(falls)." if r["mae_loss"]["falls"] else "(**does not fall**: not evidence of learning)."),
+                     ""] if "mae_loss" in r else []),
                   "Reconstruction PSNR (dB) on each task's test images (MoCE Fig. 3d): "
                   + "; ".join(f"{t}: " + ", ".join(f"{m} {v:.2f}" for m, v in d.items())
                               for t, d in r.get("psnr", {}).items()), "",
