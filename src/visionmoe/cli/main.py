@@ -108,22 +108,16 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from ..analysis.report import analyze_routing
     from ..data import load_dataset
-    from ..data.streaming import eval_set
+    from ..data.streaming import collate, eval_set
 
     model, cfg, st = _model_from_checkpoint(args.checkpoint)
     d = load_dataset(args.data or cfg.data.name, **(cfg.data.args if not args.data else {}))
     ds = eval_set(d, st.preprocess)
     n = min(args.limit, len(ds))
-    x, y = ds.__getitems__(list(range(n)))[:2] if not ds.folder else _stack(ds, n)
+    x, y = collate(ds.__getitems__(list(range(n))))[:2]  # the first n test images, prepared as in training
     res = analyze_routing(model, x, y, d.classes, args.out)
     print(f"routing degree {res['routing_degree']:,}; report: {Path(args.out) / 'report.md'}")
     return 0
-
-
-def _stack(ds, n: int):
-    from ..data.streaming import collate
-
-    return collate(ds.__getitems__(list(range(n))))[:2]
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:

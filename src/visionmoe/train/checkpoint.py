@@ -51,9 +51,12 @@ def _digest(tensors: dict[str, Tensor], meta_json: str) -> str:
 
 
 def rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Torch, numpy and python RNG states as (tensors, JSON-able)."""
+    """Torch (CPU, and every CUDA device once CUDA is in use), numpy and python RNG states as
+    (tensors, JSON-able)."""
     np_state = np.random.get_state()  # noqa: NPY002 - the legacy global RNG is what libraries use
     tensors = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_state[1].astype(np.int64))}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     meta = {"numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
             "python": _py_state_to_json(random.getstate())}
     return tensors, meta
@@ -61,6 +64,9 @@ def rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
 
 def set_rng_state(tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
     torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda")), key=lambda k: int(k[4:]))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)  # a CPU-only resume ignores them
     name, pos, has_gauss, cached = meta["numpy"]
     np.random.set_state((name, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))  # noqa: NPY002
     random.setstate(_py_state_from_json(meta["python"]))
