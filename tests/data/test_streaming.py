@@ -42,7 +42,7 @@ def small_photos(tmp_path_factory):
 
 # ------------------------------------------------------------------ preprocessing
 def test_preprocessing_squash_crop_and_normalisation_by_hand():
-    x = torch.arange(2 * 3 * 8 * 12, dtype=torch.float32).reshape(2, 3, 8, 12) / 300
+    x = torch.arange(2 * 3 * 8 * 12, dtype=torch.float32).reshape(2, 3, 8, 12) / 600  # in [0, 1]
     p = Preprocessing(size=4, channels=3, resize="crop", crop_pct=0.5)  # shorter side 8 -> 8, centre 4x4
     out = p(x)
     assert out.shape == (2, 3, 4, 4)

@@ -144,6 +144,7 @@ class Preprocessing:
             x = TF.center_crop(x, [self.size, self.size]).contiguous()
         else:
             x = adapt(x, channels=self.channels, size=self.size)
+        x = x.clamp(0.0, 1.0)  # interpolation can round a hair past the range (1.0000001)
         return x if batched else x[0]
 
     def normalize(self, x: Tensor) -> Tensor:
