@@ -113,9 +113,10 @@ def _run_cli(*argv) -> str:
 
 
 def test_eval_predict_and_onnx_agree_on_a_folder_of_20px_images(digit_folder, tmp_path):
+    """The images (20 px) are not the model's size (16 px): every path resizes them the same way."""
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    cfg = {"model": {"name": "vit_tiny_patch4_32", "args": {"img_size": 20, "embed_dim": 96, "depth": 2,
+    cfg = {"model": {"name": "vit_tiny_patch4_32", "args": {"img_size": 16, "embed_dim": 96, "depth": 2,
                                                             "num_heads": 3}},
            "data": {"name": "image_folder", "args": {"root": str(digit_folder / "train"),
                                                      "test_root": str(digit_folder / "test"), "channels": 1},
@@ -127,7 +128,7 @@ def test_eval_predict_and_onnx_agree_on_a_folder_of_20px_images(digit_folder, tm
     _run_cli("train", str(path), "--run-dir", str(tmp_path / "run"))
     ckpt = sorted((tmp_path / "run" / "checkpoints").glob("step_*.safetensors"))[-1]
     st = load_checkpoint(ckpt)["state"]
-    assert st["preprocessing"] == {"size": 20, "channels": 1, "resize": "squash", "crop_pct": 0.875, "mean": None,
+    assert st["preprocessing"] == {"size": 16, "channels": 1, "resize": "squash", "crop_pct": 0.875, "mean": None,
                                    "std": None}
     acc_eval = json.loads(_run_cli("eval", str(ckpt), "--device", "cpu"))["test_acc"]
     files = sorted(str(p) for p in (digit_folder / "test").glob("*/*.png"))

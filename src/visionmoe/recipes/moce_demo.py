@@ -847,7 +847,10 @@ def _write_report(out: Path, res: dict) -> None:
                      f"{r['mae_loss']['first']:.4f} -> {r['mae_loss']['last']:.4f} "
                      + ("(falls)." if r["mae_loss"]["falls"] else "(**does not fall**: not evidence of learning)."),
                      ""] if "mae_loss" in r else []),
-                  "Reconstruction PSNR (dB) on each task's test images (MoCE Fig. 3d): "
+                  "Reconstruction PSNR (dB) on each task's test images (MoCE Fig. 3d; the predicted patches are "
+                  "un-normalised with the true mean and std of each masked patch, which flatters the pictures and "
+                  "compresses the gaps between methods: the masked-patch loss above, in the normalised space the "
+                  "models are trained in, is the fairer comparison): "
                   + "; ".join(f"{t}: " + ", ".join(f"{m} {v:.2f}" for m, v in d.items())
                               for t, d in r.get("psnr", {}).items()), "",
                   "Routing collapse, the largest share of the pool's classes whose main expert is one "
