@@ -74,3 +74,15 @@ def test_sweep_and_scan_refuse_missing_or_bad_config_files(tmp_path, capsys):
     bad.write_text("- just\n- a list\n")
     assert main(["layer-scan", str(bad)]) == 2
     assert "top level must be a mapping" in capsys.readouterr().err
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    import visionmoe.cli.main as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_train", interrupted)
+    assert cli.main(["train", "cfg.yaml", "--run-dir", "runs/x"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == "visionmoe: interrupted; continue with: visionmoe train cfg.yaml --run-dir runs/x --resume"

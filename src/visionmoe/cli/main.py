@@ -559,6 +559,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"visionmoe: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = (f"; continue with: visionmoe {' '.join(argv if argv is not None else sys.argv[1:])} --resume"
+                if args.command == "train" and "--resume" not in (argv if argv is not None else sys.argv[1:]) else "")
+        print(f"visionmoe: interrupted{hint}", file=sys.stderr)
+        return 130
     except RuntimeError as e:
         from ..train import TrainingDiverged
 
