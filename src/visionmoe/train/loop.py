@@ -43,6 +43,7 @@ from .evaluation import evaluate, routing_stats
 from .logs import MetricsLog
 from .monitor import RoutingMonitor
 from .persist import gradient_step_norm, load_state, save_state
+from .state import model_spec
 
 __all__ = ["Trainer"]
 
@@ -75,6 +76,8 @@ class Trainer:
         self.channels = c.data.channels or native_channels
         self.model = model if model is not None else build_model(
             c, num_classes=self.data.num_classes, in_chans=self.channels)
+        # a model passed in by hand is described in its checkpoints, so any command can rebuild it
+        self.model_spec = model_spec(self.model) if model is not None else None
         self.expert_parallel = int((c.moe or {}).get("expert_parallel", 1) or 1) if not c.model.dense else 1
         if self.expert_parallel > 1:  # before the objective, EMA and optimizer copy or see the experts
             if not self.dist.enabled:

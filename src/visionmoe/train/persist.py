@@ -22,7 +22,7 @@ from ..moe.parallel import (
 from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from .config import ExperimentConfig, config_from_dict, config_to_dict
 from .distributed import barrier
-from .state import CheckpointState
+from .state import CheckpointState, build_from_spec
 
 if TYPE_CHECKING:
     from .loop import Trainer
@@ -63,7 +63,8 @@ def save_state(t: Trainer) -> Path:
         return path
     state = CheckpointState(step=t.step, skipped_steps=t.skipped_steps, config=config_to_dict(t.cfg),
                             num_classes=t.data.num_classes, in_chans=t.channels, img_size=t.img_size,
-                            classes=list(t.data.classes), preprocessing=t.preprocessing.to_dict())
+                            classes=list(t.data.classes), preprocessing=t.preprocessing.to_dict(),
+                            model_spec=t.model_spec)
     save_checkpoint(path, model=_cpu(model_sd), optimizer=_cpu(optim_sd), ema=_cpu(ema_sd), objective=_cpu(obj),
                     state=state.to_dict())
     ckpts = sorted(t.checkpoint_dir.glob("step_*.safetensors"))
@@ -154,6 +155,12 @@ def load_trained_model(path: str | Path, *, device: str | torch.device = "cpu"
     cfg.model.init = None  # the weights come from the checkpoint, not from what it was initialised with
     if cfg.moe and cfg.moe.get("expert_parallel", 1) != 1:  # the model comes back whole, on this process
         cfg.moe["expert_parallel"] = 1
-    model = build_model(cfg, num_classes=st.num_classes, in_chans=st.in_chans)
+    if st.model_spec:  # a model built by hand (a recipe's encoder, MoCE, a deployed dense ViT)
+        spec = st.model_spec
+        if (spec.get("moe") or {}).get("expert_parallel", 1) != 1:
+            spec = {**spec, "moe": {**spec["moe"], "expert_parallel": 1}}
+        model = build_from_spec(spec)
+    else:
+        model = build_model(cfg, num_classes=st.num_classes, in_chans=st.in_chans)
     load_matching_state_dict(model, ck["model"], f"checkpoint {path}")
     return model.eval().to(device), cfg, st
