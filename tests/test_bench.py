@@ -210,3 +210,19 @@ def test_vit_cases_set_the_moe_layers_thread_mode(monkeypatch):
     assert dense.name == "vit-s16-dense" and moe.name == "vit-s16-moe-every2-k1"
     moe.make(True)()
     assert seen and set(seen) == {"python"}  # forward and backward of every MoE block
+
+
+def test_bench_data_times_the_loader_and_a_training_step(tmp_path, capsys):
+    import json
+
+    from visionmoe.cli.main import main
+    from visionmoe.data import make_photo_folder
+
+    root = make_photo_folder(tmp_path / "p", per_class=2, val_per_class=0, min_size=40, max_size=48)
+    assert main(["bench-data", str(root / "train"), "--size", "32", "--workers", "1", "--batch-size", "4",
+                 "--batches", "2", "--model", "vit_tiny_patch4_32", "--model-batch", "4", "--model-steps", "2",
+                 "--device", "cpu", "--out", str(tmp_path / "out")]) == 0
+    res = json.loads((tmp_path / "out" / "bench_data.json").read_text())
+    assert res["loader"]["images"] == 8 and res["loader"]["images_per_s"] > 0
+    assert res["model"]["images_per_s"] > 0 and res["model"]["device"] == "cpu"
+    assert "loader:" in capsys.readouterr().out

@@ -46,30 +46,34 @@ def model_throughput(root: str | Path, model: str, *, size: int, batch_size: int
     cfg = config_from_dict({"model": {"name": model}, "data": {"name": "image_folder", "args": {
         "root": str(root), "test_fraction": 0.0}, "augment": "rrc", "resize": "crop", "normalize": "imagenet",
         "batch_size": batch_size, "workers": workers, "img_size": size},
-        "schedule": {"max_steps": steps + 1, "warmup_epochs": 0},
+        "schedule": {"max_steps": steps + 2, "warmup_epochs": 0},
         "run": {"progress": False, "print_eval": False, "eval_every_epochs": 1e9, "checkpoint_every": 10**9,
                 "keep_checkpoints": 1, "threads": threads, "device": device, "amp": amp}})
     with tempfile.TemporaryDirectory() as tmp:
         t = Trainer(cfg, run_dir=tmp)
-        t.fit(stop_after=1)  # warm-up step (allocations, worker start-up)
-        t0 = time.perf_counter()
-        dev = _continue(t, steps)
-        dt = time.perf_counter() - t0
+        t.fit(stop_after=1)  # a first step: allocations, optimizer state
+        dt = _timed_steps(t, steps)
     return {"model": model, "images_per_s": steps * batch_size / dt, "steps": steps, "batch_size": batch_size,
-            "device": dev, "amp": amp, "threads": threads or torch.get_num_threads()}
+            "device": str(t.device), "amp": amp, "threads": threads or torch.get_num_threads()}
 
 
-def _continue(t, steps: int) -> str:
-    """Run ``steps`` more training steps of a started Trainer without evaluating."""
+def _timed_steps(t, steps: int) -> float:
+    """Seconds for ``steps`` training steps of a started Trainer, fed by its loader, after one
+    untimed step that starts the loader's workers."""
     from .data.streaming import train_loader
 
-    loader = train_loader(t.train_set, t.sampler(t.step, t.step + steps), workers=t.workers,
+    loader = train_loader(t.train_set, t.sampler(t.step, t.step + steps + 1), workers=t.workers,
                           pin_memory=t.ctx.pin_memory)
+    t0 = None
     for batch in loader:
         t.train_step(t.ctx.to_device(batch))
+        if t0 is None:  # the first batch waited for the workers to start
+            if t.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
     if t.device.type == "cuda":
         torch.cuda.synchronize()
-    return str(t.device)
+    return time.perf_counter() - t0
 
 
 def run_data_bench(root: str | Path, *, size: int = 224, workers: int = 2, batch_size: int = 64, batches: int = 20,
