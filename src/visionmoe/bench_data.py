@@ -19,12 +19,12 @@ def loader_throughput(root: str | Path, *, size: int = 224, workers: int = 2, ba
                       batches: int = 20, augment: str = "rrc", channels: int = 3) -> dict[str, Any]:
     """Images/s of the training loader over ``batches`` batches after one warm-up batch (the
     workers' start-up is not counted)."""
-    from .data.preprocess import Preprocessing
+    from .data.preprocess import Preprocessing, resolve_normalization
     from .data.streaming import StepBatchSampler, open_image_folder, train_loader, training_set
 
     data = open_image_folder(root, test_fraction=0.0, channels=channels)
-    ds = training_set(data, Preprocessing(size, channels, resize="crop", mean=(0.485, 0.456, 0.406)[:channels],
-                                          std=(0.229, 0.224, 0.225)[:channels]), seed=0, augment=augment)
+    mean, std = resolve_normalization("imagenet", channels)
+    ds = training_set(data, Preprocessing(size, channels, resize="crop", mean=mean, std=std), seed=0, augment=augment)
     sampler = StepBatchSampler(len(ds), min(batch_size, len(ds)), seed=0, start=0, stop=batches + 1)
     it = iter(train_loader(ds, sampler, workers=workers, pin_memory=False))
     next(it)

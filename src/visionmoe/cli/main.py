@@ -224,14 +224,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from ..objectives import create_objective
     from ..train import RunContext, evaluate_objective
     from ..train.checkpoint import load_checkpoint
+    from ..train.persist import rebuild_model
 
-    model, cfg, st = _model_from_checkpoint(args.checkpoint)
+    ck = load_checkpoint(args.checkpoint)  # read and verified once: the model and the objective's weights
+    model, cfg, st = rebuild_model(ck, args.checkpoint)
     data = _eval_data(cfg, st, args)
     ctx = RunContext.create(device=args.device, amp="none")
     prep = st.preprocess
     objective = create_objective(cfg.objective, model, num_classes=st.num_classes, total_steps=1, run=cfg.run,
                                  args=cfg.objective_args)
-    saved = load_checkpoint(args.checkpoint)["objective"]
+    saved = ck["objective"]
     if saved:  # the objective's own weights (MAE decoder, segmentation head) as trained
         objective.load_state_dict(saved)
     ds = eval_set(data, prep)

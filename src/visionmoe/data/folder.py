@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .sources import TensorSplits, _split
+from .streaming import _read_mask
 
 __all__ = ["load_image_folder", "load_segmentation_folder", "read_image"]
 
@@ -106,7 +107,6 @@ def load_segmentation_folder(
     both, those are the splits; otherwise a seeded ``test_fraction`` split.
     ``reduce_zero_label`` maps 0 to 255 and shifts the rest down (ADE20K's convention: 0 is
     "other")."""
-    from PIL import Image
 
     root = Path(root)
     if not (root / images).is_dir() or not (root / masks).is_dir():
@@ -120,13 +120,7 @@ def load_segmentation_folder(
                 missing += 1
                 continue
             xs.append(read_image(p, size=size, channels=channels))
-            with Image.open(m) as im:
-                lab = np.asarray(im.resize((size, size), Image.NEAREST), dtype=np.int64)
-            if lab.ndim != 2:
-                raise ValueError(f"label map {m} must be single-channel class ids, got shape {lab.shape}")
-            if reduce_zero_label:
-                lab = np.where(lab == 0, 255, lab - 1)
-            ys.append(lab)
+            ys.append(_read_mask(str(m), size, reduce_zero_label))  # as the streamed folders read them
         if missing:
             warnings.warn(f"{missing} image(s) in {img_dir} have no label map in {mask_dir}; skipped", stacklevel=3)
         if not xs:

@@ -163,6 +163,3 @@ class Preprocessing:
         """One image file -> ``(C, size, size)`` model input, exactly as training's evaluation
         and ``predict`` prepare it."""
         return self(_to_tensor(open_image(path, self.channels)))
-
-    def read_unnormalized(self, path: str | Path) -> Tensor:
-        return self.geometry(_to_tensor(open_image(path, self.channels)))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import random
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .preprocess import Preprocessing, _to_tensor, open_image
-from .sources import TensorSplits
+from .sources import TensorSplits, _split
 
 __all__ = ["FolderData", "SegmentationFolderData", "open_image_folder", "open_segmentation_folder", "training_set",
            "eval_set", "StepBatchSampler", "train_loader", "eval_batches", "sample_seed", "native_shape",
@@ -93,17 +93,6 @@ def _index(folder: Path) -> tuple[list[tuple[str, int]], list[str]]:
     return unique, classes
 
 
-def _stratified(samples: list, labels: Sequence[int], test_fraction: float, seed: int) -> tuple[list, list]:
-    rng = np.random.default_rng(seed)
-    labels = np.asarray(labels)
-    test = np.zeros(len(labels), dtype=bool)
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        rng.shuffle(idx)
-        test[idx[: int(round(test_fraction * len(idx)))]] = True
-    return [s for s, t in zip(samples, test) if not t], [s for s, t in zip(samples, test) if t]
-
-
 def open_image_folder(root: str | Path, *, test_root: str | Path | None = None, test_fraction: float = 0.2,
                       seed: int = 0, channels: int = 3, size: int | None = None,
                       on_error: str = "skip") -> FolderData:
@@ -129,7 +118,9 @@ def open_image_folder(root: str | Path, *, test_root: str | Path | None = None, 
             raise ValueError(f"{len(overlap)} file(s) are in both {root} and {test_root}, e.g. {sorted(overlap)[0]}; "
                              "train and test must not share images")
     else:
-        train, test = _stratified(train, [lab for _, lab in train], test_fraction, seed)
+        # the bundled sets' stratified split (sources._split), on sample indices
+        tr, _, te, _ = _split(np.arange(len(train)), np.asarray([lab for _, lab in train]), test_fraction, seed)
+        train, test = [train[i] for i in tr], [train[i] for i in te]
     if size is not None:
         warnings.warn(f"data.args.size={size} is ignored: folder images are resized once, to the model's input size "
                       "(set data.img_size to change it)", stacklevel=2)
@@ -377,9 +368,14 @@ class StepBatchSampler(Sampler):
         self.n, self.bs, self.seed, self.start, self.stop = n, batch_size, seed, start, stop
         self.rank, self.world = rank, world
         self.steps_per_epoch = n // batch_size
+        self._order: tuple[int | None, Tensor | None] = (None, None)
 
     def order(self, epoch: int) -> Tensor:
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        """The permutation of epoch ``epoch`` (the last one drawn is kept: one draw per epoch)."""
+        if self._order[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order = (epoch, torch.randperm(self.n, generator=g))
+        return self._order[1]
 
     def indices(self, step: int) -> list[tuple[int, int]]:
         epoch, i = divmod(step, self.steps_per_epoch)
@@ -387,13 +383,8 @@ class StepBatchSampler(Sampler):
         return [(epoch, int(j)) for j in idx]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        cached = (None, None)
         for step in range(self.start, self.stop):
-            epoch, i = divmod(step, self.steps_per_epoch)
-            if cached[0] != epoch:
-                cached = (epoch, self.order(epoch))
-            idx = cached[1][i * self.bs : (i + 1) * self.bs][self.rank :: self.world]
-            yield [(epoch, int(j)) for j in idx]
+            yield self.indices(step)
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)

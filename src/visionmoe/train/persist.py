@@ -27,7 +27,7 @@ from .state import CheckpointState, build_from_spec
 if TYPE_CHECKING:
     from .loop import Trainer
 
-__all__ = ["save_state", "load_state", "gradient_step_norm", "load_trained_model"]
+__all__ = ["save_state", "load_state", "gradient_step_norm", "load_trained_model", "rebuild_model"]
 
 
 def _full_states(t: Trainer) -> tuple[dict, dict, dict | None, dict | None]:
@@ -144,12 +144,20 @@ def gradient_step_norm(t: Trainer) -> float:
 def load_trained_model(path: str | Path, *, device: str | torch.device = "cpu"
                        ) -> tuple[nn.Module, ExperimentConfig, CheckpointState]:
     """``(model, config, state)`` from a checkpoint written by the Trainer: the model is rebuilt
-    from the config stored in the checkpoint, its weights loaded (eval mode) and moved to
+    from the model spec (a model passed in by hand) or the config stored in the checkpoint,
+    its weights loaded (eval mode) and moved to
     ``device``. ``state`` is the typed :class:`CheckpointState` (classes, preprocessing, step)."""
+    return rebuild_model(load_checkpoint(path), path, device=device)
+
+
+def rebuild_model(ck: dict, path: str | Path, *, device: str | torch.device = "cpu"
+                  ) -> tuple[nn.Module, ExperimentConfig, CheckpointState]:
+    """:func:`load_trained_model` from an already loaded checkpoint (``load_checkpoint(path)``),
+    for callers that also need its other parts (e.g. the objective's weights) without reading
+    and verifying the file twice."""
     from ..models import load_matching_state_dict
     from .build import build_model
 
-    ck = load_checkpoint(path)
     st = CheckpointState.from_dict(ck["state"])
     cfg = config_from_dict(st.config)
     cfg.model.init = None  # the weights come from the checkpoint, not from what it was initialised with
