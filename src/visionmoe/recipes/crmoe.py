@@ -100,7 +100,8 @@ def experiment(c: CRMoEStudyConfig, variant: str, seed: int) -> dict:
         "optim": {"name": "adamw", "lr": c.lr, "weight_decay": 0.1},
         "schedule": {"max_steps": c.steps, "warmup_epochs": 0.05, "min_lr": 0.0},
         "run": {"seed": seed, "progress": False, "print_eval": False, "log_every": 10, "eval_every_epochs": 1e9,
-                "checkpoint_every": 10**9, "keep_checkpoints": 1},
+                "checkpoint_every": 10**9, "keep_checkpoints": 1,
+                "device": "cpu"},  # the study's probes and routing analysis work on CPU tensors
     }
 
 
@@ -134,7 +135,8 @@ def evaluate_backbone(model, tasks: dict[str, TensorSplits], *, shots=(4, 10), e
                "optim": {"name": "adamw", "lr": 5e-4, "weight_decay": 0.05},
                "schedule": {"max_steps": semi_steps, "warmup_epochs": 0.0, "min_lr": 0.0},
                "run": {"seed": seed, "progress": False, "print_eval": False, "log_every": 10**9,
-                       "eval_every_epochs": 1e9, "checkpoint_every": 10**9, "keep_checkpoints": 1}}
+                       "eval_every_epochs": 1e9, "checkpoint_every": 10**9, "keep_checkpoints": 1,
+                       "device": str(next(m.parameters()).device)}}  # where the backbone is
         rd = (run_dir or Path("runs/probe")) / f"semi_{frac:g}"
         out["semi"][f"{frac:g}"] = Trainer(config_from_dict(cfg), data=sub, model=m, run_dir=rd).fit()["test_acc"]
     if consistency_x is not None and hasattr(model, "moe_layers") and model.moe_layers():

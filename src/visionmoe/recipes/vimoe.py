@@ -89,7 +89,8 @@ def _model(c: ViMoEStudyConfig, moe: dict | None) -> dict:
 def _run(c: ViMoEStudyConfig, seed: int, **parts) -> dict:
     base = {"data": {"augment": "none", "batch_size": c.batch_size, "img_size": c.img_size, "eval_batch_size": 256},
             "run": {"seed": seed, "progress": False, "print_eval": False, "log_every": 10, "eval_every_epochs": 1,
-                    "checkpoint_every": 10**9, "keep_checkpoints": 1}}
+                    "checkpoint_every": 10**9, "keep_checkpoints": 1,
+                    "device": "cpu"}}  # the study's plots and routing analysis work on CPU tensors
     for k, v in parts.items():
         base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
     return base

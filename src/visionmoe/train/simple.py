@@ -57,7 +57,8 @@ def train_classifier(
         "optim": {"lr": lr, "weight_decay": weight_decay},
         "schedule": {"epochs": epochs, "warmup_epochs": warmup_epochs},
         "run": {"seed": seed, "progress": progress, "log_every": 1, "eval_every_epochs": 1e9,
-                "checkpoint_every": 10**9, "keep_checkpoints": 0},
+                "checkpoint_every": 10**9, "keep_checkpoints": 0,
+                "device": str(next(model.parameters()).device)},  # train where the caller's model is
     })
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, data=data, model=model, run_dir=run_dir or tmp)
