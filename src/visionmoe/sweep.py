@@ -89,7 +89,7 @@ def run_sweep(base: dict, grid: dict[str, list], *, out: str | Path = "runs/swee
         if progress:
             print(f"[{i + 1}/{len(points)}] {name}")
         t = Trainer(cfg, run_dir=out / name)
-        summary = t.fit()
+        summary = t.fit(overwrite=True)
         x = t.test_inputs(64)
         params = count_parameters(t.model)
         rows.append({**p, "test_acc": summary["test_acc"], "params": params["total"],

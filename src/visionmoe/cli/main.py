@@ -53,6 +53,47 @@ def _cmd_moce_study(args: argparse.Namespace) -> int:
     return 0 if res["runs"] else 1
 
 
+def _cmd_moce_pretrain(args: argparse.Namespace) -> int:
+    from ..recipes.moce_bundle import pretrain_bundle
+    from ..recipes.moce_demo import MoCEDemoConfig
+
+    cfg = MoCEDemoConfig.from_yaml(*_config_and_overrides(args), quick=args.quick)
+    out = pretrain_bundle(cfg, out=args.out, seed=args.seed, pool_root=args.pool_root, progress=not args.no_progress)
+    meta = json.loads((out / "bundle.json").read_text())
+    print(f"MoCE bundle {out}: {meta['pool']['images']} pool images, {meta['num_clusters']} clusters, "
+          f"{meta['num_experts']} experts in blocks {meta['blocks']}; MAE loss {meta['mae_loss']['first']:.3f} -> "
+          f"{meta['mae_loss']['last']:.3f} ({meta['seconds']:.0f} s)")
+    print(f"deploy it for a task: visionmoe moce deploy {out} --data image_folder root=DIR -o dense.safetensors")
+    return 0
+
+
+def _cmd_moce_deploy(args: argparse.Namespace) -> int:
+    from ..data import load_dataset
+    from ..recipes.moce_bundle import deploy_bundle, load_bundle, read_task_images
+    from ..train.config import apply_overrides
+
+    name, *kv = args.data
+    bad = [item for item in kv if "=" not in item]
+    if bad:
+        raise ValueError(f"--data {name} takes key=value arguments, got {bad[0]!r} (e.g. root=DIR)")
+    data_args = apply_overrides({}, kv)
+    bundle = load_bundle(args.bundle)
+    x, y = read_task_images(name, data_args, bundle["preprocessing"], limit=args.max_images, seed=args.seed)
+    classes = list(load_dataset(name, **data_args).classes)
+    rep = deploy_bundle(bundle, x, y, out=args.output, select=args.select, classes=classes,
+                        data={"name": name, "args": data_args}, probe_steps=args.probe_steps, seed=args.seed,
+                        progress=not args.no_progress)
+    shares = ", ".join(f"{i}: {n}" for i, n in enumerate(rep["histogram"]) if n)
+    print(f"{rep['images']} images of {name} -> clusters {{{shares}}}")
+    if rep["scores"]:
+        print(f"{args.select} scores: " + ", ".join(f"cluster {k} {v:.4f}" for k, v in rep["scores"].items()))
+    print(f"deployed cluster {rep['cluster']} (experts {rep['experts']}): {rep['checkpoint']} "
+          f"({rep['params']['dense']:,} parameters = the dense encoder's; |dense - MoCE| <= "
+          f"{rep['max_abs_diff_vs_moce']:.1e})")
+    print(f"fine-tune it: visionmoe train {rep['train_config']}")
+    return 0
+
+
 def _cmd_crmoe(args: argparse.Namespace) -> int:
     from ..recipes.crmoe import CRMoEStudyConfig, run_crmoe_study
 
@@ -194,7 +235,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(*_config_and_overrides(args))
     trainer = Trainer(cfg, run_dir=args.run_dir)
-    summary = trainer.fit(resume=args.resume)
+    if args.allow_change and not args.resume:
+        raise ValueError("--allow-change applies to --resume only")
+    summary = trainer.fit(resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_change)
     if trainer.dist.is_main:
         print(json.dumps({k: v for k, v in summary.items() if k != "routing"}, indent=2))
     return 0
@@ -402,6 +445,38 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
     d.set_defaults(fn=_cmd_demo)
 
+    mo = sub.add_parser("moce", help="MoCE as a product: pre-train a bundle once, deploy a dense ViT for a task")
+    mo_sub = mo.add_subparsers(dest="moce_command", required=True)
+    mp = mo_sub.add_parser("pretrain", help="dense MAE, clustering, MoCE experts: write a MoCE bundle folder",
+                           description="Runs the demo's pre-training stages (settings as in visionmoe demo: YAML "
+                                       "file and/or key=value) on the bundled pool or --pool-root, and writes "
+                                       "bundle.json, encoder/moce/clusters.safetensors to -o.")
+    mp.add_argument("config", nargs="?", default=None, help="optional YAML file of demo settings")
+    mp.add_argument("overrides", nargs="*", help="settings as key=value, e.g. mae_steps=2000 num_experts=8")
+    mp.add_argument("--quick", action="store_true", help="the demo's quick sizes (about a minute)")
+    mp.add_argument("--pool-root", default=None, help="pre-train on the images of this folder (class sub-folders, "
+                                                      "labels ignored) instead of the bundled pool")
+    mp.add_argument("--seed", type=int, default=0)
+    mp.add_argument("-o", "--out", default="runs/moce_bundle", help="bundle folder (default runs/moce_bundle)")
+    mp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    mp.set_defaults(fn=_cmd_moce_pretrain)
+    md = mo_sub.add_parser("deploy", help="pick a task's experts and write its dense ViT (+ train.yaml, report)",
+                           description="Assigns the task's training images to the bundle's clusters, picks the "
+                                       "experts, extracts the plain dense ViT (timm keys) and writes it with a "
+                                       "fine-tuning config and a report.")
+    md.add_argument("bundle", help="a folder written by visionmoe moce pretrain")
+    md.add_argument("--data", nargs="+", required=True, metavar="NAME [key=value]",
+                    help="the task: image_folder root=DIR, or a bundled set (visionmoe list-data)")
+    md.add_argument("--select", default="cluster", choices=["cluster", "knn", "logme", "early-stop"],
+                    help="cluster: the largest cluster (MoCE); knn / logme: frozen-feature scores; early-stop: "
+                         "short fine-tunes on a validation split")
+    md.add_argument("--max-images", type=int, default=2000, help="training images read for the selection")
+    md.add_argument("--probe-steps", type=int, default=30, help="fine-tuning steps per candidate for early-stop")
+    md.add_argument("--seed", type=int, default=0)
+    md.add_argument("-o", "--output", default="dense.safetensors", help="the dense checkpoint to write")
+    md.add_argument("--no-progress", action="store_true", help="no progress bar")
+    md.set_defaults(fn=_cmd_moce_deploy)
+
     cr = sub.add_parser("crmoe", help="CR-MoE study: MoCo v3 dense / V-MoE / V-MoE+OGAR, evaluation protocols",
                         description="MoCo v3 pre-training of a dense ViT, a V-MoE and a V-MoE with OGAR at equal "
                                     "steps, 3 seeds, then linear probe, k-NN, few-shot, semi-supervised and routing "
@@ -472,6 +547,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. moe.num_experts=16 optim.lr=5e-4")
     t.add_argument("--run-dir", default=None, help="run folder (default run.out_dir/run.name)")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="start over in a run folder that holds another run "
+                                                            "(its checkpoints are deleted)")
+    t.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                   help="with --resume: a config key (or section) that may differ from the checkpoint's, e.g. "
+                        "schedule.max_steps (repeatable)")
     t.set_defaults(fn=_cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on its data set or another one")

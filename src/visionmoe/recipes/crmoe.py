@@ -138,7 +138,8 @@ def evaluate_backbone(model, tasks: dict[str, TensorSplits], *, shots=(4, 10), e
                        "eval_every_epochs": 1e9, "checkpoint_every": 10**9, "keep_checkpoints": 1,
                        "device": str(next(m.parameters()).device)}}  # where the backbone is
         rd = (run_dir or Path("runs/probe")) / f"semi_{frac:g}"
-        out["semi"][f"{frac:g}"] = Trainer(config_from_dict(cfg), data=sub, model=m, run_dir=rd).fit()["test_acc"]
+        trainer = Trainer(config_from_dict(cfg), data=sub, model=m, run_dir=rd)
+        out["semi"][f"{frac:g}"] = trainer.fit(overwrite=True)["test_acc"]
     if consistency_x is not None and hasattr(model, "moe_layers") and model.moe_layers():
         out["consistency"] = {str(b): v for b, v in routing_consistency(model, consistency_x, seed=seed).items()}
     return out
@@ -164,7 +165,7 @@ def run_crmoe_study(c: CRMoEStudyConfig | None = None, *, out: str | Path = "run
             rd = out / f"{variant}_seed{seed}"
             tr = Trainer(config_from_dict(experiment(c, variant, seed)), data=pre, run_dir=rd)
             t1 = time.perf_counter()
-            summary = tr.fit(on_step=lambda *_: bar.advance(task))
+            summary = tr.fit(on_step=lambda *_: bar.advance(task), overwrite=True)
             secs = time.perf_counter() - t1
             bar.update(task, stage=f"{variant} seed {seed}: evaluation")
             ev = evaluate_backbone(tr.model, tasks, shots=c.shots, episodes=c.episodes, seed=seed, semi=semi,

@@ -42,6 +42,8 @@ class ViMoEStudyConfig:
     pretrain_limit: int = 20000
     pretrain_epochs: float = 3.0
     pretrain_lr: float = 2e-3
+    # None: horizontal flips for clothes (fashion_mnist), none for digits, whose labels a mirror changes
+    pretrain_augment: str | None = None
     pretrained: str | None = None  # a dense checkpoint to upcycle instead of pre-training one
     num_experts: int = 8
     top_k: int = 1
@@ -98,7 +100,8 @@ def _run(c: ViMoEStudyConfig, seed: int, **parts) -> dict:
 
 def pretrain_config(c: ViMoEStudyConfig) -> dict:
     """The dense ViT that every run upcycles: classification on ``pretrain_data``."""
-    return _run(c, 0, model=_model(c, None), data={"name": c.pretrain_data, "augment": "flip"},
+    augment = c.pretrain_augment or ("flip" if "fashion" in c.pretrain_data else "none")
+    return _run(c, 0, model=_model(c, None), data={"name": c.pretrain_data, "augment": augment},
                 optim={"name": "adamw", "lr": c.pretrain_lr, "weight_decay": 0.05, "clip_grad": 1.0},
                 schedule={"epochs": c.pretrain_epochs, "warmup_epochs": 0.3},
                 run={"eval_every_epochs": 1e9, "keep_checkpoints": 1})
@@ -165,7 +168,7 @@ def run_vimoe_study(c: ViMoEStudyConfig | None = None, *, out: str | Path = "run
             pre.load(c.pretrained)
             init, s = c.pretrained, {"test_acc": pre.evaluate()["test_acc"], "train_seconds": 0.0}
         else:
-            s = pre.fit()
+            s = pre.fit(overwrite=True)
             init = str(pre.latest_checkpoint())
         res["pretrain"] = {"checkpoint": init, "test_acc": s["test_acc"], "seconds": s["train_seconds"]}
         bar.console.print(f"dense ViT pre-trained on {c.pretrain_data}: test acc {s['test_acc']:.4f}")
@@ -175,7 +178,7 @@ def run_vimoe_study(c: ViMoEStudyConfig | None = None, *, out: str | Path = "run
             bar.update(task, stage=f"{part}: {variant} seed {seed}")
             rd = out / part / f"{variant}_seed{seed}"
             tr = Trainer(config_from_dict(builders[part](c, variant, seed, init)), data=data[part], run_dir=rd)
-            s = tr.fit()
+            s = tr.fit(overwrite=True)
             rec = {"variant": variant, "seed": seed, "seconds": s["train_seconds"], "img_per_s": s["train_img_per_s"],
                    "params": s["params"]}
             if part == "stability":

@@ -1,13 +1,13 @@
 """Training: configs, the Trainer (a thin loop over a run context), evaluation as a free
 function, typed checkpoint state, metrics writers, and a compact tensor loop."""
 
-from .build import TrainingDiverged, build_model, build_optimizer, cosine_lr, seed_everything
+from .build import RunExistsError, TrainingDiverged, build_model, build_optimizer, cosine_lr, seed_everything
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, verify_checkpoint
 from .config import ConfigError, ExperimentConfig, apply_overrides, config_from_dict, config_to_dict, load_config
 from .context import RunContext, resolve_device
 from .evaluation import evaluate as evaluate_objective
 from .loop import Trainer
-from .persist import load_trained_model
+from .persist import load_trained_model, save_model
 from .simple import evaluate, train_classifier
 from .state import CheckpointState
 
@@ -18,7 +18,9 @@ __all__ = [
     "CheckpointState",
     "evaluate_objective",
     "TrainingDiverged",
+    "RunExistsError",
     "load_trained_model",
+    "save_model",
     "ExperimentConfig",
     "ConfigError",
     "load_config",

@@ -9,13 +9,17 @@ from torch import nn
 
 from ..models import create_model
 from .checkpoint import ForeignCheckpointError, load_checkpoint
-from .config import ExperimentConfig
+from .config import ConfigError, ExperimentConfig
 
 __all__ = ["TrainingDiverged", "seed_everything", "cosine_lr", "build_model", "build_optimizer", "FUSED_OPTIMIZERS"]
 
 
 class TrainingDiverged(RuntimeError):
     """Too many steps had a NaN/Inf loss or gradient (``run.max_skipped_steps``)."""
+
+
+class RunExistsError(ValueError):
+    """A new run was started in a folder that holds another run's checkpoints."""
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -39,9 +43,30 @@ def cosine_lr(step: int, *, base: float, total: int, warmup: int, min_lr: float 
     return min_lr + (base - min_lr) * 0.5 * (1 + math.cos(math.pi * t))
 
 
+_POSITIVE_MODEL_ARGS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "in_chans", "mlp_ratio")
+
+
+def _check_model_args(name: str, args: dict) -> None:
+    """Shapes a ViT cannot have are refused before torch sees them, naming the key."""
+    from ..models import model_args
+
+    merged = {**model_args(name), **args}
+    for key in _POSITIVE_MODEL_ARGS:
+        value = merged.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"model.args.{key} must be a positive number, got {value!r}")
+    width, heads = merged.get("embed_dim"), merged.get("num_heads")
+    if isinstance(width, int) and isinstance(heads, int) and width % heads:
+        raise ConfigError(f"model.args: embed_dim {width} is not divisible by num_heads {heads}; pick heads that "
+                          f"divide the width (e.g. {max(h for h in range(1, heads + 1) if width % h == 0)})")
+
+
 def build_model(cfg: ExperimentConfig, *, num_classes: int, in_chans: int) -> nn.Module:
     """The model an experiment describes: variant + args + MoE overrides (or dense)."""
     args = {"num_classes": num_classes, "in_chans": in_chans, **cfg.model.args}
+    _check_model_args(cfg.model.name, args)
     if cfg.model.dense:
         args["moe"] = None
     elif cfg.moe:

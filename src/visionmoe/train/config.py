@@ -108,6 +108,15 @@ class OptimConfig:
     clip_grad: float | None = 1.0
     fused: bool = True
 
+    def __post_init__(self) -> None:
+        _at_least(self, "optim", lr=0.0, weight_decay=0.0)
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ValueError(f"optim.clip_grad must be > 0 or null (no clipping), got {self.clip_grad}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ValueError(f"optim.layer_decay must be in (0, 1] or null, got {self.layer_decay}")
+        if self.router_lr_scale < 0:
+            raise ValueError(f"optim.router_lr_scale must be >= 0, got {self.router_lr_scale}")
+
 
 @dataclass
 class ScheduleConfig:
@@ -117,6 +126,13 @@ class ScheduleConfig:
     warmup_epochs: float = 1.0
     min_lr: float = 1e-6
     max_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0:
+            raise ValueError(f"schedule.epochs must be > 0, got {self.epochs}")
+        _at_least(self, "schedule", warmup_epochs=0.0, min_lr=0.0)
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"schedule.max_steps must be >= 1 or null (use epochs), got {self.max_steps}")
 
 
 @dataclass
@@ -147,7 +163,7 @@ class RunConfig:
     # skipped steps stop the run with an error
     max_skipped_steps: int = 10
     # router-collapse warning: one expert takes more than this share of a layer's assignments
-    # for collapse_steps steps in a row (None: off), or an expert gets nothing for dead_expert_steps
+    # for collapse_steps steps in a row (None: off), or an expert gets nothing for dead_expert_steps (0: off)
     collapse_share: float | None = 0.9
     collapse_steps: int = 50
     dead_expert_steps: int = 200
@@ -160,7 +176,18 @@ class RunConfig:
         if self.name is not None and (Path(self.name).is_absolute() or not self.name.strip()):
             raise ValueError(f"run.name={self.name!r} must be a relative folder name (it is placed under run.out_dir)")
         if self.keep_checkpoints < 0:
-            raise ValueError(f"run.keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
+            raise ValueError(f"run.keep_checkpoints must be >= 0 (0: write none), got {self.keep_checkpoints}")
+        _at_least(self, "run", log_every=1, checkpoint_every=1, collapse_steps=1, dead_expert_steps=0)  # 0: off
+        if self.eval_every_epochs <= 0:
+            raise ValueError(f"run.eval_every_epochs must be > 0 (e.g. 1e9 for only the final evaluation), got "
+                             f"{self.eval_every_epochs}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"run.threads must be >= 1 or null (torch's default), got {self.threads}")
+        if not 0 <= self.label_smoothing < 1 or self.mixup < 0 or self.cutmix < 0:
+            raise ValueError(f"run.label_smoothing must be in [0, 1) and run.mixup / run.cutmix >= 0, got "
+                             f"{self.label_smoothing} / {self.mixup} / {self.cutmix}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"run.ema_decay must be in (0, 1) or null, got {self.ema_decay}")
         if self.max_skipped_steps < 0:
             raise ValueError(f"run.max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
         if self.collapse_share is not None and not 0 < self.collapse_share <= 1:
@@ -194,6 +221,14 @@ class ExperimentConfig:
         for key in self.moe:
             if key not in moe_fields:
                 raise ConfigError(_unknown_msg(f"moe.{key}", key, moe_fields))
+
+
+def _at_least(section: Any, name: str, **bounds: float) -> None:
+    """Refuse ``section.<field> < bound`` for each ``field=bound``, naming the key."""
+    for field_, low in bounds.items():
+        value = getattr(section, field_)
+        if value < low:
+            raise ValueError(f"{name}.{field_} must be >= {low:g}, got {value}")
 
 
 def _unknown_msg(path: str, key: str, choices) -> str:
@@ -231,7 +266,8 @@ def _check(value: Any, tp: Any, path: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-        return dict(value)
+        _, item = typing.get_args(tp) or (Any, Any)
+        return {k: _check(v, item, f"{path}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
@@ -295,6 +331,8 @@ def config_from_dict(d: dict | None) -> ExperimentConfig:
     cfg = _from_dict(ExperimentConfig, d or {})
     _check_objective_args(cfg.objective, cfg.objective_args)
     if cfg.moe:  # validate MoE fields and values early, with their own clear errors
+        hints = typing.get_type_hints(MoEConfig)  # types as for every other section (YAML 1.1 reads 1e-1 as text)
+        cfg.moe = {k: _check(v, hints[k], f"moe.{k}") for k, v in cfg.moe.items()}
         try:
             MoEConfig.from_dict({**MoEConfig().to_dict(), **cfg.moe})
         except ValueError as e:

@@ -18,6 +18,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from .._utils import atomic_write_bytes
 from ..data import TensorSplits, load_dataset
 from ..data.preprocess import Preprocessing, resolve_normalization
 from ..data.streaming import (
@@ -34,7 +35,7 @@ from ..models import count_parameters
 from ..moe.layer import collect_aux_loss
 from ..moe.parallel import TRAFFIC, shard_experts
 from ..objectives import create_objective
-from .build import TrainingDiverged, build_model, build_optimizer, cosine_lr, seed_everything
+from .build import RunExistsError, TrainingDiverged, build_model, build_optimizer, cosine_lr, seed_everything
 from .checkpoint import verify_checkpoint
 from .config import ExperimentConfig, config_from_dict, config_to_dict
 from .context import RunContext
@@ -144,7 +145,9 @@ class Trainer:
         kind = "streamed" if not isinstance(self.data, TensorSplits) else "in memory"
         return (f"data {self.data.name!r} ({kind}): {len(self.train_set):,} train / {len(self.eval_set):,} test "
                 f"images, {self.data.num_classes} classes; {self.preprocessing.describe()}; augment "
-                f"{self.cfg.data.augment}; {self.workers} loader worker(s); {self.ctx.describe()}")
+                f"{self.cfg.data.augment}; {self.workers} loader worker(s); {self.ctx.describe()}"
+                + ("; no checkpoints (run.keep_checkpoints=0): this run cannot be resumed or evaluated later"
+                   if not self.cfg.run.keep_checkpoints else ""))
 
     def lr_at(self, step: int) -> float:
         s = self.cfg.schedule
@@ -259,18 +262,26 @@ class Trainer:
         load_state(self, path)
 
     # ---------------------------------------------------------------- loop
-    def _start(self, resume: bool | str | Path) -> None:
+    def _start(self, resume: bool | str | Path, overwrite: bool = False, allow_changes: tuple[str, ...] = ()) -> None:
         main = self.dist.is_main
+        existing = sorted(self.checkpoint_dir.glob("step_*.safetensors"))
+        if existing and not resume and not overwrite:  # every rank checks, so that none waits on a refusal
+            raise RunExistsError(f"{self.run_dir} already holds a run (checkpoints up to {existing[-1].stem}); "
+                                 "continue it with --resume, start over with --overwrite, or choose another --run-dir")
+        if main and existing and overwrite and not resume:
+            for old in existing:
+                old.unlink()
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+            atomic_write_bytes(self.run_dir / "config.yaml",
+                               yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False).encode())
             for stale in self.checkpoint_dir.glob(".step_*.tmp"):  # left by a kill during a save
                 stale.unlink(missing_ok=True)
         if resume:
             path = self.latest_checkpoint() if resume is True else Path(resume)
             if path is None:
                 raise FileNotFoundError(f"nothing to resume: no checkpoint in {self.checkpoint_dir}")
-            self.load(path)
+            load_state(self, path, allow_changes=allow_changes)
             self.log.truncate(self.step)
         else:
             self.log.reset()
@@ -278,15 +289,22 @@ class Trainer:
         self.log.open()
 
     def fit(self, *, resume: bool | str | Path = False, stop_after: int | None = None,
-            on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+            on_step: Callable[[int, dict[str, float]], None] | None = None, overwrite: bool = False,
+            allow_changes: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
         """Train to ``total_steps`` (or stop early after ``stop_after`` steps, e.g. to test
         resumption); ``resume=True`` continues from the run's latest checkpoint; ``on_step(step,
-        metrics)`` is called after every step (e.g. to drive an outer progress bar)."""
+        metrics)`` is called after every step (e.g. to drive an outer progress bar).
+
+        A run folder that already holds checkpoints is refused (:class:`RunExistsError`) unless
+        the call resumes it or passes ``overwrite=True`` (its checkpoints are deleted first). A
+        resume refuses a config that differs from the checkpoint's, except in the keys of
+        :data:`~visionmoe.train.persist.RESUME_SAFE_KEYS` and ``allow_changes`` (dotted keys,
+        e.g. ``"schedule.max_steps"``)."""
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         c = self.cfg
         main = self.dist.is_main
-        self._start(resume)
+        self._start(resume, overwrite, tuple(allow_changes))
         cols = [TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
         eval_every = max(1, round(c.run.eval_every_epochs * self.steps_per_epoch))
@@ -313,7 +331,7 @@ class Trainer:
                 self._after_step(m, bar, ips, t0)
                 if self.step % eval_every == 0 or self.step == self.total_steps:
                     last_eval = self._evaluate_and_log(bar, t0)
-                if self.step % c.run.checkpoint_every == 0 or self.step == end:
+                if c.run.keep_checkpoints and (self.step % c.run.checkpoint_every == 0 or self.step == end):
                     self.save()
         if not last_eval:  # nothing ran (e.g. resuming a finished run) or no evaluation was due
             last_eval = self.evaluate()
@@ -328,7 +346,6 @@ class Trainer:
         if main:
             import json
 
-            from .._utils import atomic_write_bytes
 
             atomic_write_bytes(self.run_dir / "summary.json", json.dumps(summary, indent=2).encode())
         self.log.close()

@@ -54,10 +54,24 @@ def _cpu(sd: Any) -> Any:
     return sd
 
 
+def first_nonfinite(sd: dict[str, Tensor]) -> str | None:
+    """The name of the first floating-point tensor of ``sd`` holding a NaN or Inf, or ``None``."""
+    for k, v in sd.items():
+        if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            return k
+    return None
+
+
 def save_state(t: Trainer) -> Path:
     """Write ``step_<N>.safetensors`` (rank 0; the other ranks wait) and prune old ones."""
     path = t.checkpoint_dir / f"step_{t.step:08d}.safetensors"
     model_sd, optim_sd, ema_sd, obj = _full_states(t)  # collective with expert parallelism
+    bad = first_nonfinite(model_sd)
+    if bad is not None:  # never write a checkpoint that cannot be used; the older ones stay
+        from .build import TrainingDiverged
+
+        raise TrainingDiverged(f"step {t.step}: the weights became NaN/Inf ({bad}); no checkpoint was written, the "
+                               f"older ones in {t.checkpoint_dir} are kept (lower optim.lr or set optim.clip_grad)")
     if not t.dist.is_main:
         barrier(t.dist)
         return path
@@ -74,10 +88,47 @@ def save_state(t: Trainer) -> Path:
     return path
 
 
-def load_state(t: Trainer, path: str | Path) -> None:
+#: config keys a resume may change without being told: how the run is shown, where it computes and
+#: how its experts are laid out over processes (checkpoints move between layouts)
+RESUME_SAFE_KEYS = ("run.progress", "run.print_eval", "run.threads", "run.tensorboard", "run.device", "data.workers",
+                    "data.eval_batch_size", "run.log_every", "moe.expert_parallel")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and k not in ("args", "objective_args"):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(stored: dict, current: dict, allow: tuple[str, ...] = ()) -> list[str]:
+    """The dotted keys whose values differ between a checkpoint's config and the current one
+    (keys only one of them has, e.g. from another visionmoe version, do not count), minus
+    :data:`RESUME_SAFE_KEYS` and ``allow`` (a key or a section, e.g. ``schedule``)."""
+    a, b = _flat(stored), _flat(current)
+    ok = (*RESUME_SAFE_KEYS, *allow)
+    return sorted(k for k in a.keys() & b.keys()
+                  if a[k] != b[k] and not any(k == o or k.startswith(o + ".") for o in ok))
+
+
+def load_state(t: Trainer, path: str | Path, *, allow_changes: tuple[str, ...] | None = None) -> None:
+    """Load a checkpoint into the trainer. With ``allow_changes`` (a resume), a config that
+    differs from the checkpoint's in other keys is refused."""
     from ..models import load_matching_state_dict
 
     ck = load_checkpoint(path)  # full expert tensors on the CPU; each rank keeps the rows of its experts
+    if allow_changes is not None:
+        changed = config_changes(ck["state"].get("config") or {}, config_to_dict(t.cfg), allow_changes)
+        if changed:
+            old, new = _flat(ck["state"]["config"]), _flat(config_to_dict(t.cfg))
+            what = "; ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed[:4])
+            raise ValueError(f"the run in {t.run_dir} was started with another config ({what}); resume with the "
+                             f"same config, or allow it with --allow-change {changed[0]}")
     load_matching_state_dict(t.model, shard_expert_state(t.model, ck["model"]), f"checkpoint {path}")
     if ck["optimizer"] is not None:  # torch moves the moments to each parameter's device
         t.optimizer.load_state_dict(shard_optimizer_state(t.optimizer, t.model, ck["optimizer"]))
@@ -140,6 +191,27 @@ def gradient_step_norm(t: Trainer) -> float:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
 
 
+def save_model(path: str | Path, model: nn.Module, *, preprocessing, classes: list[str] | None = None,
+               config: dict | None = None) -> Path:
+    """Write ``model`` alone (no optimizer) as a checkpoint that :func:`load_trained_model`,
+    ``visionmoe info / eval / predict / export`` and ``model.init=`` read: its weights, its
+    model spec, ``preprocessing`` (a :class:`~visionmoe.data.preprocess.Preprocessing`), the
+    class names and an experiment ``config`` (default: a registered ViT variant with the
+    model's constructor arguments, so a dense ViT also rebuilds from the config alone)."""
+    from .state import model_spec
+
+    spec = model_spec(model)
+    if config is None:
+        kwargs = dict(getattr(model, "init_kwargs", {}))
+        kwargs.pop("moe", None)
+        config = config_to_dict(config_from_dict({"model": {"name": "vit_tiny_patch4_32", "args": kwargs}}))
+    num_classes = int(getattr(model, "num_classes", 0))
+    state = CheckpointState(step=0, config=config, num_classes=num_classes, in_chans=preprocessing.channels,
+                            img_size=preprocessing.size, classes=list(classes or []),
+                            preprocessing=preprocessing.to_dict(), model_spec=spec)
+    return save_checkpoint(path, model=_cpu(model.state_dict()), state=state.to_dict(), rng=False)
+
+
 # ---------------------------------------------------------------------------- loading for use
 def load_trained_model(path: str | Path, *, device: str | torch.device = "cpu"
                        ) -> tuple[nn.Module, ExperimentConfig, CheckpointState]:
@@ -170,5 +242,9 @@ def rebuild_model(ck: dict, path: str | Path, *, device: str | torch.device = "c
         model = build_from_spec(spec)
     else:
         model = build_model(cfg, num_classes=st.num_classes, in_chans=st.in_chans)
+    bad = first_nonfinite(ck["model"])
+    if bad is not None:
+        raise ValueError(f"checkpoint {path} holds NaN/Inf weights (first: {bad}); it cannot predict anything: use "
+                         "an earlier checkpoint of the run")
     load_matching_state_dict(model, ck["model"], f"checkpoint {path}")
     return model.eval().to(device), cfg, st

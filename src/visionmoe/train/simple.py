@@ -62,7 +62,7 @@ def train_classifier(
     })
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, data=data, model=model, run_dir=run_dir or tmp)
-        summary = trainer.fit()
+        summary = trainer.fit(overwrite=True)
         rows = [json.loads(ln) for ln in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
     return {"loss": [r["loss"] for r in rows], "aux_loss": [r["aux_loss"] for r in rows],

@@ -1,0 +1,124 @@
+"""Bad input and mixed runs: each refused with one line that names the key or the way out, and
+nothing the user had is lost."""
+
+import pytest
+import yaml
+
+from visionmoe.cli.main import main
+from visionmoe.train import ConfigError, RunExistsError, Trainer, config_from_dict
+from visionmoe.train.config import apply_overrides
+
+from .test_engine import QUICK
+
+SMALL = {**QUICK, "schedule": {"max_steps": 6, "warmup_epochs": 0.1}, "data": {**QUICK["data"], "augment": "none"},
+         "run": {**QUICK["run"], "checkpoint_every": 3}}
+
+
+@pytest.mark.parametrize("override, key", [
+    ("run.log_every=0", "run.log_every"), ("run.checkpoint_every=0", "run.checkpoint_every"),
+    ("schedule.max_steps=-3", "schedule.max_steps"), ("schedule.epochs=-1", "schedule.epochs"),
+    ("schedule.warmup_epochs=-1", "schedule.warmup_epochs"), ("run.threads=0", "run.threads"),
+    ("optim.lr=-0.1", "optim.lr"), ("optim.layer_decay=1.5", "optim.layer_decay"),
+    ("run.eval_every_epochs=0", "run.eval_every_epochs"), ("data.batch_size=-2", "data.batch_size"),
+    ("run.label_smoothing=1.0", "run.label_smoothing"), ("moe.capacity_factor=abc", "moe.capacity_factor"),
+])
+def test_values_a_run_cannot_use_are_refused_naming_the_key(override, key, tmp_path, capsys):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config_from_dict(apply_overrides(QUICK, [override]))
+    assert main(["train", override, "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert key in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+def test_scientific_notation_is_a_number_in_every_section(tmp_path):
+    """YAML 1.1 reads 1e-1 as text; the MoE section converts it like every other."""
+    cfg = config_from_dict(apply_overrides(QUICK, ["moe.capacity_factor=1e-1", "moe.aux_weights={load: 1e-2}"]))
+    assert cfg.moe["capacity_factor"] == 0.1 and cfg.moe["aux_weights"] == {"load": 0.01}
+    path = tmp_path / "c.yaml"
+    path.write_text("moe:\n  noise_std: 5e-1\noptim:\n  lr: 3e-4\n")
+    from visionmoe.train import load_config
+
+    cfg = load_config(path)
+    assert cfg.moe["noise_std"] == 0.5 and cfg.optim.lr == 3e-4
+
+
+@pytest.mark.parametrize("args, words", [
+    ({"embed_dim": 0}, "model.args.embed_dim must be a positive"),
+    ({"embed_dim": 30, "num_heads": 4}, "not divisible by num_heads 4"),
+    ({"depth": -1}, "model.args.depth"),
+])
+def test_model_shapes_torch_cannot_build_are_refused(args, words, tmp_path, capsys):
+    over = [f"model.args.{k}={v}" for k, v in args.items()]
+    assert main(["train", *over, "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+
+
+def _write(tmp_path, cfg=SMALL):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_a_new_run_into_an_existing_run_folder_is_refused_and_loses_nothing(tmp_path, capsys):
+    cfg, run = _write(tmp_path), tmp_path / "run"
+    assert main(["train", str(cfg), "--run-dir", str(run)]) == 0
+    ckpts = {p.name: p.read_bytes() for p in (run / "checkpoints").glob("*.safetensors")}
+    log = (run / "metrics.jsonl").read_bytes()
+    assert len(ckpts) == 2
+    capsys.readouterr()
+    assert main(["train", str(cfg), "optim.lr=0.01", "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").glob("*.safetensors")} == ckpts
+    assert (run / "metrics.jsonl").read_bytes() == log
+    # the Python API refuses the same way; --overwrite starts over
+    with pytest.raises(RunExistsError):
+        Trainer(config_from_dict(SMALL), run_dir=run).fit()
+    assert main(["train", str(cfg), "optim.lr=0.01", "--run-dir", str(run), "--overwrite"]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["lr"] == 0.01
+
+
+def test_resume_refuses_a_changed_config_unless_allowed(tmp_path, capsys):
+    cfg, run = _write(tmp_path), tmp_path / "run"
+    Trainer(config_from_dict(SMALL), run_dir=run).fit(stop_after=3)
+    capsys.readouterr()
+    assert main(["train", str(cfg), "optim.lr=0.01", "--run-dir", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr: 0.003 -> 0.01" in err and "--allow-change optim.lr" in err
+    # keys that only change how the run is shown may differ; a named key too
+    assert main(["train", str(cfg), "optim.lr=0.01", "run.log_every=1", "--run-dir", str(run), "--resume",
+                 "--allow-change", "optim.lr"]) == 0
+    assert main(["train", str(cfg), "--run-dir", str(run), "--allow-change", "optim.lr"]) == 2
+    assert "--allow-change applies to --resume only" in capsys.readouterr().err
+
+
+def test_keep_checkpoints_zero_writes_none_and_says_so(tmp_path):
+    cfg = config_from_dict(apply_overrides(SMALL, ["run.keep_checkpoints=0"]))
+    t = Trainer(cfg, run_dir=tmp_path / "run")
+    assert "no checkpoints (run.keep_checkpoints=0)" in t.describe()
+    summary = t.fit()
+    assert summary["finished"] and not list((tmp_path / "run").rglob("*.safetensors"))
+
+
+def test_nonfinite_weights_are_never_written_nor_used(tmp_path, capsys):
+    import torch
+
+    from visionmoe.data.preprocess import Preprocessing
+    from visionmoe.train import TrainingDiverged, save_model
+
+    t = Trainer(config_from_dict(SMALL), run_dir=tmp_path / "run")
+    t.fit(stop_after=3)
+    good = sorted((tmp_path / "run" / "checkpoints").glob("*.safetensors"))
+    with torch.no_grad():
+        next(t.model.parameters()).fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match="NaN/Inf.*no checkpoint was written"):
+        t.save()
+    assert sorted((tmp_path / "run" / "checkpoints").glob("*.safetensors")) == good
+    # a file that holds them anyway (written by hand) is refused by every command that loads it
+    bad = save_model(tmp_path / "bad.safetensors", t.model, preprocessing=Preprocessing(size=8, channels=1))
+    capsys.readouterr()
+    assert main(["eval", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "NaN/Inf weights" in err and "Traceback" not in err
