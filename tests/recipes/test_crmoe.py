@@ -31,3 +31,6 @@ def test_tiny_crmoe_study_and_probe(tmp_path):
                  "--test-limit", "100", "--out", str(out)]) == 0
     probe = json.loads((out / "probe.json").read_text())
     assert 0 <= probe["linear"]["digits"] <= 1 and "consistency" in probe
+    from ._checkpoints import every_checkpoint_loads
+
+    every_checkpoint_loads(tmp_path, at_least=6)  # MoCo v3 dense, V-MoE and V-MoE+OGAR of each seed

@@ -89,6 +89,10 @@ def test_deploy_train_predict_export_on_a_new_folder(bundle, tmp_path, capsys):
     assert main(["predict", str(ck), str(png), "--json"]) == 0
     assert main(["export", str(dense), "-o", str(tmp_path / "dense.onnx")]) == 0
     assert (tmp_path / "dense.onnx").stat().st_size > 0
+    # and the evaluation protocols take the deployed encoder as it is
+    assert main(["probe", str(dense), "--data", "digits", "--shots", "2", "--episodes", "1", "--train-limit", "100",
+                 "--test-limit", "50", "--out", str(tmp_path / "probe")]) == 0
+    assert 0 <= json.loads((tmp_path / "probe" / "probe.json").read_text())["linear"]["digits"] <= 1
 
 
 @pytest.mark.parametrize("select", ["knn", "logme", "early-stop"])
@@ -137,6 +141,7 @@ def test_deployed_model_fine_tunes_better_than_random_init(tmp_path):
         t = Trainer(config_from_dict(_cfg("classification", 300, 64, 3e-3, label_smoothing=0.1)), data=task,
                     model=init, run_dir=tmp_path / name)
         accs[name] = t.fit()["test_acc"]
+    print("fine-tuned on the digits folder:", accs)
     assert accs["deployed"] > accs["random"], accs
 
 

@@ -57,31 +57,18 @@ def test_tiny_moce_demo_end_to_end(tmp_path):
 
 
 def _every_checkpoint_loads(root):
-    """Each checkpoint the demo writes describes the model it holds: `info` and
-    `load_trained_model` rebuild exactly that model (the weights load with no extra argument),
-    and `predict` runs on the dense fine-tuned ones."""
-    import torch
-    from PIL import Image
+    """Each checkpoint the demo writes describes the model it holds (a model spec): `info` and
+    `load_trained_model` rebuild exactly that model, and `predict` runs on the dense fine-tuned
+    ones; the MoCE model gives the dense ViT of a cluster's experts."""
+    from ._checkpoints import every_checkpoint_loads
 
-    from visionmoe.train import load_checkpoint, load_trained_model
-
-    ckpts = sorted(root.rglob("step_*.safetensors"))
-    assert len(ckpts) > 20
-    img = root / "digit.png"
-    Image.fromarray((torch.rand(16, 16) * 255).byte().numpy(), mode="L").save(img)
-    for ck in ckpts:
-        model, _, st = load_trained_model(ck)
+    for ck, model, st in every_checkpoint_loads(root, at_least=20, predict=lambda ck, m: ck.parent.parent.name
+                                                .startswith("ft_") and not getattr(m, "is_moe", False)):
         assert st.model_spec is not None, ck
-        sd = load_checkpoint(ck)["model"]
-        assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
-        assert main(["info", str(ck)]) == 0
-        if ck.parent.parent.name.startswith("ft_") and not getattr(model, "is_moe", False):
-            assert main(["predict", str(ck), str(img), "--json"]) == 0
         if ck.parent.parent.name == "moce":  # the MoCE model: the dense ViT of cluster 0's experts
             dense = model.extract_dense(key=0)
             assert not dense.is_moe and sum(p.numel() for p in dense.parameters()) < sum(
                 p.numel() for p in model.parameters())
-            assert main(["info", str(ck)]) == 0
 
 
 def test_demo_setting_errors_are_clear(capsys, tmp_path):

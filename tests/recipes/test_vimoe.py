@@ -38,6 +38,10 @@ def test_toy_study_writes_tables_and_figures(tmp_path):
                 "seg_routing_moe_token.png"):
         assert (tmp_path / png).stat().st_size > 0, png
     assert json.loads((tmp_path / "results.json").read_text())["summary"]["segmentation"]["dense"]["n"] == 1
+    from ._checkpoints import every_checkpoint_loads
+
+    # the pre-trained dense ViT, the stability and segmentation models: all self-describing
+    every_checkpoint_loads(tmp_path, at_least=6, predict=lambda ck, m: "stability" in str(ck))
 
 
 def test_cli_refuses_unknown_settings(capsys):

@@ -122,3 +122,26 @@ def test_nonfinite_weights_are_never_written_nor_used(tmp_path, capsys):
     assert main(["eval", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "NaN/Inf weights" in err and "Traceback" not in err
+
+
+def test_a_second_trainer_on_a_busy_run_folder_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    run.mkdir()
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": owner.pid}))
+        assert main(["train", str(_write(tmp_path)), "--run-dir", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert f"in use by process {owner.pid}" in err and "Traceback" not in err
+        assert not (run / "checkpoints").exists()
+    finally:
+        owner.kill()
+        owner.wait()
+    with pytest.warns(UserWarning, match="stale lock"):  # its process is gone: the lock is taken over
+        Trainer(config_from_dict(SMALL), run_dir=run).fit()
+    assert not (run / ".lock").exists()  # released at the end

@@ -413,12 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="MoCE end to end on bundled real images: MAE, clustering, MoCE vs MAE* vs TokenMoE, transfer",
         description="MAE pre-training, balanced clustering, MoCE / MAE* / TokenMoE with equal extra compute, "
                     "deployment and fine-tuning on several real tasks, 3 seeds; writes report.md with plots "
-                    "(about 22 minutes on 2 CPU cores; --quick about 2). --vmoe runs the one-minute V-MoE "
+                    "(about 22 minutes on 2 CPU cores; --quick about 3). --vmoe runs the one-minute V-MoE "
                     "digits demo instead.")
     d.add_argument("config", nargs="?", default=None,
                    help="optional YAML file of demo settings (configs/moce/*.yaml), e.g. an ablation")
     d.add_argument("overrides", nargs="*", help="settings as key=value, e.g. num_experts=8 distill_weight=0")
-    d.add_argument("--quick", action="store_true", help="small sizes and one seed (about two minutes)")
+    d.add_argument("--quick", action="store_true",
+                   help="1,500 MAE steps, MNIST and digits, one seed (about three minutes)")
     d.add_argument("--seeds", type=int, default=None, help="run seeds 0..N-1 (default 3; quick 1)")
     d.add_argument("--seed", type=int, default=None, help="run this one seed")
     d.add_argument("--out", default=None, help="output folder (default runs/moce_demo, or runs/demo with --vmoe)")
@@ -492,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Pre-trains a dense ViT, upcycles it into MoEs and runs (1) MoE in every block "
                                     "with CLS routing with and without the shared expert vs dense fine-tuning, (2) "
                                     "token-routed MoE vs dense segmentation on fashion_scenes; 3 seeds; writes "
-                                    "report.md (about 20 minutes; --quick about 1).")
+                                    "report.md (about 7.5 minutes on 2 CPU cores; --quick about half a minute).")
     vm.add_argument("overrides", nargs="*", help="settings as key=value, e.g. parts=[segmentation] seg_epochs=20")
     vm.add_argument("--quick", action="store_true")
     vm.add_argument("--out", default="runs/vimoe")

@@ -6,6 +6,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, verif
 from .config import ConfigError, ExperimentConfig, apply_overrides, config_from_dict, config_to_dict, load_config
 from .context import RunContext, resolve_device
 from .evaluation import evaluate as evaluate_objective
+from .lock import RunLockedError
 from .loop import Trainer
 from .persist import load_trained_model, save_model
 from .simple import evaluate, train_classifier
@@ -19,6 +20,7 @@ __all__ = [
     "evaluate_objective",
     "TrainingDiverged",
     "RunExistsError",
+    "RunLockedError",
     "load_trained_model",
     "save_model",
     "ExperimentConfig",

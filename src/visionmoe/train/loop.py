@@ -6,6 +6,7 @@ Axis legend: B images in a batch, C channels, H/W image size.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import warnings
@@ -41,6 +42,7 @@ from .config import ExperimentConfig, config_from_dict, config_to_dict
 from .context import RunContext
 from .distributed import all_reduce_sums, barrier
 from .evaluation import evaluate, routing_stats
+from .lock import RunLock
 from .logs import MetricsLog
 from .monitor import RoutingMonitor
 from .persist import gradient_step_norm, load_state, save_state
@@ -299,12 +301,24 @@ class Trainer:
         the call resumes it or passes ``overwrite=True`` (its checkpoints are deleted first). A
         resume refuses a config that differs from the checkpoint's, except in the keys of
         :data:`~visionmoe.train.persist.RESUME_SAFE_KEYS` and ``allow_changes`` (dotted keys,
-        e.g. ``"schedule.max_steps"``)."""
+        e.g. ``"schedule.max_steps"``). One trainer at a time per run folder: while one runs, a
+        second is refused (:class:`~visionmoe.train.lock.RunLockedError`); a killed run's lock is
+        taken over."""
+        lock = RunLock(self.run_dir) if self.dist.is_main else None  # one trainer per run folder
+        if lock is not None:
+            lock.acquire()
+        try:
+            return self._fit(resume, stop_after, on_step, overwrite, tuple(allow_changes))
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _fit(self, resume, stop_after, on_step, overwrite, allow_changes) -> dict[str, Any]:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         c = self.cfg
         main = self.dist.is_main
-        self._start(resume, overwrite, tuple(allow_changes))
+        self._start(resume, overwrite, allow_changes)
         cols = [TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
         eval_every = max(1, round(c.run.eval_every_epochs * self.steps_per_epoch))
@@ -344,9 +358,6 @@ class Trainer:
         if self.expert_parallel > 1:  # bytes this rank sent to other ranks' experts (and gradients back)
             summary["all_to_all_mb_per_step"] = a2a_bytes / max(1, self.step - start_step) / 1e6
         if main:
-            import json
-
-
             atomic_write_bytes(self.run_dir / "summary.json", json.dumps(summary, indent=2).encode())
         self.log.close()
         return summary
