@@ -56,11 +56,28 @@ def study_progress(title: str, unit: str, progress: bool):
     return console, bar
 
 
+def temp_beside(path: Path, suffix: str = ".tmp") -> tuple[int, str]:
+    """``(fd, name)`` of a new temporary file in ``path``'s folder (for an atomic rename onto
+    ``path``), with the permissions a plain ``open`` would give under the process umask
+    (``mkstemp`` alone makes every file 0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.fchmod(fd, file_mode())
+    return fd, tmp
+
+
+def file_mode() -> int:
+    """The permissions a new file gets under the process umask (0o644 under the usual 022);
+    writers that replace the temporary file (safetensors, the ONNX exporter) set it again."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: temporary file in the same folder, fsync, rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

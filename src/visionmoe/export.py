@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._utils import file_mode, temp_beside
 from .moe.layer import moe_layers
 
 __all__ = ["static_moe", "dropless", "export_onnx", "predict_images", "top_experts"]
@@ -105,8 +105,9 @@ def export_onnx(
                          "take; export the dense model of one id with key=ID (CLI: --key ID)")
     shape = _input_shape(model, input_shape)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".onnx")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; name the ONNX file to write, e.g. {path / 'model.onnx'}")
+    fd, tmp = temp_beside(path, ".onnx")
     os.close(fd)
     example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
     kwargs: dict[str, Any] = {"input_names": ["images"], "output_names": ["logits"], "dynamo": dynamo}
@@ -127,6 +128,7 @@ def export_onnx(
             proto = onnx.load(tmp)
             onnx.helper.set_model_props(proto, {str(k): str(v) for k, v in metadata.items()})
             onnx.save(proto, tmp)
+        os.chmod(tmp, file_mode())  # the exporter re-creates the file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from .models import count_parameters
 from .train import Trainer, config_from_dict
-from .train.config import ConfigError, apply_overrides
+from .train.config import ConfigError, apply_overrides, parse_yaml_value
 
 __all__ = ["parse_grid", "flops_per_image", "inference_throughput", "run_sweep", "run_layer_scan"]
 
@@ -32,7 +31,7 @@ def parse_grid(items: list[str]) -> dict[str, list]:
         if "=" not in item:
             raise ConfigError(f"grid entry {item!r} must look like key.sub=[v1, v2]")
         key, raw = item.split("=", 1)
-        values = yaml.safe_load(raw)
+        values = parse_yaml_value(raw, f"grid entry {key.strip()}")
         if not isinstance(values, list) or not values:
             raise ConfigError(f"grid entry {item!r}: give a non-empty list of values, e.g. {key}=[1, 2]")
         grid[key.strip()] = values

@@ -114,3 +114,26 @@ def test_segmentation_folder_in_ade20k_layout(tmp_path):
     assert torch.equal(collate(eval_set(s, prep).__getitems__([0, 1]))[1], d.y_test)
     with pytest.raises(FileNotFoundError, match="annotations"):
         load_dataset("segmentation_folder", root=str(tmp_path / "images"))
+
+
+def test_a_stray_label_value_is_refused_not_a_new_class(tmp_path):
+    from visionmoe.data import Preprocessing, load_dataset
+    from visionmoe.data.streaming import collate, training_set
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "annotations").mkdir()
+    for i in range(4):
+        _write(tmp_path / "images" / f"s{i}", "RGB", 8, 8, "png", i)
+        lab = np.full((8, 8), i % 3, dtype=np.uint8)  # classes 0, 1, 2 ...
+        if i == 3:
+            lab[0, 0] = 200  # ... and one stray pixel
+        Image.fromarray(lab).save(tmp_path / "annotations" / f"s{i}.png")
+    with pytest.raises(ValueError, match=r"up to 2 and then 200 .*s3\.png.*num_classes="):
+        load_dataset("segmentation_folder", root=str(tmp_path), test_fraction=0.0)
+    # with the class count given, the stray id is refused when that label map is read, naming it
+    s = load_dataset("segmentation_folder", root=str(tmp_path), num_classes=3, test_fraction=0.0)
+    i = next(k for k, (_, m) in enumerate(s.train) if m.endswith("s3.png"))
+    ds = training_set(s, Preprocessing(8, 3), seed=0)
+    ds.on_error = "raise"
+    with pytest.raises(ValueError, match=r"s3\.png.*class id 200, outside 0\.\.2"):
+        collate(ds.__getitems__([(0, i)]))

@@ -1,6 +1,8 @@
 """Bad input and mixed runs: each refused with one line that names the key or the way out, and
 nothing the user had is lost."""
 
+import os
+
 import pytest
 import yaml
 
@@ -145,3 +147,99 @@ def test_a_second_trainer_on_a_busy_run_folder_is_refused_and_a_stale_lock_taken
     with pytest.warns(UserWarning, match="stale lock"):  # its process is gone: the lock is taken over
         Trainer(config_from_dict(SMALL), run_dir=run).fit()
     assert not (run / ".lock").exists()  # released at the end
+
+
+def test_file_system_errors_are_one_line_with_the_path(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "missing.safetensors")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["info", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    Trainer(config_from_dict(SMALL), run_dir=tmp_path / "run").fit()
+    ck = sorted((tmp_path / "run" / "checkpoints").glob("*.safetensors"))[-1]
+    (tmp_path / "out.onnx").mkdir()  # -o names a directory
+    assert main(["export", str(ck), "-o", str(tmp_path / "out.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "directory" in err.lower() and "out.onnx" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root ignores directory permissions")
+def test_an_unwritable_run_folder_is_one_line_with_the_path(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        assert main(["train", str(_write(tmp_path)), "--run-dir", str(ro / "run")]) == 2
+        err = capsys.readouterr().err
+        assert "Permission denied" in err and str(ro) in err and "Traceback" not in err
+    finally:
+        ro.chmod(0o700)
+
+
+@pytest.mark.parametrize("override", ["moe.num_experts=[", "moe.num_experts=!!python/object:os.system x",
+                                      "optim.lr=*a"])
+def test_malformed_overrides_are_one_line(override, tmp_path, capsys):
+    assert main(["train", override, "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not a valid value" in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_an_alias_bomb_is_refused_without_expanding_it(tmp_path, capsys):
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]  # 10^9 values
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(levels) + "\nrun: {name: *a8}\n")
+    assert main(["train", str(bomb), "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "more than 100,000 values" in err and len(err) < 400
+    assert main(["sweep", str(_write(tmp_path)), "--grid", "optim.lr=[0.1,", "--out", str(tmp_path / "s")]) == 2
+    assert "grid entry optim.lr" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads every file")
+def test_an_unreadable_checkpoint_is_not_called_corrupt_nor_renamed(tmp_path, capsys):
+    cfg, run = _write(tmp_path), tmp_path / "run"
+    Trainer(config_from_dict(SMALL), run_dir=run).fit(stop_after=3)
+    ck = sorted((run / "checkpoints").glob("*.safetensors"))[-1]
+    ck.chmod(0o000)
+    try:
+        assert main(["train", str(cfg), "--run-dir", str(run), "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert "Permission denied" in err and "corrupt" not in err
+        assert ck.exists() and not list((run / "checkpoints").glob("*.corrupt"))
+    finally:
+        ck.chmod(0o644)
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    from visionmoe._utils import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        Trainer(config_from_dict(SMALL), run_dir=tmp_path / "run").fit()
+        atomic_write_bytes(tmp_path / "x.json", b"{}")
+        ck = sorted((tmp_path / "run" / "checkpoints").glob("*.safetensors"))[-1]
+        assert main(["export", str(ck), "-o", str(tmp_path / "m.onnx")]) == 0
+    finally:
+        os.umask(old)
+    files = [*sorted((tmp_path / "run" / "checkpoints").glob("*.safetensors")), tmp_path / "run" / "summary.json",
+             tmp_path / "x.json", tmp_path / "m.onnx"]
+    assert all(f.stat().st_mode & 0o777 == 0o644 for f in files), [oct(f.stat().st_mode) for f in files]
+
+
+def test_allow_unverified_is_a_cli_flag_for_files_without_a_checksum(tmp_path, capsys):
+    import json as _json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    Trainer(config_from_dict(SMALL), run_dir=tmp_path / "run").fit()
+    ck = sorted((tmp_path / "run" / "checkpoints").glob("*.safetensors"))[-1]
+    with safe_open(str(ck), framework="pt") as f:
+        meta = f.metadata()
+    old = _json.loads(meta["visionmoe"]) | {"format": "visionmoe-checkpoint-v1"}
+    tensors = {k: v.clone() for k, v in load_file(str(ck)).items()}
+    save_file(tensors, str(ck), metadata={"visionmoe": _json.dumps(old)})  # checksum stripped, relabelled v1
+    assert main(["info", str(ck)]) == 2
+    assert "--allow-unverified" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="loaded unverified"):
+        assert main(["--allow-unverified", "info", str(ck)]) == 0

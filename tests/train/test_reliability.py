@@ -80,8 +80,14 @@ def test_a_stripped_checksum_is_refused_and_old_files_warn(tmp_path):
         load_checkpoint(path)
     old = json.loads(meta["visionmoe"]) | {"format": "visionmoe-checkpoint-v1"}  # written before checksums
     save_file(tensors, str(path), metadata={"visionmoe": json.dumps(old)})
-    with pytest.warns(UserWarning, match="without a checksum"):
+    with pytest.raises(CheckpointError, match="no checksum .*--allow-unverified"):  # anyone can declare v1
+        load_checkpoint(path)
+    from visionmoe.train.checkpoint import allow_unverified_checkpoints
+
+    with allow_unverified_checkpoints(), pytest.warns(UserWarning, match="without a checksum"):
         assert load_checkpoint(path)["state"]["step"] == 1
+    with pytest.raises(CheckpointError):  # only inside the block
+        load_checkpoint(path)
 
 
 def test_resume_skips_a_damaged_latest_checkpoint_and_still_matches(tmp_path, digits):

@@ -7,8 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-
 __all__ = ["main", "console_main"]
 
 
@@ -214,9 +212,17 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     if Path(args.model).is_file():
         model, cfg, st = _model_from_checkpoint(args.model)
-        print(f"checkpoint {args.model}: model {cfg.model.name}, step {st.step}, data {cfg.data.name} "
-              f"({st.num_classes} classes); input: {st.preprocess.describe()}")
         name = cfg.model.name
+        if st.model_spec:  # a model built by hand: its own shape, not the config's variant name
+            kw = st.model_spec["kwargs"]
+            name = "VisionTransformer(" + ", ".join(f"{k}={kw[k]}" for k in (
+                "img_size", "patch_size", "embed_dim", "depth", "num_heads", "in_chans") if k in kw) + ")"
+        print(f"checkpoint {args.model}: model {name}, step {st.step}, data {cfg.data.name} "
+              f"({st.num_classes} classes); input: {st.preprocess.describe()}")
+    elif Path(args.model).suffix in (".safetensors", ".pt", ".pth", ".bin") or Path(args.model).is_dir():
+        what = "is a directory, not a checkpoint file" if Path(args.model).is_dir() else "does not exist"
+        raise FileNotFoundError(f"{args.model} {what}; give a checkpoint file or a model name (visionmoe "
+                                "list-models)")
     else:
         with torch.device("meta"):
             model = create_model(args.model)
@@ -246,6 +252,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _eval_data(cfg, st, args):
     """The data set ``eval`` scores on: the checkpoint's own, or ``--data`` / ``--data-arg``."""
     from ..data import load_dataset
+    from ..train.config import parse_yaml_value
 
     if args.data:
         cfg.data.name = args.data
@@ -254,7 +261,7 @@ def _eval_data(cfg, st, args):
         if "=" not in item:
             raise ValueError(f"--data-arg {item!r} must look like key=value")
         k, v = item.split("=", 1)
-        cfg.data.args[k] = yaml.safe_load(v)
+        cfg.data.args[k] = parse_yaml_value(v, f"--data-arg {k}")
     data = load_dataset(cfg.data.name, **cfg.data.args)
     if data.num_classes != st.num_classes:
         raise ValueError(f"the checkpoint predicts {st.num_classes} classes but {data.name!r} has "
@@ -407,6 +414,8 @@ def _cmd_build_native(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="visionmoe", description="Vision Mixture-of-Experts: train, analyse, deploy.")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="load checkpoints that have no checksum (saved before checksums); only for files you trust")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser(
@@ -638,9 +647,18 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     try:
+        if args.allow_unverified:
+            from ..train.checkpoint import allow_unverified_checkpoints
+
+            with allow_unverified_checkpoints():
+                return args.fn(args)
         return args.fn(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"visionmoe: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # permissions, a full disk, a directory where a file was named: one line, the path
+        where = f": {e.filename}" if e.filename else ""
+        print(f"visionmoe: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         hint = (f"; continue with: visionmoe {' '.join(argv if argv is not None else sys.argv[1:])} --resume"

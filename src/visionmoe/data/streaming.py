@@ -162,13 +162,15 @@ def open_segmentation_folder(root: str | Path, *, images: str = "images", masks:
         test, train = [everything[i] for i in perm[:n_test]], [everything[i] for i in perm[n_test:]]
     if classes is None:
         if num_classes is None:
-            num_classes = 1 + max((_max_label(m, reduce_zero_label) for _, m in train + test), default=0)
+            num_classes = _infer_num_classes([m for _, m in train + test], reduce_zero_label)
         classes = [str(i) for i in range(num_classes)]
     return SegmentationFolderData(root.name, train, test, list(classes), channels=channels,
                                   reduce_zero_label=reduce_zero_label)
 
 
-def _read_mask(path: str, size: int | None, reduce_zero_label: bool) -> np.ndarray:
+def _read_mask(path: str, size: int | None, reduce_zero_label: bool, num_classes: int | None = None) -> np.ndarray:
+    """A label map as class ids (255: ignore); with ``num_classes``, an id outside
+    ``0..num_classes-1`` is refused naming the file (a stray value must not train as a class)."""
     from PIL import Image
 
     with Image.open(path) as im:
@@ -179,13 +181,36 @@ def _read_mask(path: str, size: int | None, reduce_zero_label: bool) -> np.ndarr
         raise ValueError(f"label map {path} must be single-channel class ids, got shape {lab.shape}")
     if reduce_zero_label:
         lab = np.where(lab == 0, 255, lab - 1)
+    if num_classes is not None:
+        bad = lab[(lab >= num_classes) & (lab != 255)]
+        if bad.size:
+            raise ValueError(f"label map {path} has class id {int(bad.max())}, outside 0..{num_classes - 1} (255 = "
+                             "ignore); fix the file, map it to 255, or give the right num_classes")
     return lab
 
 
-def _max_label(path: str, reduce_zero_label: bool) -> int:
+def _labels(path: str, reduce_zero_label: bool) -> set[int]:
     lab = _read_mask(path, None, reduce_zero_label)
-    valid = lab[lab != 255]
-    return int(valid.max()) if valid.size else 0
+    return set(np.unique(lab[lab != 255]).tolist())
+
+
+def _infer_num_classes(masks: list[str], reduce_zero_label: bool) -> int:
+    """``1 + the largest id`` over the label maps; refused when the largest id looks like a
+    stray value: at least 16 and more than twice (the next largest + 1)."""
+    where: dict[int, str] = {}  # class id -> the first label map that has it
+    for m in masks:
+        for v in _labels(m, reduce_zero_label):
+            where.setdefault(v, m)
+    seen = set(where)
+    if not seen:
+        return 1
+    top = max(seen)
+    rest = seen - {top}
+    if rest and top >= 16 and top > 2 * (max(rest) + 1):
+        raise ValueError(f"the label maps use class ids up to {max(rest)} and then {top} (first in {where[top]}): a "
+                         f"stray value would make {top + 1} classes; give num_classes= (ids at or above it are "
+                         "refused) or classes=, or fix that file")
+    return top + 1
 
 
 def native_shape(data: Any) -> tuple[int, int | None]:
@@ -263,6 +288,7 @@ class ModelInputs(Dataset):
         self.folder = isinstance(data, FolderData)
         self.segmentation = getattr(data, "segmentation", False)
         self.reduce_zero_label = getattr(data, "reduce_zero_label", False)
+        self.num_classes = int(data.num_classes) if self.segmentation else None
         self.on_error = getattr(data, "on_error", "raise")
         if self.folder:
             self.items = data.train if split == "train" else data.test
@@ -298,7 +324,8 @@ class ModelInputs(Dataset):
                 return (self.pil_transform(im), target)
             img = self.prep.geometry(_to_tensor(im))
             if self.segmentation:
-                target = torch.from_numpy(_read_mask(target, self.prep.size, self.reduce_zero_label))
+                target = torch.from_numpy(_read_mask(target, self.prep.size, self.reduce_zero_label,
+                                                     self.num_classes))
         else:
             img, target = self.x[i], self.y[i]
         if augment and self.tensor_transform is not None:

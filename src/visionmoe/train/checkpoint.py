@@ -4,16 +4,20 @@ JSON state (step, config, optimizer hyper-parameters, RNG scalars) in its metada
 Written atomically (temporary file in the same folder, fsync, rename), so a crash never
 leaves a half-written checkpoint under the final name; read without unpickling anything.
 A SHA-256 of every tensor's bytes and the JSON state is kept in the metadata and checked on
-load, so a truncated or tampered file is refused (and the newest good sibling named).
+load, so a truncated or damaged file is refused (and the newest good sibling named). The hash
+protects against damage, not against a deliberate rewrite (whoever edits the file can
+recompute it); files without one load only inside :func:`allow_unverified_checkpoints`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import os
 import random
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +27,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .._utils import atomic_write_bytes
+from .._utils import atomic_write_bytes, file_mode, temp_beside
 
 __all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "atomic_write_bytes",
-           "CheckpointError", "ForeignCheckpointError", "verify_checkpoint"]
+           "CheckpointError", "ForeignCheckpointError", "verify_checkpoint", "allow_unverified_checkpoints"]
 
-FORMAT = "visionmoe-checkpoint-v2"  # v2: with a SHA-256; v1 files (no checksum) still load, with a warning
+FORMAT = "visionmoe-checkpoint-v2"  # v2: with a SHA-256; v1 files (no checksum) load only when allowed
 
 
 class CheckpointError(ValueError):
@@ -130,12 +134,12 @@ def save_checkpoint(
         meta["rng"] = rng_meta
     tensors = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_beside(path)
     os.close(fd)
     try:
         meta_json = json.dumps(meta)
         save_file(tensors, tmp, metadata={"visionmoe": meta_json, "sha256": _digest(tensors, meta_json)})
+        os.chmod(tmp, file_mode())  # safetensors re-creates the file
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -151,9 +155,26 @@ def _good_siblings(path: Path) -> list[Path]:
             if p != path and verify_checkpoint(p) is None]
 
 
+_ALLOW_UNVERIFIED: contextvars.ContextVar[bool] = contextvars.ContextVar("allow_unverified", default=False)
+
+
+@contextlib.contextmanager
+def allow_unverified_checkpoints() -> Iterator[None]:
+    """Within the block, checkpoints without a checksum (format v1) load, with a warning. The
+    checksum guards against damage, not against someone who rewrites the file on purpose (they
+    can recompute it): only load files you trust."""
+    token = _ALLOW_UNVERIFIED.set(True)
+    try:
+        yield
+    finally:
+        _ALLOW_UNVERIFIED.reset(token)
+
+
 def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     from safetensors import safe_open
 
+    with open(path, "rb"):  # a file we may not read is not a damaged one: its OSError goes to the caller as is
+        pass
     try:
         tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as f:
@@ -173,9 +194,13 @@ def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     if expected is None:
         if meta.get("format") != "visionmoe-checkpoint-v1":
             raise CheckpointError(f"checkpoint {path} has lost its SHA-256 checksum: it was modified after saving")
+        if not _ALLOW_UNVERIFIED.get():  # anyone can declare the old format: never accept it silently
+            raise CheckpointError(f"checkpoint {path} has no checksum (format v1, from before checksums, or one "
+                                  "stripped and relabelled): it cannot be verified; if you trust the file, pass "
+                                  "--allow-unverified (Python: with allow_unverified_checkpoints(): ...)")
         import warnings
 
-        warnings.warn(f"{path} was saved by an older visionmoe without a checksum; it cannot be verified",
+        warnings.warn(f"{path} was saved by an older visionmoe without a checksum; loaded unverified, as asked",
                       stacklevel=3)
     return tensors, meta
 

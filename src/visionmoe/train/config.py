@@ -254,23 +254,23 @@ def _check(value: Any, tp: Any, path: str) -> Any:
                 return _check(value, option, path)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_short(value)}")
     if origin is Literal:
         if value not in typing.get_args(tp):
-            raise ConfigError(f"{path}: must be one of {list(typing.get_args(tp))}, got {value!r}")
+            raise ConfigError(f"{path}: must be one of {list(typing.get_args(tp))}, got {_short(value)}")
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{path}: expected a mapping, got {_short(value)}")
         return _from_dict(tp, value, path + ".")
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{path}: expected a mapping, got {_short(value)}")
         _, item = typing.get_args(tp) or (Any, Any)
         return {k: _check(v, item, f"{path}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
+            raise ConfigError(f"{path}: expected a list, got {_short(value)}")
         (item,) = typing.get_args(tp) or (Any,)
         return [_check(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
     if tp is float:
@@ -278,21 +278,21 @@ def _check(value: Any, tp: Any, path: str) -> Any:
             try:
                 value = float(value)
             except ValueError:
-                raise ConfigError(f"{path}: expected a number, got {value!r}") from None
+                raise ConfigError(f"{path}: expected a number, got {_short(value)}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
+            raise ConfigError(f"{path}: expected a number, got {_short(value)}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+            raise ConfigError(f"{path}: expected an integer, got {_short(value)}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+            raise ConfigError(f"{path}: expected true or false, got {_short(value)}")
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
+            raise ConfigError(f"{path}: expected a string, got {_short(value)}")
         return value
     return value
 
@@ -344,14 +344,57 @@ def config_to_dict(cfg: ExperimentConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
+#: more values than this (aliases expanded) in one YAML document is refused: a config is small,
+#: and an alias bomb must not exhaust memory when it is copied or printed
+MAX_YAML_VALUES = 100_000
+
+
+def _short(value: Any) -> str:
+    """A bounded repr for error messages (a huge or self-referencing value stays one line)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring, r.maxother, r.maxlist, r.maxdict, r.maxlevel = 60, 60, 6, 6, 3
+    return r.repr(value)
+
+
+def _bounded(value: Any, where: str) -> Any:
+    """``value`` if it holds at most :data:`MAX_YAML_VALUES` values once aliases are expanded."""
+    count, stack = 0, [value]
+    while stack:
+        v = stack.pop()
+        count += 1
+        if count > MAX_YAML_VALUES:
+            raise ConfigError(f"{where}: more than {MAX_YAML_VALUES:,} values (YAML aliases expanded); a config "
+                              "needs far fewer — remove the repeated aliases")
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return value
+
+
+def parse_yaml_value(raw: str, where: str) -> Any:
+    """One ``key=value`` value, parsed with ``yaml.safe_load`` (``None`` when empty); invalid
+    YAML (an unclosed bracket, a tag) is refused in one line naming the entry."""
+    if not raw.strip():
+        return None
+    try:
+        return _bounded(yaml.safe_load(raw), where)
+    except yaml.YAMLError as e:
+        reason = str(getattr(e, "problem", None) or e).splitlines()[0]
+        raise ConfigError(f"{where}: {_short(raw)} is not a valid value ({reason}); close brackets and quotes, "
+                          "e.g. key=[1, 2] or key='text'") from None
+
+
 def apply_overrides(d: dict, overrides: list[str]) -> dict:
     """Apply ``a.b.c=value`` overrides (values parsed with ``yaml.safe_load``) to a dict."""
-    d = yaml.safe_load(yaml.safe_dump(d)) or {}  # deep copy with plain types
+    d = yaml.safe_load(yaml.safe_dump(_bounded(d, "config"))) or {}  # deep copy with plain types
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key.sub=value")
+            raise ConfigError(f"override {_short(item)} must look like key.sub=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = parse_yaml_value(raw, f"override {key.strip()}")
         parts = key.strip().split(".")
         node = d
         for p in parts[:-1]:
@@ -376,6 +419,7 @@ def load_yaml_dict(path: str | Path | None) -> dict:
         d = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML (only plain YAML is accepted): {e}") from e
+    _bounded(d, str(path))
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return d
