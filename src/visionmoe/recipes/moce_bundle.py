@@ -170,8 +170,9 @@ def deploy_bundle(bundle: str | Path | dict, x: Tensor, y: Tensor, *, out: str |
                   progress: bool = True) -> dict:
     """Deploy the bundle for a task whose (prepared) training images are ``x`` with labels ``y``:
     pick the experts with ``select`` (:data:`SELECT_METHODS`), write ``out`` (the dense ViT
-    checkpoint), ``train.yaml`` beside it (fine-tune it on ``data``, ``{"name": ..., "args": ...}``),
-    and the report as JSON and markdown beside it (``dense.json``, ``dense.md``); returns the
+    checkpoint, e.g. ``dense.safetensors``), ``dense.train.yaml`` beside it (fine-tune it on
+    ``data``, ``{"name": ..., "args": ...}``), and the report as JSON and markdown
+    (``dense.json``, ``dense.md``); returns the
     report as a dict. ``bundle``: its folder, or what :func:`load_bundle` returned."""
     from ..train import save_model
 
