@@ -117,7 +117,7 @@ def test_deploy_refuses_bad_input_clearly(bundle, tmp_path, capsys):
 def test_deployed_model_fine_tunes_better_than_random_init(tmp_path):
     """The product's promise on a folder the pre-training never saw: the quick bundle's deployed
     dense ViT fine-tunes to a higher test accuracy than the same fine-tune from random init."""
-    from visionmoe.data import TensorSplits, open_image_folder
+    from visionmoe.data import TensorSplits
     from visionmoe.recipes.moce_bundle import read_task_images
     from visionmoe.recipes.moce_demo import _cfg
     from visionmoe.train import Trainer, config_from_dict, load_trained_model
@@ -131,10 +131,9 @@ def test_deployed_model_fine_tunes_better_than_random_init(tmp_path):
                  "--no-progress"]) == 0
     model, _, st = load_trained_model(dense)
     prep = st.preprocess
-    folder = open_image_folder(root, channels=1)
-    xtr, ytr = read_task_images("image_folder", {"root": str(root), "channels": 1}, prep, limit=None)
-    xte, yte = read_task_images("image_folder", {"root": str(root), "channels": 1}, prep, limit=None, split="test")
-    task = TensorSplits("digits", xtr, ytr, xte, yte, folder.classes)
+    xtr, ytr, classes = read_task_images("image_folder", {"root": str(root), "channels": 1}, prep, limit=None)
+    xte, yte, _ = read_task_images("image_folder", {"root": str(root), "channels": 1}, prep, limit=None, split="test")
+    task = TensorSplits("digits", xtr, ytr, xte, yte, classes)
     accs = {}
     for name, init in (("deployed", model), ("random", type(model)(**model.init_kwargs))):
         init.reset_classifier(10, global_pool="avg")
@@ -168,3 +167,13 @@ def test_docs_own_images_commands_run(tmp_path):
         argv += extra.get(argv[1] if argv[0] == "moce" else argv[0], [])
         assert main(argv + (["--no-progress"] if argv[0] == "moce" else [])) == 0, ln
     assert (tmp_path / "runs" / "my_digits" / "dense.md").is_file()
+
+
+def test_pretrain_on_the_users_own_unlabelled_folder(tmp_path):
+    root = _digits_folder(tmp_path / "pool", per_class=20)  # 200 images; their labels are ignored
+    out = tmp_path / "b"
+    assert main(["moce", "pretrain", "--no-progress", "--pool-root", str(root), "-o", str(out), *TINY,
+                 "per_source=60"]) == 0  # at most 60 x 2 sources = 120 images
+    meta = json.loads((out / "bundle.json").read_text())
+    assert meta["pool"] == {"folder": str(root), "images": 120}
+    assert sum(meta["cluster_sizes"]) == 120 - 12  # a tenth held out for the reconstruction test loss

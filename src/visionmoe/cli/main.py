@@ -66,7 +66,6 @@ def _cmd_moce_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_moce_deploy(args: argparse.Namespace) -> int:
-    from ..data import load_dataset
     from ..recipes.moce_bundle import deploy_bundle, load_bundle, read_task_images
     from ..train.config import apply_overrides
 
@@ -76,8 +75,7 @@ def _cmd_moce_deploy(args: argparse.Namespace) -> int:
         raise ValueError(f"--data {name} takes key=value arguments, got {bad[0]!r} (e.g. root=DIR)")
     data_args = apply_overrides({}, kv)
     bundle = load_bundle(args.bundle)
-    x, y = read_task_images(name, data_args, bundle["preprocessing"], limit=args.max_images, seed=args.seed)
-    classes = list(load_dataset(name, **data_args).classes)
+    x, y, classes = read_task_images(name, data_args, bundle["preprocessing"], limit=args.max_images, seed=args.seed)
     rep = deploy_bundle(bundle, x, y, out=args.output, select=args.select, classes=classes,
                         data={"name": name, "args": data_args}, probe_steps=args.probe_steps, seed=args.seed,
                         progress=not args.no_progress)

@@ -35,6 +35,7 @@ from ..data.preprocess import Preprocessing
 from ..eval import extract_features
 from ..models import count_parameters
 from ..moe.placement import by_scores
+from ..sweep import inference_throughput
 from .moce import MoCEObjective, build_moce, deploy, distinct_candidates, expert_choices, score_candidates
 from .moce_demo import (
     MoCEDemoConfig,
@@ -63,7 +64,7 @@ def _pool(c: MoCEDemoConfig, pool_root: str | Path | None) -> tuple[TensorSplits
                            per_source=c.per_source, seed=0)
         pool = mix.as_splits("source")
         return pool, {"sources": list(mix.sources), "per_source": c.per_source, "images": len(pool.x_train)}
-    x, _ = read_task_images("image_folder", {"root": str(pool_root)}, Preprocessing(size=c.img_size, channels=1),
+    x, _, _ = read_task_images("image_folder", {"root": str(pool_root)}, Preprocessing(size=c.img_size, channels=1),
                             limit=c.per_source * len(c.sources), seed=0, split="all")
     n_test = max(1, len(x) // 10)
     y = torch.zeros(len(x), dtype=torch.long)
@@ -132,10 +133,11 @@ def load_bundle(path: str | Path) -> dict:
 
 
 def read_task_images(name: str, args: dict, prep: Preprocessing, *, limit: int | None = 2000, seed: int = 0,
-                     split: str = "train") -> tuple[Tensor, Tensor]:
-    """A task's images as tensors ``(N, C, H, W)`` prepared with ``prep``, and their labels:
-    a bundled data set by name, or a folder (``image_folder`` with ``root=``), at most
-    ``limit`` images drawn at random (seeded) from the ``split`` (``train``, ``test`` or ``all``)."""
+                     split: str = "train") -> tuple[Tensor, Tensor, list[str]]:
+    """A task's images as tensors ``(N, C, H, W)`` prepared with ``prep``, their labels and the
+    class names: a bundled data set by name, or a folder (``image_folder`` with ``root=``), at
+    most ``limit`` images drawn at random (seeded) from the ``split`` (``train``, ``test`` or
+    ``all``)."""
     data = load_dataset(name, **args)
     if isinstance(data, TensorSplits):
         parts = {"train": [(data.x_train, data.y_train)], "test": [(data.x_test, data.y_test)],
@@ -143,26 +145,14 @@ def read_task_images(name: str, args: dict, prep: Preprocessing, *, limit: int |
         x = torch.cat([prep(p[0]) for p in parts])
         y = torch.cat([p[1] for p in parts])
         idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:limit]
-        return x[idx], y[idx]
+        return x[idx], y[idx], list(data.classes)
     items = {"train": data.train, "test": data.test, "all": data.train + data.test}[split]
     if not items:
         raise ValueError(f"{name} {args}: no images in its {split} split")
     idx = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:limit].tolist()
     x = torch.stack([prep.read(items[i][0]) for i in idx])
     y = torch.tensor([items[i][1] for i in idx], dtype=torch.long)
-    return x, y
-
-
-def _time_per_image(model, x: Tensor, reps: int = 3) -> float:
-    model.eval()
-    with torch.inference_mode():
-        model.forward_features(x[:8])
-        best = float("inf")
-        for _ in range(reps):
-            t = time.perf_counter()
-            model.forward_features(x)
-            best = min(best, time.perf_counter() - t)
-    return best / len(x)
+    return x, y, list(data.classes)
 
 
 def deploy_bundle(bundle: str | Path | dict, x: Tensor, y: Tensor, *, out: str | Path, select: str = "cluster",
@@ -175,6 +165,7 @@ def deploy_bundle(bundle: str | Path | dict, x: Tensor, y: Tensor, *, out: str |
     (``dense.json``, ``dense.md``); returns the
     report as a dict. ``bundle``: its folder, or what :func:`load_bundle` returned."""
     from ..train import save_model
+    from ..train.persist import vit_model_config
 
     if select not in SELECT_METHODS:
         raise ValueError(f"--select must be one of {', '.join(SELECT_METHODS)}, got {select!r}")
@@ -209,15 +200,15 @@ def deploy_bundle(bundle: str | Path | dict, x: Tensor, y: Tensor, *, out: str |
         moe_tokens = moce.eval().forward_features(probe_x, routing_key=torch.full((len(probe_x),), cluster))
         max_diff = float((dense.eval().forward_features(probe_x) - moe_tokens).abs().max())
     timing_x = x[:256]
-    t_dense, t_enc = _time_per_image(dense, timing_x), _time_per_image(enc, timing_x)
+    with torch.inference_mode():  # the demo's throughput measure (sweep.inference_throughput), as ms per image
+        t_dense, t_enc = (1 / inference_throughput(m, timing_x) for m in (dense, enc))
     save_model(out, dense, preprocessing=prep, classes=classes)
     train_yaml = out.with_name(out.stem + ".train.yaml")
-    # the ViT's shape; the classes and channels come from the data (same keys as the checkpoint: token pooling)
-    kwargs = {k: v for k, v in dense.init_kwargs.items() if k not in ("moe", "num_classes", "in_chans")}
     run_root = str(out.parent if ".." not in out.parent.parts else out.parent.resolve())  # run.out_dir refuses ".."
     train_cfg = {
         "description": f"fine-tune the dense ViT deployed from {b['path']} (cluster {cluster})",
-        "model": {"name": "vit_tiny_patch4_32", "args": kwargs, "init": str(out)},
+        # the ViT's shape (same keys as the checkpoint: token pooling); classes and channels from the data
+        "model": {**vit_model_config(dense), "init": str(out)},
         "data": {**(data or {"name": "image_folder", "args": {"root": "DIR"}}), "img_size": prep.size,
                  "channels": prep.channels, "augment": "none", "batch_size": 64},
         "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.05},

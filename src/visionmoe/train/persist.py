@@ -191,6 +191,14 @@ def gradient_step_norm(t: Trainer) -> float:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
 
 
+def vit_model_config(model: nn.Module) -> dict:
+    """The ``model:`` section that builds ``model``'s dense ViT shape from the registry (a ViT
+    variant with its constructor arguments; classes and channels come from the data)."""
+    skip = ("moe", "num_classes", "in_chans")
+    return {"name": "vit_tiny_patch4_32",
+            "args": {k: v for k, v in getattr(model, "init_kwargs", {}).items() if k not in skip}}
+
+
 def save_model(path: str | Path, model: nn.Module, *, preprocessing, classes: list[str] | None = None,
                config: dict | None = None) -> Path:
     """Write ``model`` alone (no optimizer) as a checkpoint that :func:`load_trained_model`,
@@ -202,9 +210,7 @@ def save_model(path: str | Path, model: nn.Module, *, preprocessing, classes: li
 
     spec = model_spec(model)
     if config is None:
-        kwargs = dict(getattr(model, "init_kwargs", {}))
-        kwargs.pop("moe", None)
-        config = config_to_dict(config_from_dict({"model": {"name": "vit_tiny_patch4_32", "args": kwargs}}))
+        config = config_to_dict(config_from_dict({"model": vit_model_config(model)}))
     num_classes = int(getattr(model, "num_classes", 0))
     state = CheckpointState(step=0, config=config, num_classes=num_classes, in_chans=preprocessing.channels,
                             img_size=preprocessing.size, classes=list(classes or []),
