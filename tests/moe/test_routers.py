@@ -73,9 +73,26 @@ def test_cosine_router_logits_are_scaled_cosines():
 def test_l2_router_prefers_nearest_center():
     r = L2Router(2, 3, k=1, scale=1.0)
     with torch.no_grad():
+        r.proj.weight.copy_(torch.eye(2))
         r.centers.copy_(torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]]))
     out = r(torch.tensor([[4.0, 1.0], [0.5, 4.5], [0.1, -0.2]]))
     assert out.indices[:, 0].tolist() == [1, 2, 0]
+
+
+def test_l2_router_measures_distances_in_the_cosine_gates_projected_space():
+    """Sweet spot §4.3.5: identical to the Cos gate (a projection to a low-dimensional space)
+    except for the distance: logits = -scale * ||x W_p - c_e||^2, by hand."""
+    r = L2Router(8, 3, k=1, proj_dim=2, scale=0.5)
+    cos = CosineRouter(8, 3, k=1, proj_dim=2)
+    assert r.proj.weight.shape == cos.proj.weight.shape == (2, 8) and r.centers.shape == (3, 2)
+    with torch.no_grad():
+        r.proj.weight.copy_(torch.tensor([[1.0] + [0.0] * 7, [0.0, 2.0] + [0.0] * 6]))
+        r.centers.copy_(torch.tensor([[0.0, 0.0], [1.0, 2.0], [3.0, -1.0]]))
+    x = torch.zeros(1, 8)
+    x[0, 0], x[0, 1] = 1.0, 1.0  # projects to (1, 2)
+    want = [-0.5 * (1 + 4), -0.5 * 0.0, -0.5 * (4 + 9)]
+    torch.testing.assert_close(r.compute_logits(x), torch.tensor([want]))
+    assert L2Router(8, 3).scale == pytest.approx(1 / 8 ** 0.5)  # proj_dim capped at the width 8
 
 
 def test_pooled_router_routes_images_by_cls_token():

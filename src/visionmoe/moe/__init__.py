@@ -15,7 +15,9 @@ from .routers import (
     Router,
     RouterOutput,
     TaskRouter,
+    update_balance_biases,
 )
+from .soft import SoftMoE, SoftRouter
 from .upcycle import (
     ChannelsFirst,
     extract_expert_state_dict,
@@ -45,6 +47,9 @@ __all__ = [
     "PooledRouter",
     "ClusterRouter",
     "TaskRouter",
+    "SoftMoE",
+    "SoftRouter",
+    "update_balance_biases",
     "moe_layers",
     "collect_aux_loss",
     "collect_routing_stats",

@@ -13,12 +13,24 @@ from .._utils import did_you_mean
 from .dispatch import SortedDispatcher
 from .experts import Experts
 from .layer import MoE
-from .routers import ClusterRouter, CosineRouter, L2Router, LinearRouter, PooledRouter, TaskRouter
+from .routers import (
+    BALANCES,
+    DEFAULT_AUX_WEIGHTS,
+    SCORES,
+    SELECTIONS,
+    ClusterRouter,
+    CosineRouter,
+    L2Router,
+    LinearRouter,
+    PooledRouter,
+    TaskRouter,
+)
+from .soft import SoftMoE, SoftRouter
 
 __all__ = ["MoEConfig", "build_moe", "ROUTERS", "ROUTINGS"]
 
-#: token-level gate types
-ROUTERS: dict[str, type] = {"linear": LinearRouter, "cosine": CosineRouter, "l2": L2Router}
+#: gate types; ``soft`` builds a Soft MoE layer (slots instead of discrete routing)
+ROUTERS: dict[str, type] = {"linear": LinearRouter, "cosine": CosineRouter, "l2": L2Router, "soft": SoftRouter}
 #: routing granularity: per token, per image by CLS token / mean token, per image by a key
 ROUTINGS = ("token", "cls", "mean", "cluster", "task")
 
@@ -50,6 +62,21 @@ class MoEConfig:
             Used by the :class:`~visionmoe.train.Trainer` under ``torchrun``.
         recompute_activation: recompute each expert's GELU in backward instead of keeping
             it (less activation memory, ~3% slower; :class:`~visionmoe.moe.experts.Experts`).
+        selection: ``topk`` (each unit its K experts) or ``expert_choice`` (each expert its
+            top ``ceil(capacity_factor * S / E)`` units, Zhou et al. 2022; ``capacity_factor``
+            is then expert choice's factor, default 1, and nothing else is dropped).
+        balance: ``aux`` (the auxiliary losses) or ``loss_free`` (DeepSeek-V3's selection
+            bias, moved by ``balance_rate`` after every optimizer step).
+        balance_rate: loss-free balancing's bias step (1e-3).
+        score: ``softmax`` or ``sigmoid`` gate scores (sigmoid: normalised over the chosen K).
+        slots_per_expert: Soft MoE's slots p per expert (``router: soft``).
+        num_shared_experts: shared experts when ``shared_expert`` (DeepSeekMoE; they act as
+            one MLP of ``num_shared_experts * shared_hidden`` units).
+        router_args: extra arguments of the gate class (``cosine``: ``proj_dim``,
+            ``init_temperature``; ``l2``: ``proj_dim``, ``scale``; ``soft``: ``normalize``).
+
+    Expert choice and Soft MoE need no auxiliary loss: the V-MoE default ``aux_weights`` are
+    not applied to them (give other weights explicitly to apply those).
     """
 
     num_experts: int = 8
@@ -70,6 +97,13 @@ class MoEConfig:
     aux_weights: dict[str, float] = field(default_factory=lambda: {"importance": 0.005, "load": 0.005})
     expert_parallel: int = 1
     recompute_activation: bool = False
+    selection: str = "topk"
+    balance: str = "aux"
+    balance_rate: float = 1e-3
+    score: str = "softmax"
+    slots_per_expert: int = 1
+    num_shared_experts: int = 1
+    router_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.num_experts < 1:
@@ -85,6 +119,26 @@ class MoEConfig:
             raise ValueError(_unknown("moe.router", self.router, ROUTERS))
         if self.routing not in ROUTINGS:
             raise ValueError(_unknown("moe.routing", self.routing, ROUTINGS))
+        for name, value, choices in (("selection", self.selection, SELECTIONS), ("balance", self.balance, BALANCES),
+                                     ("score", self.score, SCORES)):
+            if value not in choices:
+                raise ValueError(_unknown(f"moe.{name}", value, choices))
+        if self.selection == "expert_choice" and (self.balance != "aux" or self.score != "softmax"):
+            raise ValueError("moe.selection=expert_choice is balanced by construction: leave moe.balance=aux and "
+                             "moe.score=softmax")
+        if self.router == "soft":
+            if self.routing != "token" or self.selection != "topk" or self.balance != "aux":
+                raise ValueError("moe.router=soft mixes every image's tokens into slots: leave moe.routing=token, "
+                                 "moe.selection=topk and moe.balance=aux")
+            if self.slots_per_expert < 1:
+                raise ValueError(f"moe.slots_per_expert must be >= 1, got {self.slots_per_expert}")
+        if self.num_shared_experts < 1:
+            raise ValueError(f"moe.num_shared_experts must be >= 1, got {self.num_shared_experts}")
+        if self.balance_rate < 0:
+            raise ValueError(f"moe.balance_rate must be >= 0, got {self.balance_rate}")
+        if not isinstance(self.router_args, Mapping):
+            raise ValueError(f"moe.router_args must be a mapping of argument names to values, got "
+                             f"{self.router_args!r}")
         if self.routing in ("cluster", "task") and self.num_keys < 1:
             raise ValueError(f"moe.routing={self.routing!r} needs moe.num_keys >= 1 (number of {self.routing}s)")
         for f in dataclasses.fields(self):  # a YAML "yes" or 1 would pass as true silently
@@ -127,24 +181,38 @@ def build_moe(
 ) -> MoE:
     """Build one :class:`MoE` layer of width ``dim`` from ``cfg``; experts default to
     ``hidden`` units like the dense MLP they replace."""
-    router_kwargs = dict(noise_std=cfg.noise_std, renormalize=cfg.renormalize, aux_weights=cfg.aux_weights)
-    if cfg.routing in ("cluster", "task"):
-        cls = ClusterRouter if cfg.routing == "cluster" else TaskRouter
-        router: nn.Module = cls(cfg.num_keys, cfg.num_experts, cfg.top_k, embed_dim=cfg.key_dim, **router_kwargs)
-    else:
-        router = ROUTERS[cfg.router](dim, cfg.num_experts, cfg.top_k, **router_kwargs)
-        if cfg.routing in ("cls", "mean"):
-            router = PooledRouter(router, pool=cfg.routing)
     experts = Experts(cfg.num_experts, dim, cfg.expert_hidden or hidden, act_layer=act_layer, bias=bias, drop=drop,
                       recompute=cfg.recompute_activation)
-    dispatcher = SortedDispatcher(
-        capacity_factor=cfg.capacity_factor, eval_capacity_factor=cfg.eval_capacity_factor, bpr=cfg.bpr
-    )
     shared = None
     if cfg.shared_expert:
         from timm.layers import Mlp
 
-        shared = Mlp(dim, cfg.shared_hidden or hidden, act_layer=_act_type(act_layer), bias=bias, drop=drop)
+        shared = Mlp(dim, cfg.num_shared_experts * (cfg.shared_hidden or hidden), act_layer=_act_type(act_layer),
+                     bias=bias, drop=drop)
+    args = dict(cfg.router_args)
+    if cfg.router == "soft":
+        soft = SoftRouter(dim, cfg.num_experts, cfg.slots_per_expert, noise_std=cfg.noise_std, **args)
+        return SoftMoE(router=soft, experts=experts, shared_expert=shared)
+    ec = cfg.selection == "expert_choice"
+    aux = {} if ec and dict(cfg.aux_weights) == DEFAULT_AUX_WEIGHTS else cfg.aux_weights
+    router_kwargs = dict(noise_std=cfg.noise_std, renormalize=cfg.renormalize, aux_weights=aux,
+                         selection=cfg.selection, balance=cfg.balance, balance_rate=cfg.balance_rate, score=cfg.score)
+    if ec:
+        router_kwargs.update(capacity_factor=cfg.capacity_factor or 1.0, eval_capacity_factor=cfg.eval_capacity_factor)
+    if cfg.routing in ("cluster", "task"):
+        cls = ClusterRouter if cfg.routing == "cluster" else TaskRouter
+        router: nn.Module = cls(cfg.num_keys, cfg.num_experts, cfg.top_k, embed_dim=cfg.key_dim, **router_kwargs,
+                                **args)
+    else:
+        try:
+            router = ROUTERS[cfg.router](dim, cfg.num_experts, cfg.top_k, **router_kwargs, **args)
+        except TypeError as e:  # a misspelt or foreign router_args key
+            raise ValueError(f"moe.router_args {sorted(args)} do not fit the {cfg.router!r} gate ({e}); see "
+                             "MoEConfig.router_args for the arguments each gate takes") from None
+        if cfg.routing in ("cls", "mean"):
+            router = PooledRouter(router, pool=cfg.routing)
+    dispatcher = SortedDispatcher(capacity_factor=None if ec else cfg.capacity_factor,
+                                  eval_capacity_factor=None if ec else cfg.eval_capacity_factor, bpr=cfg.bpr)
     return MoE(router=router, experts=experts, dispatcher=dispatcher, shared_expert=shared)
 
 

@@ -44,7 +44,8 @@ class DispatchInfo:
     """Bookkeeping of one dispatch.
 
     Attributes:
-        counts: ``(E,)`` assignments each expert was asked to take (all K choices).
+        counts: ``(E,)`` assignments each expert was asked to take (all K choices, or those
+            the router chose).
         kept_counts: ``(E,)`` assignments each expert processed (after capacity).
         kept: ``(S, K)`` bool, False for dropped assignments.
         capacity: C in units, or None when dropless.
@@ -118,13 +119,18 @@ class SortedDispatcher(nn.Module):
             rank = torch.arange(num_units, device=device)
         priority = (torch.arange(k, device=device)[:, None] * num_units + rank[None, :]).reshape(-1)
         perm = (flat_e * n_assign + priority).sort().indices  # (K*S,) grouped by expert, by priority
-        counts = torch.bincount(flat_e, minlength=num_experts)  # (E,)
+        if route.chosen is not None:  # the router took only some assignments (expert choice)
+            taken = route.chosen.t().reshape(-1)  # (K*S,)
+            perm = perm[taken[perm]]  # still grouped by expert, in priority order
+            counts = torch.bincount(flat_e[taken], minlength=num_experts)
+        else:
+            counts = torch.bincount(flat_e, minlength=num_experts)  # (E,)
 
         if capacity is None or capacity >= n_assign:
             kept_perm, kept_counts = perm, counts
         else:
             starts = counts.cumsum(0) - counts  # (E,)
-            slot = torch.arange(n_assign, device=device) - starts[flat_e[perm]]  # (K*S,)
+            slot = torch.arange(perm.numel(), device=device) - starts[flat_e[perm]]  # (A,) A = assignments taken
             kept_perm = perm[slot < capacity]  # (N,)
             kept_counts = counts.clamp(max=capacity)
 

@@ -65,6 +65,9 @@ class MoEResult:
             "max_load": float(load.max()) if load.numel() else 0.0,
             "load": [round(v, 4) for v in load.tolist()],
         }
+        if "experts_per_unit" in self.extra:  # expert choice: share of units with 0, 1, ..., E experts
+            h = self.extra["experts_per_unit"].float()
+            out["experts_per_unit"] = [round(v, 4) for v in (h / h.sum().clamp_min(1)).tolist()]
         out.update({f"aux_{k}": float(v) for k, v in self.aux.items()})
         return out
 
@@ -148,6 +151,8 @@ class MoE(nn.Module):
         self.last = self._record(route, info, units)
         if self.keep_probs:
             self.last.extra["probs"] = route.probs
+        if route.chosen is not None:  # expert choice: how many experts each unit got (0..E)
+            self.last.extra["experts_per_unit"] = torch.bincount(info.kept.sum(-1), minlength=self.num_experts + 1)
         return y
 
     def _forward_static(self, x: Tensor, units: Tensor, route: RouterOutput) -> Tensor:

@@ -12,6 +12,18 @@ Gating follows V-MoE (google-research/vmoe ``NoisyTopExpertsPerItemRouter``): in
 training with ``noise_std > 0`` the logits get Gaussian noise of std ``noise_std / E``;
 gates are ``softmax(noisy logits)``; the top-k gate values are the combine weights,
 *not* renormalised unless ``renormalize=True``.
+
+Every gate type (linear, cosine, L2, pooled, cluster) also selects in two other ways:
+
+- ``selection="expert_choice"`` (Zhou et al. 2022; vmoe ``NoisyTopItemsPerExpertRouter``):
+  each expert takes its top ``C = ceil(capacity_factor * S / E)`` units by gate probability,
+  so a unit gets 0..E experts and no expert is over- or under-loaded; the output lists every
+  expert per unit (K = E, best first) with ``chosen`` marking the assignments taken.
+- ``balance="loss_free"`` (DeepSeek-V3; torchtitan's ``expert_bias``): a per-expert bias is
+  added to the scores for the top-k *selection* only, never to the combine weights, and moved
+  after every optimizer step by ``rate * sign(mean load - load)``
+  (:func:`update_balance_biases`); ``score="sigmoid"`` gates with sigmoids normalised over
+  the chosen k.
 """
 
 from __future__ import annotations
@@ -36,11 +48,21 @@ __all__ = [
     "ClusterRouter",
     "TaskRouter",
     "DEFAULT_AUX_WEIGHTS",
+    "SELECTIONS",
+    "BALANCES",
+    "SCORES",
+    "update_balance_biases",
 ]
 
 #: V-MoE defaults: importance and load losses, 0.005 each.
 DEFAULT_AUX_WEIGHTS: dict[str, float] = {"importance": 0.005, "load": 0.005}
 AUX_LOSS_NAMES = ("importance", "load", "gshard", "z", "imbalance")
+#: how units and experts are matched: each unit its top-k experts, or each expert its top-C units
+SELECTIONS = ("topk", "expert_choice")
+#: how the load is balanced: the auxiliary losses only, or a selection bias moved each step
+BALANCES = ("aux", "loss_free")
+#: gate scores: softmax over the experts, or independent sigmoids (normalised over the chosen k)
+SCORES = ("softmax", "sigmoid")
 
 
 @dataclass
@@ -55,6 +77,8 @@ class RouterOutput:
         aux: unweighted auxiliary losses by name (scalars).
         aux_loss: weighted sum of the auxiliary losses (scalar).
         kept: ``(S, K)`` bool, filled by the dispatcher: False where capacity dropped it.
+        chosen: ``(S, K)`` bool or None: the assignments the router took (expert choice lists
+            all E experts per unit and takes only these); None = all K.
     """
 
     indices: Tensor
@@ -64,6 +88,7 @@ class RouterOutput:
     aux: dict[str, Tensor] = field(default_factory=dict)
     aux_loss: Tensor | None = None
     kept: Tensor | None = None
+    chosen: Tensor | None = None
 
     @property
     def num_experts(self) -> int:
@@ -102,6 +127,13 @@ class Router(nn.Module):
         aux_weights: weights of the auxiliary losses by name
             (``importance``, ``load``, ``gshard``, ``z``, ``imbalance``);
             default V-MoE's ``{"importance": 0.005, "load": 0.005}``.
+        selection: ``"topk"`` or ``"expert_choice"`` (each expert its top
+            ``ceil(capacity_factor * S / E)`` units; ``k`` is then E).
+        capacity_factor: expert choice's C factor (mean experts per unit), default 1;
+            ``eval_capacity_factor`` in eval mode when given.
+        balance: ``"aux"`` or ``"loss_free"`` (a selection bias, see the module docstring).
+        balance_rate: the bias step ``u`` of loss-free balancing (DeepSeek-V3: 1e-3).
+        score: ``"softmax"`` or ``"sigmoid"``.
     """
 
     level: str = "token"
@@ -115,16 +147,42 @@ class Router(nn.Module):
         noise_std: float = 0.0,
         renormalize: bool = False,
         aux_weights: Mapping[str, float] | None = None,
+        selection: str = "topk",
+        capacity_factor: float = 1.0,
+        eval_capacity_factor: float | None = None,
+        balance: str = "aux",
+        balance_rate: float = 1e-3,
+        score: str = "softmax",
     ) -> None:
         super().__init__()
+        for name, value, choices in (("selection", selection, SELECTIONS), ("balance", balance, BALANCES),
+                                     ("score", score, SCORES)):
+            if value not in choices:
+                raise ValueError(f"router {name} must be one of {list(choices)}, got {value!r}")
+        if selection == "expert_choice":
+            for name, cf in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
+                if cf is not None and not cf > 0:
+                    raise ValueError(f"expert choice needs {name} > 0, got {cf}")
+            if balance != "aux" or score != "softmax":
+                raise ValueError("expert choice is balanced by construction: use balance='aux' and score='softmax' "
+                                 "with it")
+            k = num_experts  # every expert listed per unit; `chosen` marks the ones taken
         _validate_k(num_experts, k)
         if noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+        if balance_rate < 0:
+            raise ValueError(f"balance_rate must be >= 0, got {balance_rate}")
         self.num_experts = num_experts
         self.k = k
         self.noise_std = float(noise_std)
         self.renormalize = renormalize
         self.aux_weights = _validate_aux(aux_weights)
+        self.selection, self.capacity_factor = selection, float(capacity_factor)
+        self.eval_capacity_factor = None if eval_capacity_factor is None else float(eval_capacity_factor)
+        self.balance, self.balance_rate, self.score = balance, float(balance_rate), score
+        if balance == "loss_free":
+            self.register_buffer("balance_bias", torch.zeros(num_experts))  # saved in checkpoints
+            self.register_buffer("load_count", torch.zeros(num_experts), persistent=False)
 
     def compute_logits(self, x: Tensor, key: Tensor | None = None) -> Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -134,15 +192,34 @@ class Router(nn.Module):
         return self.gate(logits)
 
     def gate(self, logits: Tensor) -> RouterOutput:
-        """Noisy top-k gating on ``logits: (S, E)`` with the auxiliary losses."""
+        """Noisy top-k gating on ``logits: (S, E)`` with the auxiliary losses (or expert
+        choice, loss-free balancing, sigmoid scores as configured)."""
         num_experts = logits.shape[-1]
         std = self.noise_std / num_experts
         noisy = self.training and std > 0
         noisy_logits = logits + std * torch.randn_like(logits) if noisy else logits
-        probs = noisy_logits.float().softmax(dim=-1)  # (S, E) dispatch gates
-        clean_probs = logits.float().softmax(dim=-1) if noisy else probs
-        weights, indices = probs.topk(self.k, dim=-1)  # (S, K)
-        if self.renormalize and self.k == 1:
+        if self.score == "sigmoid":
+            scores = noisy_logits.float().sigmoid()  # (S, E) independent gate scores
+            probs = scores / scores.sum(-1, keepdim=True).clamp_min(1e-9)  # for statistics and BPR
+            clean_probs = logits.float().sigmoid() if noisy else scores
+            clean_probs = clean_probs / clean_probs.sum(-1, keepdim=True).clamp_min(1e-9)
+        else:
+            scores = probs = noisy_logits.float().softmax(dim=-1)  # (S, E) dispatch gates
+            clean_probs = logits.float().softmax(dim=-1) if noisy else probs
+        chosen = None
+        if self.selection == "expert_choice":
+            indices, weights, chosen = self._expert_choice(probs)
+        elif self.balance == "loss_free":
+            indices = (scores.detach() + self.balance_bias).topk(self.k, dim=-1).indices  # the bias only selects
+            weights = scores.gather(-1, indices)
+            if self.training:
+                with torch.no_grad():
+                    self.load_count += torch.bincount(indices.reshape(-1), minlength=num_experts).to(self.load_count)
+        else:
+            weights, indices = scores.topk(self.k, dim=-1)  # (S, K)
+        if self.score == "sigmoid" and self.k > 1:  # DeepSeek-V3: sigmoid scores normalised over the chosen k
+            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-9)
+        elif (self.renormalize or self.score == "sigmoid") and self.k == 1:
             # the renormalised top-1 weight is exactly 1, which would leave the router no gradient
             # from the task loss; p / stop_grad(p) is 1 in value with the gradient of log p
             weights = weights / weights.detach().clamp_min(1e-9)
@@ -158,7 +235,34 @@ class Router(nn.Module):
             logits=logits,
             aux=aux,
             aux_loss=aux_loss,
+            chosen=chosen,
         )
+
+    def expert_choice_capacity(self, num_units: int) -> int:
+        """C of expert choice: ``ceil(capacity_factor * S / E)`` units per expert (the eval
+        factor in eval mode when set), at least 1 and at most S."""
+        cf = self.eval_capacity_factor if not self.training and self.eval_capacity_factor else self.capacity_factor
+        return max(1, min(num_units, math.ceil(cf * num_units / self.num_experts)))
+
+    def _expert_choice(self, probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Each expert's top-C units by gate probability (ties: the earlier unit first, the
+        same on every device): ``(indices, weights, chosen)``, each ``(S, E)``, every unit's
+        experts ordered chosen-and-best first."""
+        num_units, num_experts = probs.shape
+        chosen = torch.zeros_like(probs, dtype=torch.bool)
+        # a stable descending sort: equal probabilities keep the earlier unit. ONNX has no stable
+        # sort, so an export uses topk (exact ties of real-valued gates are what it may order differently)
+        exporting = torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+        if num_units:
+            c = self.expert_choice_capacity(num_units)
+            p = probs.detach().t()  # (E, S)
+            top = p.topk(c, dim=-1).indices if exporting else p.argsort(dim=-1, descending=True, stable=True)[:, :c]
+            chosen[top.t(), torch.arange(num_experts, device=probs.device)[None, :]] = True
+        rank = torch.where(chosen, probs.detach() + 2.0, probs.detach())  # chosen experts first, best first
+        order = rank.topk(num_experts, dim=-1).indices if exporting else rank.argsort(dim=-1, descending=True,
+                                                                                       stable=True)
+        chosen = chosen.gather(-1, order)
+        return order, probs.gather(-1, order) * chosen, chosen  # weight 0 where not taken
 
     def _aux_losses(
         self,
@@ -183,8 +287,28 @@ class Router(nn.Module):
             aux["imbalance"] = L.imbalance_loss(clean_probs)
         return aux
 
+    @torch.no_grad()
+    def update_balance_bias(self, group=None) -> None:
+        """Loss-free balancing's step: ``bias += rate * sign(mean load - load)`` from the
+        units each expert was given since the last call (summed over the ranks of ``group``
+        when a process group is running, so every rank moves its copy the same way)."""
+        if self.balance != "loss_free":
+            return
+        load = self.load_count
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(load, group=group)
+        if load.sum() > 0:
+            self.balance_bias += self.balance_rate * torch.sign(load.mean() - load)
+        load.zero_()
+
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, k={self.k}, noise_std={self.noise_std}"
+        extra = "" if self.selection == "topk" else f", selection={self.selection!r}, " \
+            f"capacity_factor={self.capacity_factor}"
+        extra += "" if self.balance == "aux" else f", balance={self.balance!r}, balance_rate={self.balance_rate}"
+        extra += "" if self.score == "softmax" else f", score={self.score!r}"
+        return f"num_experts={self.num_experts}, k={self.k}, noise_std={self.noise_std}" + extra
 
 
 class LinearRouter(Router):
@@ -236,21 +360,26 @@ class CosineRouter(Router):
 
 
 class L2Router(Router):
-    """L2 router (Sweet-spot paper): ``logits = -||x - c_e||^2 / sqrt(D)`` over learned
-    expert embeddings ``c_e``. The ``1/sqrt(D)`` scale keeps the softmax from saturating
-    at initialisation; set ``scale=1.0`` for the raw negative squared distance.
+    """L2 gate (Sweet-spot paper §4.3.5: "identical to the Cos gate, except that it employs the
+    L2-distance"): a linear projection into the same ``proj_dim``-dimensional space as
+    :class:`CosineRouter`, then ``logits = -scale * ||x W_p - c_e||^2`` to learned codes
+    ``c_e``. ``scale`` defaults to ``1/sqrt(proj_dim)`` so the softmax does not saturate at
+    initialisation.
     """
 
-    def __init__(self, dim: int, num_experts: int, k: int = 1, *, scale: float | None = None, **kwargs):
+    def __init__(self, dim: int, num_experts: int, k: int = 1, *, proj_dim: int = 256, scale: float | None = None,
+                 **kwargs):
         super().__init__(num_experts, k, **kwargs)
         self.dim = dim
-        self.centers = nn.Parameter(torch.randn(num_experts, dim) * 0.02)
-        self.scale = 1.0 / math.sqrt(dim) if scale is None else scale
+        proj_dim = min(proj_dim, dim)
+        self.proj = nn.Linear(dim, proj_dim, bias=False)
+        self.centers = nn.Parameter(torch.randn(num_experts, proj_dim) * 0.02)
+        self.scale = 1.0 / math.sqrt(proj_dim) if scale is None else scale
+        nn.init.normal_(self.proj.weight, std=0.02)
 
     def compute_logits(self, x: Tensor, key: Tensor | None = None) -> Tensor:
-        d2 = (
-            x.pow(2).sum(-1, keepdim=True) - 2 * x @ self.centers.t() + self.centers.pow(2).sum(-1)
-        )  # (S, E)
+        h = self.proj(x)  # (S, P)
+        d2 = h.pow(2).sum(-1, keepdim=True) - 2 * h @ self.centers.t() + self.centers.pow(2).sum(-1)  # (S, E)
         return -self.scale * d2
 
 
@@ -350,3 +479,14 @@ class TaskRouter(ClusterRouter):
     """Route whole images by a task id through a learned task-embedding table."""
 
     key_name = "task"
+
+
+def update_balance_biases(model: nn.Module, group=None) -> int:
+    """Move the selection bias of every loss-free-balanced router of ``model`` (call after each
+    optimizer step; the :class:`~visionmoe.train.Trainer` does). Returns how many moved."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Router) and m.balance == "loss_free":
+            m.update_balance_bias(group)
+            n += 1
+    return n

@@ -255,8 +255,15 @@ def moeify(
         up = upcycle_mlp_state_dict(sd, cfg.num_experts, noise=noise, generator=g, shared_expert=False)
         _, unexpected = layer.load_state_dict(up, strict=False)
         assert not unexpected, unexpected
-        if cfg.shared_expert:  # same weights as the dense MLP, in the shared expert's (linear) layout
-            layer.shared_expert.load_state_dict({k: v for k, v in sd.items()})
+        if cfg.shared_expert:  # the dense MLP, in the shared expert's (linear) layout; with n shared
+            n = cfg.num_shared_experts  # experts, n copies whose fc2 is divided by n: still the dense MLP
+            shared = dict(sd)
+            if n > 1:
+                shared["fc1.weight"] = sd["fc1.weight"].repeat(n, 1)
+                if "fc1.bias" in sd:
+                    shared["fc1.bias"] = sd["fc1.bias"].repeat(n)
+                shared["fc2.weight"] = sd["fc2.weight"].repeat(1, n) / n
+            layer.shared_expert.load_state_dict(shared)
         layer.to(device=fc1.weight.device, dtype=fc1.weight.dtype)
         block.mlp = ChannelsFirst(layer) if kind == "conv1x1" else layer
     return model

@@ -35,6 +35,7 @@ from ..data.streaming import (
 from ..models import count_parameters
 from ..moe.layer import collect_aux_loss
 from ..moe.parallel import TRAFFIC, shard_experts
+from ..moe.routers import update_balance_biases
 from ..objectives import create_objective
 from .build import RunExistsError, TrainingDiverged, build_model, build_optimizer, cosine_lr, seed_everything
 from .checkpoint import verify_checkpoint
@@ -220,6 +221,7 @@ class Trainer:
             scaler.update()
         else:
             self.optimizer.step()
+        update_balance_biases(self.model)  # loss-free balancing: each router's selection bias, after the step
         if self.ema is not None:
             self.ema.update(self.model, step=self.step)
         self.step += 1

@@ -1,0 +1,279 @@
+"""Expert choice, loss-free balancing, sigmoid gating and Soft MoE against independent
+references: per-expert / per-token loops and the papers' formulas on hand numbers."""
+
+import math
+
+import pytest
+import torch
+
+from visionmoe.moe import (
+    Experts,
+    LinearRouter,
+    MoE,
+    MoEConfig,
+    PooledRouter,
+    SoftMoE,
+    SoftRouter,
+    build_moe,
+    moeify,
+    update_balance_biases,
+)
+
+
+def _experts(e=4, d=6, h=8, seed=0):
+    torch.manual_seed(seed)
+    return Experts(e, d, h)
+
+
+# ------------------------------------------------------------------ expert choice
+def _ec_reference(probs: torch.Tensor, c: int) -> torch.Tensor:
+    """(S, E) bool: expert e takes the c units of highest probability, earlier unit first on ties."""
+    s, e = probs.shape
+    chosen = torch.zeros(s, e, dtype=torch.bool)
+    for j in range(e):
+        order = sorted(range(s), key=lambda i: (-float(probs[i, j].detach()), i))
+        for i in order[:c]:
+            chosen[i, j] = True
+    return chosen
+
+
+def test_expert_choice_matches_a_per_expert_loop():
+    torch.manual_seed(0)
+    r = LinearRouter(6, 4, selection="expert_choice", capacity_factor=2.0, aux_weights={})
+    experts = _experts()
+    moe = MoE(router=r, experts=experts).train()
+    x = torch.randn(10, 6)
+    y = moe(x)
+    probs = r.proj(x).softmax(-1)
+    c = math.ceil(2.0 * 10 / 4)  # 5 units per expert
+    chosen = _ec_reference(probs, c)
+    want = torch.zeros_like(x)
+    for i in range(10):
+        for j in range(4):
+            if chosen[i, j]:
+                want[i] += probs[i, j] * experts.expert(x[i : i + 1], j)[0]
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+    # every expert took exactly C units; a unit gets 0..E experts, E*C assignments in all
+    assert moe.last.kept_counts.tolist() == [c] * 4
+    hist = moe.last.extra["experts_per_unit"]
+    assert hist.sum() == 10 and (hist * torch.arange(5)).sum() == 4 * c
+    assert torch.equal(hist, torch.bincount(chosen.sum(-1), minlength=5))
+    assert moe.last.stats()["experts_per_unit"][0] == pytest.approx(float(hist[0]) / 10, abs=1e-4)
+    # the gradient reaches the router through the chosen gate values
+    y.sum().backward()
+    assert r.proj.weight.grad.abs().sum() > 0
+
+
+def test_expert_choice_ties_keep_the_earlier_units_and_eval_factor_applies():
+    r = LinearRouter(3, 2, selection="expert_choice", capacity_factor=1.0, eval_capacity_factor=2.0, aux_weights={})
+    with torch.no_grad():
+        r.proj.weight.zero_()  # every probability 0.5: all ties
+    out = r.train()(torch.randn(6, 3))
+    assert out.chosen.any(-1).tolist() == [True] * 3 + [False] * 3  # C = 3: units 0-2, for both experts
+    assert r.eval().expert_choice_capacity(6) == 6  # ceil(2 * 6 / 2)
+    assert (r(torch.randn(6, 3)).chosen.sum(-1) == 2).all()
+
+
+def test_expert_choice_with_image_level_units():
+    torch.manual_seed(1)
+    inner = LinearRouter(6, 4, selection="expert_choice", capacity_factor=1.0, aux_weights={})
+    moe = MoE(router=PooledRouter(inner, pool="cls"), experts=_experts()).eval()
+    x = torch.randn(8, 5, 6)  # 8 images of 5 tokens
+    y = moe(x)
+    probs = inner.proj(x[:, 0]).softmax(-1)
+    chosen = _ec_reference(probs, 2)  # ceil(8 / 4) images per expert
+    want = torch.zeros_like(x)
+    for b in range(8):
+        for j in range(4):
+            if chosen[b, j]:
+                want[b] += probs[b, j] * moe.experts.expert(x[b], j)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+    assert moe.last.tokens_per_expert.tolist() == [2 * 5] * 4
+
+
+def test_expert_choice_from_config_needs_no_aux_loss_and_refuses_balance():
+    layer = build_moe(6, 8, MoEConfig(num_experts=4, selection="expert_choice", capacity_factor=1.5))
+    assert layer.router.selection == "expert_choice" and layer.router.capacity_factor == 1.5
+    assert layer.router.aux_weights == {} and layer.dispatcher.capacity_factor is None
+    with pytest.raises(ValueError, match="balanced by construction"):
+        MoEConfig(selection="expert_choice", balance="loss_free")
+    with pytest.raises(ValueError, match=r"unknown moe.selection 'expert_choise'.*expert_choice"):
+        MoEConfig(selection="expert_choise")
+
+
+# ------------------------------------------------------------------ loss-free balancing
+def test_loss_free_bias_selects_but_does_not_weight():
+    r = LinearRouter(3, 3, k=1, balance="loss_free", balance_rate=0.1, aux_weights={}).train()
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        r.balance_bias.copy_(torch.tensor([0.0, 0.0, 10.0]))  # expert 2 wins every selection
+    out = r(x)
+    probs = r.proj(x).softmax(-1)
+    assert out.indices[:, 0].tolist() == [2] * 5
+    torch.testing.assert_close(out.weights[:, 0], probs[:, 2])  # the unbiased gate value
+    assert r.load_count.tolist() == [0.0, 0.0, 5.0]
+    # bias += rate * sign(mean load - load): mean 5/3, loads (0, 0, 5)
+    assert update_balance_biases(torch.nn.Sequential(r)) == 1
+    torch.testing.assert_close(r.balance_bias, torch.tensor([0.1, 0.1, 9.9]))
+    assert r.load_count.sum() == 0  # counted afresh for the next step
+    assert "balance_bias" in r.state_dict() and "load_count" not in r.state_dict()  # saved in checkpoints
+
+
+def test_sigmoid_scores_normalised_over_the_chosen_k():
+    r = LinearRouter(4, 4, k=2, score="sigmoid", aux_weights={})
+    x = torch.randn(3, 4)
+    out = r.eval()(x)
+    s = r.proj(x).sigmoid()
+    top = s.topk(2, dim=-1)
+    torch.testing.assert_close(out.weights, top.values / top.values.sum(-1, keepdim=True))
+    assert torch.equal(out.indices, top.indices)
+    r1 = LinearRouter(4, 4, k=1, score="sigmoid", aux_weights={})  # k=1: weight 1, still a gradient
+    w = r1(x).weights
+    torch.testing.assert_close(w, torch.ones_like(w))
+    w.sum().backward()
+    assert r1.proj.weight.grad is not None
+
+
+def test_trainer_moves_loss_free_biases_and_resumes_them(tmp_path):
+    from visionmoe.train import Trainer, load_trained_model
+
+    cfg = {"model": {"name": "vmoe_mini_patch4_28", "args": {"img_size": 8, "patch_size": 4, "embed_dim": 16,
+                                                          "depth": 2, "num_heads": 2}},
+           "moe": {"num_experts": 4, "top_k": 1, "placement": "last_1", "balance": "loss_free", "balance_rate": 0.01,
+                   "aux_weights": {}},
+           "data": {"name": "digits", "batch_size": 16, "augment": "none"},
+           "schedule": {"max_steps": 3, "warmup_epochs": 0.0},
+           "run": {"progress": False, "print_eval": False, "eval_every_epochs": 1e9}}
+    tr = Trainer(cfg, run_dir=tmp_path / "run")
+    tr.fit()
+    (name, moe), = tr.model.moe_layers()
+    bias = moe.router.balance_bias
+    assert bias.abs().sum() > 0 and (bias.abs() <= 3 * 0.01 + 1e-6).all()  # three steps of +-0.01
+    ckpt = sorted((tmp_path / "run" / "checkpoints").glob("*.safetensors"))[-1]
+    model, _, _ = load_trained_model(ckpt)
+    torch.testing.assert_close(dict(model.moe_layers())[name].router.balance_bias, bias)
+
+
+# ------------------------------------------------------------------ Soft MoE
+def test_soft_moe_matches_the_papers_formulas_per_slot():
+    torch.manual_seed(0)
+    router = SoftRouter(6, 3, slots_per_expert=2)
+    experts = _experts(e=3)
+    moe = SoftMoE(router=router, experts=experts)
+    x = torch.randn(2, 5, 6)
+    y = moe(x)
+    for b in range(2):
+        xn = x[b] / x[b].norm(dim=-1, keepdim=True)
+        phi = router.phi / router.phi.norm(dim=0, keepdim=True)
+        logits = router.scale * xn @ phi  # (T, n)
+        dispatch, combine = logits.softmax(0), logits.softmax(1)
+        outs = []
+        for s in range(6):  # slot s belongs to expert s // p
+            slot = (dispatch[:, s : s + 1] * x[b]).sum(0, keepdim=True)
+            outs.append(experts.expert(slot, s // 2)[0])
+        want = combine @ torch.stack(outs)
+        torch.testing.assert_close(y[b], want, rtol=1e-4, atol=1e-5)
+    assert moe.last.kept_counts.tolist() == [2 * 2] * 3 and float(moe.last.dropped_fraction) == 0
+    torch.testing.assert_close(moe.last.weights.sum(-1), torch.ones(2))  # each image's combine mass
+    y.sum().backward()
+    assert router.phi.grad.abs().sum() > 0 and router.scale.grad is not None
+
+
+def test_soft_moe_in_config_moeify_and_refusals():
+    import timm
+
+    m = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3, depth=2)
+    m.eval()
+    moeify(m, placement="last_1", num_experts=4, router="soft", slots_per_expert=2)
+    out = m(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 3) and torch.isfinite(out).all()
+    assert isinstance(m.blocks[1].mlp, SoftMoE)
+    with pytest.raises(ValueError, match="leave moe.routing=token"):
+        MoEConfig(router="soft", routing="cls")
+    with pytest.raises(ValueError, match=r"\(B, T, D\)"):
+        build_moe(6, 8, MoEConfig(router="soft", num_experts=2))(torch.randn(4, 6))
+
+
+def test_router_args_reach_the_gate_and_bad_ones_are_named():
+    layer = build_moe(16, 8, MoEConfig(num_experts=2, router="cosine", router_args={"proj_dim": 4}))
+    assert layer.router.proj.weight.shape == (4, 16)
+    layer = build_moe(16, 8, MoEConfig(num_experts=2, router="l2", router_args={"proj_dim": 3, "scale": 2.0}))
+    assert layer.router.centers.shape == (2, 3) and layer.router.scale == 2.0
+    with pytest.raises(ValueError, match=r"moe.router_args \['proj_dmi'\] do not fit the 'cosine' gate"):
+        build_moe(16, 8, MoEConfig(num_experts=2, router="cosine", router_args={"proj_dmi": 4}))
+
+
+def test_several_shared_experts_upcycle_to_the_dense_function():
+    import timm
+
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3, depth=2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    dense_mlp = m.blocks[1].mlp
+    tokens = torch.randn(2, 17, 192)
+    want = dense_mlp(tokens)
+    moeify(m, placement="last_1", num_experts=4, shared_expert=True, num_shared_experts=3)
+    shared = m.blocks[1].mlp.shared_expert
+    assert shared.fc1.weight.shape == (3 * 768, 192)
+    torch.testing.assert_close(shared(tokens), want, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(m(x)).all()
+
+
+# ------------------------------------------------------------------ every kernel, export, compile
+@pytest.mark.parametrize("kind", ["expert_choice", "soft"])
+def test_new_layers_agree_across_expert_kernels(kind):
+    from .test_dispatch import _experts_kwargs, _impls
+
+    x0 = torch.randn(4, 6, 16)
+    results = {}
+    for impl in _impls():
+        torch.manual_seed(0)
+        experts = Experts(4, 16, 32, **_experts_kwargs(impl))
+        if kind == "soft":
+            moe = SoftMoE(router=SoftRouter(16, 4, slots_per_expert=2), experts=experts)
+        else:
+            moe = MoE(router=LinearRouter(16, 4, selection="expert_choice", aux_weights={}), experts=experts)
+        x = x0.clone().requires_grad_(True)
+        y = moe.train()(x)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results[impl] = (y, x.grad, *[p.grad for p in moe.parameters()])
+    ref = results.pop("split")
+    for impl, got in results.items():
+        for a, b in zip(ref, got):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=impl)
+
+
+@pytest.mark.parametrize("moe", [{"selection": "expert_choice"}, {"router": "soft", "slots_per_expert": 2},
+                                 {"balance": "loss_free", "top_k": 1}, {"score": "sigmoid"}])
+def test_new_routing_exports_to_onnx_and_matches(moe, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from visionmoe import create_model
+    from visionmoe.export import export_onnx, static_moe
+
+    m = create_model("vmoe_nano_patch4_32", img_size=8, patch_size=2, embed_dim=24, depth=2, num_heads=2,
+                     num_classes=10, in_chans=1, moe={"num_experts": 4, "top_k": 2, "placement": "all", **moe}).eval()
+    x = torch.rand(6, 1, 8, 8)
+    with torch.no_grad():
+        ref = m(x)
+        with static_moe(m):
+            torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
+    res = export_onnx(m, tmp_path / "m.onnx")
+    assert res["max_abs_diff"] <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moe", [{"selection": "expert_choice"}, {"router": "soft"}, {"balance": "loss_free"}])
+def test_new_routing_under_torch_compile(moe):
+    from visionmoe import create_model
+
+    torch.manual_seed(0)
+    m = create_model("vmoe_nano_patch4_32", num_classes=5, depth=2, moe={"num_experts": 4, "placement": "all",
+                                                                       **moe}).eval()
+    x = torch.randn(2, 3, 32, 32)
+    ref = m(x)
+    compiled = torch.compile(m)
+    torch.testing.assert_close(compiled(x), ref, rtol=1e-4, atol=1e-4)
+    m.train()
+    compiled(x).sum().backward()
+    assert m.blocks[1].mlp.experts.fc1_weight.grad is not None
