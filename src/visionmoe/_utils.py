@@ -12,15 +12,18 @@ __all__ = ["did_you_mean", "atomic_write_bytes", "mean_std"]
 
 
 def mean_std(values: Iterable[float]) -> dict[str, float]:
-    """``{"mean", "std"}`` of a sample (std: the unbiased sample standard deviation, 0 for one value)."""
+    """``{"mean", "std", "n"}`` of a sample (std: the unbiased sample standard deviation, 0 for one value)."""
     import statistics
 
     vals = list(values)
-    return {"mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+    return {"mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
 
 
 def fmt_mean_std(d: dict[str, float], digits: int = 4) -> str:
-    """``"0.1234 ± 0.0056"`` for a :func:`mean_std` dict."""
+    """``"0.1234 ± 0.0056"`` for a :func:`mean_std` dict; just ``"0.1234"`` for one value
+    (a one-seed table prints no ``± 0``)."""
+    if d.get("n") == 1:
+        return f"{d['mean']:.{digits}f}"
     return f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}"
 
 

@@ -68,7 +68,7 @@ def test_ogar_loss_equals_hand_computation():
                     cands = b[:, idx[i, n]]  # the matched position in every image
                     sims = [float(F.cosine_similarity(a[i, n], cands[j], dim=0)) / t for j in range(3)]
                     terms.append(-(sims[i] - math.log(sum(math.exp(s) for s in sims))))
-        return sum(terms) / len(terms) * 2 * t
+        return sum(terms) / val.numel() * 2 * t  # eq. 8: averaged over all patches, unmatched ones count 0
 
     patch = patch_dir(p1, p2, idx12, val12) + patch_dir(p2, p1, idx21, val21)
     assert float(out["cls"]) == pytest.approx(cls, rel=1e-5)

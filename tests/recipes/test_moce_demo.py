@@ -50,6 +50,8 @@ def test_tiny_moce_demo_end_to_end(tmp_path):
     assert "| digits |" in report and "Expert selection methods" in report and "images/s" in report
     assert "SDR(ViT): brute-force subnet search" in report and "| exhaustive |" in report
     assert all(5 < v < 60 for d in run["psnr"].values() for v in d.values())  # dB, finite and plausible
+    assert run["recon_task"].keys() == run["psnr"].keys()
+    assert all(0 < v < 10 for d in run["recon_task"].values() for v in d.values())  # normalised-space MSE
     assert all(0 < v <= 1 for d in run["collapse"].values() for v in d.values())
     for png in ("mae_loss", "reconstructions", "clusters", "cluster_expert", "routing"):
         assert (tmp_path / "seed0" / f"{png}.png").stat().st_size > 0

@@ -126,18 +126,29 @@ def _prepared_tasks(names: list[str], prep, n_train: int | None, n_test: int | N
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
-    from ..recipes.crmoe import evaluate_backbone
+    from ..eval import evaluate_backbone, head_first_layer
+    from ..train.checkpoint import load_checkpoint
+    from ..train.persist import rebuild_model
 
-    model, cfg, st = _model_from_checkpoint(args.checkpoint)
+    ck = load_checkpoint(args.checkpoint)
+    model, cfg, st = rebuild_model(ck, args.checkpoint)
     prep = st.preprocess
     print(f"{args.checkpoint}: {prep.describe()}", file=sys.stderr)
+    head = head_first_layer(ck.get("objective"), getattr(model, "embed_dim", -1))
+    if args.semi_finetune:
+        print("semi-supervised fine-tuning from " + ("the first layer of the checkpoint's MoCo projector" if head
+                                                     is not None else "a new linear head (no MoCo projector in "
+                                                     "the checkpoint)"), file=sys.stderr)
     tasks = _prepared_tasks(args.data, prep, args.train_limit, args.test_limit)
     first = next(iter(tasks.values()))
     res = evaluate_backbone(model, tasks, shots=args.shots, episodes=args.episodes, semi=first,
-                            semi_fractions=args.semi, semi_steps=args.semi_steps,
+                            semi_linear_fractions=args.semi_linear, semi_finetune_fractions=args.semi_finetune,
+                            semi_steps=args.semi_steps, semi_lrs=args.semi_lrs, head=head,
                             consistency_x=first.x_test[:512], run_dir=Path(args.out))
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "probe.json").write_text(json.dumps(res, indent=2))
+    from .._utils import atomic_write_bytes
+
+    atomic_write_bytes(Path(args.out) / "probe.json", json.dumps(res, indent=2).encode())
     print(json.dumps(res, indent=2))
     return 0
 
@@ -513,8 +524,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--data", nargs="+", default=["fashion_mnist"], help="labelled data sets to evaluate on")
     pr.add_argument("--shots", type=int, nargs="*", default=[4, 10])
     pr.add_argument("--episodes", type=int, default=5, help="sampled few-shot splits")
-    pr.add_argument("--semi", type=float, nargs="*", default=[], help="label fractions to fine-tune on, e.g. 0.01 0.1")
-    pr.add_argument("--semi-steps", type=int, default=100)
+    pr.add_argument("--semi-linear", type=float, nargs="*", default=[], metavar="F",
+                    help="label fractions for a linear classifier on frozen features (CR-MoE's 1%%: 0.01)")
+    pr.add_argument("--semi-finetune", type=float, nargs="*", default=[], metavar="F",
+                    help="label fractions to fine-tune on from the first MLP-head layer (CR-MoE's 10%%: 0.1)")
+    pr.add_argument("--semi-steps", type=int, default=200, help="fine-tuning steps (default 200)")
+    pr.add_argument("--semi-lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3], metavar="LR",
+                    help="learning rates tried on a validation split (default 1e-4 3e-4 1e-3 3e-3)")
     pr.add_argument("--train-limit", type=int, default=5000)
     pr.add_argument("--test-limit", type=int, default=2000)
     pr.add_argument("--out", default="runs/probe")

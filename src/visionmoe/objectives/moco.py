@@ -133,17 +133,18 @@ def gate_infonce(p: Tensor, q: Tensor, temperature: float = 0.2) -> Tensor:
 
 
 def _patch_infonce(a: Tensor, b: Tensor, idx: Tensor, valid: Tensor, temperature: float) -> Tensor:
-    """Anchors ``a[i, n]`` against ``b[j, idx[i, n]]`` for every image j (positive: j = i)."""
+    """Anchors ``a[i, n]`` against ``b[j, idx[i, n]]`` for every image j (positive: j = i),
+    averaged over *all* ``B * N`` patches as eq. 8: an unmatched patch contributes 0 (eq. 7),
+    so fewer matches mean a smaller loss, not a re-weighted one."""
     if not bool(valid.any()):
         return a.new_zeros(())
-    bsz, n, _ = a.shape
     an = F.normalize(a.float(), dim=-1)
     bn = F.normalize(b.float(), dim=-1)
     ii, nn_ = valid.nonzero(as_tuple=True)  # the valid (image, patch) anchors
     anchors = an[ii, nn_]  # (P, E)
     cands = bn[:, idx[ii, nn_]]  # (B, P, E): the matched position in every image
     logits = torch.einsum("pe,bpe->pb", anchors, cands) / temperature  # (P, B)
-    return F.cross_entropy(logits, ii) * 2 * temperature
+    return F.cross_entropy(logits, ii, reduction="sum") / valid.numel() * 2 * temperature
 
 
 def ogar_loss(cls1: Tensor, cls2: Tensor, patch1: Tensor, patch2: Tensor, idx12: Tensor, valid12: Tensor,

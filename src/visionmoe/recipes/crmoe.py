@@ -1,7 +1,10 @@
 """CR-MoE study (Chen et al., TMLR 2024): MoCo v3 pre-training of a dense ViT, a V-MoE and a
-V-MoE with OGAR at equal steps on bundled real images, then the evaluation protocols
-(linear probe, k-NN, few-shot with confidence intervals, semi-supervised fine-tuning on 1% /
-10% of the labels) and the routing-consistency metric; a markdown report with plots.
+V-MoE with OGAR at equal steps on bundled real images, then the paper's protocols (linear
+probe, k-NN, few-shot with confidence intervals; semi-supervised: a linear classifier on frozen
+features with 1 % of the labels, fine-tuning from the first MLP-head layer with 10 % and the lr
+chosen on a validation split) and the routing-consistency metric. Beside them, what anyone can
+compute: the same protocols on the randomly initialised encoder and on raw pixels; seed-paired
+differences with 95 % intervals decide the paper's claims. A markdown report with plots.
 
 ``visionmoe crmoe [--quick] [key=value ...]``; every checkpoint can also be evaluated on its
 own with ``visionmoe probe CHECKPOINT --data NAME``.
@@ -9,7 +12,6 @@ own with ``visionmoe probe CHECKPOINT --data NAME``.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,25 +20,36 @@ import torch
 
 from .._utils import atomic_write_bytes, finish_study, fmt_mean_std, mean_std, save_results, study_progress
 from ..data import TensorSplits, adapt, load_dataset
-from ..eval import extract_features, few_shot, knn_accuracy, label_subset, linear_probe, routing_consistency
-from ..train import Trainer, config_from_dict
+from ..eval import evaluate_backbone, head_first_layer, knn_accuracy, label_subset, linear_probe
+from ..train import Trainer, build_model, config_from_dict, seed_everything
 
-__all__ = ["CRMoEStudyConfig", "run_crmoe_study", "evaluate_backbone", "VARIANTS"]
+__all__ = ["CRMoEStudyConfig", "run_crmoe_study", "evaluate_backbone", "pixel_baselines", "paired_claims",
+           "VARIANTS", "CLAIMS"]
 
 VARIANTS = ("dense", "vmoe", "vmoe_ogar")
+#: the random-initialised encoder of each seed, evaluated with the same protocols
+RANDOM = "random init"
+#: the paper's claims, ``(a, b)`` = "a beats b": CR-MoE over naive MoE + CL and over MoCo v3's
+#: dense ViT, and every pre-trained encoder over its random initialisation
+CLAIMS = (("vmoe_ogar", "vmoe"), ("vmoe_ogar", "dense"), ("vmoe", "dense"), ("dense", RANDOM), ("vmoe", RANDOM),
+          ("vmoe_ogar", RANDOM))
 
 
 @dataclass
 class CRMoEStudyConfig:
-    """Defaults: about 20 minutes on 2 CPU cores (measured 21). The V-MoE has the CR-MoE shape (every other
-    block, 16 experts, top-2, expert hidden 2D, no noise, no capacity limit, importance loss
-    0.01); OGAR: ``ogar_weight`` w_G, ``alpha``, ``ogar_parts`` (``both``/``cls``/``patch``)."""
+    """Defaults: the CR-MoE shape at CPU scale (ViT width 64, depth 6, patch 7 on 28 px; V-MoE
+    every other block, 16 experts, top-2, expert hidden 2D, no noise, no capacity limit,
+    importance loss 0.01), MoCo v3 with the frozen random patch projection, 3 seeds.
+    OGAR: ``ogar_weight`` w_G, ``alpha``, ``ogar_parts`` (``both``/``cls``/``patch``).
+    Semi-supervised on the pre-training pool: ``semi_linear_fractions`` (linear classifier on
+    frozen features), ``semi_finetune_fractions`` (fine-tune from the first MLP-head layer,
+    ``semi_steps`` steps, lr from ``semi_lrs`` on a validation split)."""
 
     data: str = "fashion_mnist"
     pretrain_limit: int = 10000
     eval_tasks: list[str] = field(default_factory=lambda: ["fashion_mnist", "mnist5k", "textures"])
     img_size: int = 28
-    vit: dict = field(default_factory=lambda: dict(patch_size=4, embed_dim=64, depth=6, num_heads=4))
+    vit: dict = field(default_factory=lambda: dict(patch_size=7, embed_dim=64, depth=6, num_heads=4))
     num_experts: int = 16
     top_k: int = 2
     expert_ratio: float = 2.0
@@ -46,7 +59,8 @@ class CRMoEStudyConfig:
     ogar_parts: str = "both"
     moco: dict = field(default_factory=lambda: dict(dim=64, mlp_dim=256, temperature=0.2, momentum=0.99))
     augment: dict = field(default_factory=lambda: dict(scale=[0.2, 1.0]))
-    steps: int = 150
+    freeze_patch_embed: bool = True
+    steps: int = 1500
     batch_size: int = 64
     lr: float = 1.5e-3
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
@@ -55,8 +69,10 @@ class CRMoEStudyConfig:
     probe_test_limit: int = 1000
     shots: list[int] = field(default_factory=lambda: [4, 10])
     episodes: int = 5
-    semi_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1])
-    semi_steps: int = 40
+    semi_linear_fractions: list[float] = field(default_factory=lambda: [0.01])
+    semi_finetune_fractions: list[float] = field(default_factory=lambda: [0.1])
+    semi_steps: int = 200
+    semi_lrs: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3])
     consistency_images: int = 512
 
     def __post_init__(self) -> None:
@@ -65,12 +81,16 @@ class CRMoEStudyConfig:
             raise ValueError(f"unknown variants {bad}; choose from {list(VARIANTS)}")
         if not self.seeds:
             raise ValueError("seeds must list at least one seed")
+        if self.semi_finetune_fractions and not self.semi_lrs:
+            raise ValueError("semi_lrs must list at least one learning rate when semi_finetune_fractions is set")
 
     @classmethod
     def quick(cls) -> CRMoEStudyConfig:
-        return cls(pretrain_limit=1000, steps=20, batch_size=32, seeds=[0], probe_train_limit=500,
-                   probe_test_limit=300, episodes=2, semi_steps=10, consistency_images=64, eval_tasks=["mnist5k"],
-                   data="mnist5k", vit=dict(patch_size=4, embed_dim=32, depth=4, num_heads=2), num_experts=4)
+        """About a minute: a smaller model on 1,000 MNIST images, one seed (a smoke run)."""
+        return cls(pretrain_limit=1000, steps=200, batch_size=32, seeds=[0], probe_train_limit=500,
+                   probe_test_limit=300, episodes=2, semi_steps=20, semi_lrs=[1e-3], consistency_images=64,
+                   eval_tasks=["mnist5k"], data="mnist5k",
+                   vit=dict(patch_size=7, embed_dim=32, depth=4, num_heads=2), num_experts=4)
 
     @classmethod
     def from_overrides(cls, overrides: list[str] | None = None, *, quick: bool = False) -> CRMoEStudyConfig:
@@ -96,7 +116,7 @@ def experiment(c: CRMoEStudyConfig, variant: str, seed: int) -> dict:
         "data": {"name": c.data, "augment": "none", "batch_size": c.batch_size, "eval_batch_size": 256},
         "objective": "moco",
         "objective_args": {**c.moco, "ogar_weight": ogar, "alpha": c.alpha, "ogar_parts": c.ogar_parts,
-                           "augment": c.augment},
+                           "augment": c.augment, "freeze_patch_embed": c.freeze_patch_embed},
         "optim": {"name": "adamw", "lr": c.lr, "weight_decay": 0.1},
         "schedule": {"max_steps": c.steps, "warmup_epochs": 0.05, "min_lr": 0.0},
         "run": {"seed": seed, "progress": False, "print_eval": False, "log_every": 10, "eval_every_epochs": 1e9,
@@ -113,36 +133,27 @@ def _limit(s: TensorSplits, n_train: int | None, n_test: int | None, size: int) 
                         adapt(s.x_test[te], channels=1, size=size), s.y_test[te], s.classes)
 
 
-def evaluate_backbone(model, tasks: dict[str, TensorSplits], *, shots=(4, 10), episodes: int = 5, seed: int = 0,
-                      semi: TensorSplits | None = None, semi_fractions=(), semi_steps: int = 60,
-                      consistency_x: torch.Tensor | None = None, run_dir: Path | None = None) -> dict:
-    """Linear probe, k-NN and few-shot accuracy per task on frozen CLS features; optional
-    semi-supervised fine-tuning on label fractions of ``semi``; routing consistency."""
-    out: dict = {"linear": {}, "knn": {}, "few_shot": {}, "semi": {}}
+def pixel_baselines(tasks: dict[str, TensorSplits], semi: TensorSplits, c: CRMoEStudyConfig) -> dict:
+    """What anyone can compute without pre-training: linear probe, k-NN and the 1 % linear
+    classifier on the raw pixels of the same images."""
+    out: dict = {"linear": {}, "knn": {}, "semi": {}}
     for name, t in tasks.items():
-        ftr = extract_features(model, t.x_train, pool="cls")
-        fte = extract_features(model, t.x_test, pool="cls")
+        ftr, fte = t.x_train.flatten(1), t.x_test.flatten(1)
         out["linear"][name] = linear_probe(ftr, t.y_train, fte, t.y_test, num_classes=t.num_classes)
         out["knn"][name] = knn_accuracy(ftr, t.y_train, fte, t.y_test, k=20, num_classes=t.num_classes)
-        out["few_shot"][name] = {str(s): few_shot(ftr, t.y_train, fte, t.y_test, shots=s, episodes=episodes,
-                                                  seed=seed, num_classes=t.num_classes) for s in shots}
-    for frac in semi_fractions:
-        idx = label_subset(semi.y_train, fraction=frac, seed=seed)
-        sub = TensorSplits(semi.name, semi.x_train[idx], semi.y_train[idx], semi.x_test, semi.y_test, semi.classes)
-        m = copy.deepcopy(model)
-        m.reset_classifier(semi.num_classes)
-        cfg = {"data": {"name": semi.name, "augment": "none", "batch_size": min(64, len(idx))},
-               "optim": {"name": "adamw", "lr": 5e-4, "weight_decay": 0.05},
-               "schedule": {"max_steps": semi_steps, "warmup_epochs": 0.0, "min_lr": 0.0},
-               "run": {"seed": seed, "progress": False, "print_eval": False, "log_every": 10**9,
-                       "eval_every_epochs": 1e9, "checkpoint_every": 10**9, "keep_checkpoints": 1,
-                       "device": str(next(m.parameters()).device)}}  # where the backbone is
-        rd = (run_dir or Path("runs/probe")) / f"semi_{frac:g}"
-        trainer = Trainer(config_from_dict(cfg), data=sub, model=m, run_dir=rd)
-        out["semi"][f"{frac:g}"] = trainer.fit(overwrite=True)["test_acc"]
-    if consistency_x is not None and hasattr(model, "moe_layers") and model.moe_layers():
-        out["consistency"] = {str(b): v for b, v in routing_consistency(model, consistency_x, seed=seed).items()}
+    for frac in c.semi_linear_fractions:
+        idx = label_subset(semi.y_train, fraction=frac, seed=0)
+        out["semi"][f"linear {frac:g}"] = {"acc": linear_probe(
+            semi.x_train[idx].flatten(1), semi.y_train[idx], semi.x_test.flatten(1), semi.y_test,
+            num_classes=semi.num_classes)}
     return out
+
+
+def _evaluate(model, head, tasks, semi, cons_x, c: CRMoEStudyConfig, seed: int, run_dir: Path) -> dict:
+    return evaluate_backbone(model, tasks, shots=c.shots, episodes=c.episodes, seed=seed, semi=semi,
+                             semi_linear_fractions=c.semi_linear_fractions,
+                             semi_finetune_fractions=c.semi_finetune_fractions, semi_steps=c.semi_steps,
+                             semi_lrs=c.semi_lrs, head=head, consistency_x=cons_x, run_dir=run_dir)
 
 
 def run_crmoe_study(c: CRMoEStudyConfig | None = None, *, out: str | Path = "runs/crmoe",
@@ -154,35 +165,96 @@ def run_crmoe_study(c: CRMoEStudyConfig | None = None, *, out: str | Path = "run
     t0 = time.perf_counter()
     pre = _limit(load_dataset(c.data), c.pretrain_limit, c.probe_test_limit, c.img_size)
     tasks = {n: _limit(load_dataset(n), c.probe_train_limit, c.probe_test_limit, c.img_size) for n in c.eval_tasks}
-    semi = tasks.get(c.data) or _limit(load_dataset(c.data), None, c.probe_test_limit, c.img_size)
+    semi = pre  # semi-supervised: the pre-training images, a fraction of them labelled
     cons_x = semi.x_test[: c.consistency_images]
-    results: dict = {"config": asdict(c), "runs": []}
-    runs = [(v, s) for s in c.seeds for v in c.variants]
+    results: dict = {"config": asdict(c), "runs": [], "pixels": pixel_baselines(tasks, semi, c)}
+    runs = [(v, s) for s in c.seeds for v in (RANDOM, *c.variants)]
     with bars as bar:
-        task = bar.add_task("", total=len(runs) * c.steps, stage="")
+        task = bar.add_task("", total=len(c.seeds) * len(c.variants) * c.steps, stage="")
         for variant, seed in runs:
-            bar.update(task, stage=f"{variant} seed {seed}: MoCo v3 pre-training")
-            rd = out / f"{variant}_seed{seed}"
-            tr = Trainer(config_from_dict(experiment(c, variant, seed)), data=pre, run_dir=rd)
-            t1 = time.perf_counter()
-            summary = tr.fit(on_step=lambda *_: bar.advance(task), overwrite=True)
-            secs = time.perf_counter() - t1
+            rd = out / f"{variant.replace(' ', '_')}_seed{seed}"
+            row: dict = {"variant": variant, "seed": seed}
+            if variant == RANDOM:  # the dense run's encoder as this seed initialises it, never trained
+                seed_everything(seed)
+                model = build_model(config_from_dict(experiment(c, "dense", seed)), num_classes=0, in_chans=1)
+                head = None
+            else:
+                bar.update(task, stage=f"{variant} seed {seed}: MoCo v3 pre-training")
+                tr = Trainer(config_from_dict(experiment(c, variant, seed)), data=pre, run_dir=rd)
+                t1 = time.perf_counter()
+                summary = tr.fit(on_step=lambda *_: bar.advance(task), overwrite=True)
+                row.update(pretrain_seconds=time.perf_counter() - t1, test_ctr_loss=summary["test_ctr_loss"],
+                           loss_curve=_loss_curve(rd))
+                model, head = tr.model, head_first_layer(tr.objective, tr.model.embed_dim)
             bar.update(task, stage=f"{variant} seed {seed}: evaluation")
-            ev = evaluate_backbone(tr.model, tasks, shots=c.shots, episodes=c.episodes, seed=seed, semi=semi,
-                                   semi_fractions=c.semi_fractions, semi_steps=c.semi_steps, consistency_x=cons_x,
-                                   run_dir=rd)
-            results["runs"].append({"variant": variant, "seed": seed, "pretrain_seconds": secs,
-                                    "test_ctr_loss": summary["test_ctr_loss"], **ev})
+            row.update(_evaluate(model, head, tasks, semi, cons_x, c, seed, rd))
+            results["runs"].append(row)
             bar.console.print(f"{variant} seed {seed}: linear " + ", ".join(
-                f"{k} {v:.3f}" for k, v in ev["linear"].items()))
+                f"{k} {v:.3f}" for k, v in row["linear"].items()) + "; k-NN " + ", ".join(
+                f"{k} {v:.3f}" for k, v in row["knn"].items()))
             save_results(out, results, _aggregate)
+    _warn_below_baselines(results, console)
     return finish_study(out, results, t0, _aggregate, _report, console)
 
 
-def _aggregate(res: dict) -> None:
-    """Mean ± std over seeds of every number, per variant."""
-    agg: dict = {}
+def _loss_curve(run_dir: Path) -> dict:
+    """Mean contrastive loss of the first and the last tenth of the logged steps."""
+    import json
+
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    losses = [r["ctr_loss"] for r in rows if r.get("ctr_loss") is not None]
+    if not losses:
+        return {}
+    k = max(1, len(losses) // 10)
+    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    return {"first": first, "last": last, "falls": last < first}
+
+
+def _metrics(run: dict) -> dict[str, float]:
+    """The headline numbers of one run, keyed ``protocol/task``: linear probe, k-NN and the
+    semi-supervised protocols (few-shot has its own per-split intervals in the run)."""
+    m = {f"linear/{t}": v for t, v in run["linear"].items()}
+    m |= {f"knn/{t}": v for t, v in run["knn"].items()}
+    m |= {f"semi {k}": v["acc"] for k, v in run["semi"].items()}
+    return m
+
+
+def paired_claims(runs: list[dict], claims=CLAIMS) -> dict:
+    """Per metric, the seed-paired differences of :data:`CLAIMS` with their 95 % t intervals
+    and verdicts (``reproduced`` / ``refuted`` / ``not resolved``)."""
+    from ..eval.stats import paired_difference
+
+    by = {(r["variant"], r["seed"]): _metrics(r) for r in runs}
+    seeds = sorted({s for _, s in by})
+    out: dict = {}
+    for a, b in claims:
+        pairs = [(by[(a, s)], by[(b, s)]) for s in seeds if (a, s) in by and (b, s) in by]
+        if not pairs:
+            continue
+        out[f"{a} - {b}"] = {k: paired_difference([x[k] for x, _ in pairs], [y[k] for _, y in pairs])
+                             for k in pairs[0][0]}
+    return out
+
+
+def _warn_below_baselines(res: dict, console) -> None:
+    """A warning line for every pre-trained encoder (mean over seeds) at or below its random
+    initialisation or the raw pixels in a linear probe or k-NN."""
+    agg = res["summary"]
     for v in res["config"]["variants"]:
+        for proto in ("linear", "knn"):
+            for t, d in agg.get(v, {}).get(proto, {}).items():
+                lost = [f"{name} ({ref:.3f})" for name, ref in (("random init", agg[RANDOM][proto][t]["mean"]),
+                                                                 ("raw pixels", res["pixels"][proto][t]))
+                        if d["mean"] <= ref]
+                if lost:
+                    console.print(f"[bold yellow]warning:[/] {v}: {proto} on {t} {d['mean']:.3f} does not beat "
+                                  + " nor ".join(lost))
+
+
+def _aggregate(res: dict) -> None:
+    """Mean ± std over seeds of every number, per variant; the paired claims."""
+    agg: dict = {}
+    for v in (RANDOM, *res["config"]["variants"]):
         rs = [r for r in res["runs"] if r["variant"] == v]
         if not rs:
             continue
@@ -192,11 +264,12 @@ def _aggregate(res: dict) -> None:
             a["knn"][t] = mean_std([r["knn"][t] for r in rs])
             a["few_shot"][t] = {s: mean_std([r["few_shot"][t][s]["mean"] for r in rs]) for s in rs[0]["few_shot"][t]}
         for f in rs[0]["semi"]:
-            a["semi"][f] = mean_std([r["semi"][f] for r in rs])
+            a["semi"][f] = mean_std([r["semi"][f]["acc"] for r in rs])
         for b in rs[0].get("consistency", {}):
             a["consistency"][b] = {k: mean_std([r["consistency"][b][k] for r in rs]) for k in ("matched", "random")}
         agg[v] = a
     res["summary"] = agg
+    res["paired"] = paired_claims(res["runs"])
 
 
 def _report(out: Path, res: dict) -> None:
@@ -205,32 +278,69 @@ def _report(out: Path, res: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    c, agg = res["config"], res["summary"]
+    from ..eval.stats import format_difference
+
+    c, agg, px = res["config"], res["summary"], res["pixels"]
     f = fmt_mean_std
+    methods = [v for v in c["variants"] if v in agg]
     lines = ["# CR-MoE study", "",
              f"MoCo v3 pre-training on {c['pretrain_limit']} `{c['data']}` images for {c['steps']} steps "
-             f"(batch {c['batch_size']}), ViT {c['vit']}; V-MoE: every other block, {c['num_experts']} experts, "
+             f"(batch {c['batch_size']}, lr {c['lr']:g}, frozen random patch projection: "
+             f"{c['freeze_patch_embed']}), ViT {c['vit']}; V-MoE: every other block, {c['num_experts']} experts, "
              f"top-{c['top_k']}, expert hidden {c['expert_ratio']}D; OGAR w_G {c['ogar_weight']}, alpha {c['alpha']}. "
-             f"Seeds {c['seeds']}; {res.get('seconds', 0) / 60:.1f} min. Mean ± std over seeds.", ""]
+             f"Seeds {c['seeds']}; {res.get('seconds', 0) / 60:.1f} min. Mean ± std over seeds. "
+             f"*random init*: the dense encoder of each seed before pre-training; *raw pixels*: the same "
+             "protocol on the images' pixels. A pre-trained cell that does not beat both is marked †.", ""]
+    curves = [(r["variant"], r["seed"], r["loss_curve"]) for r in res["runs"] if r.get("loss_curve")]
+    if curves:
+        lines += ["Contrastive loss, first -> last tenth of the logged steps: " + "; ".join(
+            f"{v} seed {s} {d['first']:.3f} -> {d['last']:.3f}" + ("" if d["falls"] else " (**did not fall**)")
+            for v, s, d in curves) + ".", ""]
     tasks = list(next(iter(agg.values()))["linear"])
+
+    def cell(v: str, proto: str, t: str) -> str:
+        d = agg[v][proto][t]
+        flag = v != RANDOM and (d["mean"] <= agg[RANDOM][proto][t]["mean"] or d["mean"] <= px[proto][t])
+        return f(d, 3) + (" †" if flag else "")
+
     for proto in ("linear", "knn"):
         lines += [f"## {'Linear probe' if proto == 'linear' else 'k-NN (k=20)'} accuracy", "",
                   "| variant | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
-        lines += [f"| {v} | " + " | ".join(f(a[proto][t]) for t in tasks) + " |" for v, a in agg.items()]
-        lines.append("")
+        lines += [f"| {v} | " + " | ".join(cell(v, proto, t) for t in tasks) + " |" for v in (RANDOM, *methods)]
+        lines += ["| raw pixels | " + " | ".join(f"{px[proto][t]:.3f}" for t in tasks) + " |", ""]
     lines += ["## Few-shot accuracy (linear probe on k labelled images per class; each seed averages "
               f"{c['episodes']} sampled splits)", "", "| variant | " + " | ".join(
                   f"{t} {s}-shot" for t in tasks for s in c["shots"]) + " |",
               "|---" * (len(tasks) * len(c["shots"]) + 1) + "|"]
-    lines += [f"| {v} | " + " | ".join(f(a["few_shot"][t][str(s)]) for t in tasks for s in c["shots"]) + " |"
-              for v, a in agg.items()]
-    if c["semi_fractions"]:
-        lines += ["", f"## Semi-supervised fine-tuning on `{c['data']}` ({c['semi_steps']} steps)", "",
-                  "| variant | " + " | ".join(f"{x:g} of labels" for x in c["semi_fractions"]) + " |",
-                  "|---" * (len(c["semi_fractions"]) + 1) + "|"]
-        lines += [f"| {v} | " + " | ".join(f(a["semi"][f"{x:g}"]) for x in c["semi_fractions"]) + " |"
-                  for v, a in agg.items()]
-    moe = {v: a["consistency"] for v, a in agg.items() if a["consistency"]}
+    lines += [f"| {v} | " + " | ".join(f(agg[v]["few_shot"][t][str(s)], 3) for t in tasks for s in c["shots"]) + " |"
+              for v in (RANDOM, *methods)]
+    semi_keys = list(next(iter(agg.values()))["semi"])
+    if semi_keys:
+        picked = {}
+        for r in res["runs"]:
+            for k, d in r["semi"].items():
+                if "lr" in d:
+                    picked.setdefault((r["variant"], k), []).append(f"{d['lr']:g}")
+        lines += ["", f"## Semi-supervised on `{c['data']}` ({c['pretrain_limit']} images, a fraction labelled)", "",
+                  "`linear F`: a linear classifier on frozen features of F of the labels; `finetune F`: the whole "
+                  "network fine-tuned from the first MLP-head layer (random init: from a linear head) for "
+                  f"{c['semi_steps']} steps, lr chosen from {c['semi_lrs']} on a validation split of other "
+                  "training images.", "",
+                  "| variant | " + " | ".join(semi_keys) + " | lr chosen per seed |",
+                  "|---" * (len(semi_keys) + 2) + "|"]
+        lines += [f"| {v} | " + " | ".join(f(agg[v]["semi"][k], 3) for k in semi_keys) + " | "
+                  + "; ".join(f"{k}: {', '.join(x)}" for (vv, k), x in picked.items() if vv == v) + " |"
+                  for v in (RANDOM, *methods)]
+        lines.append("| raw pixels | " + " | ".join(f"{px['semi'][k]['acc']:.3f}" if k in px["semi"] else "—"
+                                                    for k in semi_keys) + " | |")
+    if res.get("paired"):
+        lines += ["", "## The paper's claims, seed-paired (95% t interval)", "",
+                  "`a - b` over seeds; *reproduced* only where the interval excludes 0 in the claimed direction "
+                  "(a better), *refuted* where it excludes 0 the other way.", "",
+                  "| claim | metric | difference |", "|---|---|---|"]
+        for claim, d in res["paired"].items():
+            lines += [f"| {claim} | {k} | {format_difference(v)} |" for k, v in d.items()]
+    moe = {v: agg[v]["consistency"] for v in methods if agg[v]["consistency"]}
     if moe:
         lines += ["", "## Routing consistency", "",
                   "Mean number of experts shared by the top-k sets of corresponding patches of two views "
