@@ -41,14 +41,26 @@ def parse_grid(items: list[str]) -> dict[str, list]:
 @torch.no_grad()
 def flops_per_image(model: nn.Module, x: torch.Tensor) -> float:
     """Forward FLOPs per image counted by ``torch.utils.flop_counter`` (matmuls and
-    convolutions; a MoE counts only the experts its tokens actually visit)."""
+    convolutions; a MoE counts only the experts its tokens actually visit). The experts run
+    with the plain kernel on the calling thread while counting (the counter does not see
+    worker threads), so the number does not depend on the thread count or the kernel."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from .moe.experts import Experts
+
     was = model.training
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
+    impls = [m.impl for m in experts]
     model.eval()
-    with FlopCounterMode(display=False) as fc:
-        model(x)
-    model.train(was)
+    try:
+        for m in experts:
+            m.impl = "split"
+        with FlopCounterMode(display=False) as fc:
+            model(x)
+    finally:
+        for m, impl in zip(experts, impls):
+            m.impl = impl
+        model.train(was)
     return fc.get_total_flops() / len(x)
 
 

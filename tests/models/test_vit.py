@@ -231,3 +231,25 @@ def test_convnext_stage_placement_and_gates():
     assert m(torch.randn(2, 1, 32, 32)).shape == (2, 3)
     with pytest.raises(ValueError, match="no MLP blocks in stage 7"):
         create_model("convnext_moe_cpu", placement="stage_7")
+
+
+def test_convnext_sweet_spot_placements_and_parameter_counts():
+    """Sweet spot Table 3 / 5: ConvNeXt-T-8 with ratio-2 experts, "Last 2" (the last block of
+    each of the last two stages) 46.3M parameters, "Stage" (the last block of every stage) 47.4M."""
+    from visionmoe.moe import moe_layers
+
+    counts = {}
+    for placement in ("last_2", "stage"):
+        with torch.device("meta"):
+            m = create_model("convnext_tiny", num_classes=1000,
+                             moe=dict(placement=placement, num_experts=8, top_k=1, expert_ratio=2.0))
+        counts[placement] = sum(p.numel() for p in m.parameters()) / 1e6
+        names = [n for n, _ in moe_layers(m)]
+        want = {"last_2": ["stages.2.blocks.8.mlp", "stages.3.blocks.2.mlp"],
+                "stage": ["stages.0.blocks.2.mlp", "stages.1.blocks.2.mlp", "stages.2.blocks.8.mlp",
+                          "stages.3.blocks.2.mlp"]}[placement]
+        assert names == want
+        assert all(layer.experts.hidden == 2 * layer.dim for _, layer in moe_layers(m))
+    assert round(counts["last_2"], 1) == 46.3 and round(counts["stage"], 1) == 47.4
+    with pytest.raises(ValueError, match="this model has 4 stages"):
+        create_model("convnext_cpu", moe=dict(placement="last_5"))

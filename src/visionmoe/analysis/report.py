@@ -18,6 +18,7 @@ from .routing import (
     distinct_experts,
     dominant_expert_share,
     expert_similarity,
+    patches_per_expert,
     routing_degree,
     routing_paths,
 )
@@ -80,7 +81,7 @@ def analyze_routing(model: nn.Module, x: Tensor, y: Tensor, classes: list[str], 
     res: dict = {"blocks": blocks, "num_experts": e, "top_k": k, "layers": {},
                  "routing_degree": routing_degree(e, k, len(blocks)),
                  "measured_paths": routing_paths({b: rec[b]["top1"] for b in blocks})}
-    fig, axes = plt.subplots(4, len(blocks), figsize=(3.6 * len(blocks), 12), squeeze=False)
+    fig, axes = plt.subplots(5, len(blocks), figsize=(3.6 * len(blocks), 15), squeeze=False)
     for j, b in enumerate(blocks):
         counts = rec[b]["counts"]
         load = counts.sum(0) / counts.sum()
@@ -91,7 +92,8 @@ def analyze_routing(model: nn.Module, x: Tensor, y: Tensor, classes: list[str], 
             "load": load.tolist(), "dropped_fraction": 1 - float(rec[b]["kept"].mean()),
             "distinct_experts_mean": float(dist.float().mean()), "distinct_experts_cdf": [v.tolist(), p.tolist()],
             "class_expert": tables[b].tolist(), "dominant_expert_share": dominant_expert_share(tables[b]),
-            "similarity": sim.tolist()}
+            "similarity": sim.tolist(),
+            "patches_per_expert_cdf": [[v_.tolist(), p_.tolist()] for v_, p_ in patches_per_expert(counts)]}
         axes[0, j].bar(range(e), load.tolist())
         axes[0, j].axhline(1 / e, color="gray", ls="--", lw=0.8)
         axes[0, j].set_title(f"block {b}: share of tokens per expert", fontsize=8)
@@ -104,6 +106,13 @@ def analyze_routing(model: nn.Module, x: Tensor, y: Tensor, classes: list[str], 
         im = axes[3, j].imshow(sim.numpy(), cmap="magma", vmin=0, vmax=1)
         axes[3, j].set_xlabel("expert similarity S_ij", fontsize=8)
         fig.colorbar(im, ax=axes[3, j], fraction=0.046)
+        for ei, (v_, p_) in enumerate(patches_per_expert(counts)):  # Sweet spot Fig. 8: one curve per expert
+            if len(v_):
+                axes[4, j].step(v_.tolist(), p_.tolist(), where="post", lw=0.8, label=f"expert {ei}")
+        axes[4, j].set_xlabel("patches of an image on the expert (images where active)", fontsize=8)
+        axes[4, j].set_ylabel("CDF", fontsize=8)
+        if e <= 8:
+            axes[4, j].legend(fontsize=5)
     fig.tight_layout()
     fig.savefig(out / "routing_analysis.png", dpi=90)
     plt.close(fig)
@@ -123,6 +132,8 @@ def analyze_routing(model: nn.Module, x: Tensor, y: Tensor, classes: list[str], 
         lines.append(f"| {b} | {max(d['load']):.3f} | {d['dropped_fraction']:.3f} | "
                      f"{d['distinct_experts_mean']:.2f} | {d['dominant_expert_share']:.2f} |")
     lines += ["", "Rows: load per expert, CDF of distinct experts per image, class-by-expert share, expert "
-              "similarity.", "", "![analysis](routing_analysis.png)", "", "![token routing](token_routing.png)", ""]
+              "similarity, and per expert the CDF of the number of an image's patches it processes, over the "
+              "images where it is active (Sweet spot Fig. 8).", "", "![analysis](routing_analysis.png)", "",
+              "![token routing](token_routing.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
     return res

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["class_expert_table", "dominant_expert_share", "collect_routing", "distinct_experts", "cdf",
+           "patches_per_expert",
            "expert_similarity", "routing_degree", "routing_paths"]
 
 
@@ -78,6 +79,19 @@ def collect_routing(model: nn.Module, x: Tensor, *, routing_key: Tensor | None =
 def distinct_experts(counts: Tensor) -> Tensor:
     """``(N, E)`` counts -> ``(N,)`` number of experts each image uses."""
     return (counts > 0).sum(-1)
+
+
+def patches_per_expert(counts: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """The Sweet-spot paper's Fig. 8: for each expert, the empirical CDF (:func:`cdf`) of the
+    number of patches of an image routed to it, over the images on which it is active
+    (``counts: (N, E)`` tokens of each image on each expert). Empty tensors for an expert no
+    image uses."""
+    out = []
+    for e in range(counts.shape[1]):
+        c = counts[:, e]
+        c = c[c > 0]
+        out.append(cdf(c) if len(c) else (c, c.float()))
+    return out
 
 
 def cdf(values: Tensor) -> tuple[Tensor, Tensor]:

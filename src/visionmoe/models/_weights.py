@@ -144,12 +144,13 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
 
 def load_dense_into_moe(
     model: nn.Module, dense_sd: Mapping[str, Tensor], *, layout: str = "auto", noise: float = 0.0, seed: int = 0,
-    skip: tuple[str, ...] = (),
+    skip: tuple[str, ...] = (), shared_init: str = "copy",
 ) -> None:
     """Load a dense ViT checkpoint into a (MoE) :class:`VisionTransformer`, upcycling the MLPs
     of its MoE blocks; routers stay freshly initialised. Keys starting with a ``skip`` prefix
     (e.g. ``"head."`` to fine-tune on new classes) are neither loaded nor required. Raises on
-    any other mismatch, naming the tensors."""
+    any other mismatch, naming the tensors. ``shared_init="zero_routed"`` with a shared expert
+    starts the MoE exactly as the dense model (:func:`visionmoe.moe.upcycle_mlp_state_dict`)."""
     sd = to_timm(dense_sd, layout)
     if skip:
         sd = {k: v for k, v in sd.items() if not k.startswith(skip)}
@@ -157,7 +158,8 @@ def load_dense_into_moe(
     shared = bool(getattr(model, "moe_config", None) and model.moe_config.shared_expert)
     num_experts = model.moe_config.num_experts if moe_blocks else 0
     if moe_blocks:
-        sd = upcycle_state_dict(sd, moe_blocks, num_experts, noise=noise, seed=seed, shared_expert=shared)
+        sd = upcycle_state_dict(sd, moe_blocks, num_experts, noise=noise, seed=seed, shared_expert=shared,
+                                shared_init=shared_init)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if ".mlp.router." not in k and not (skip and k.startswith(skip))]
     if missing or unexpected:

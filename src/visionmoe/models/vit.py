@@ -48,6 +48,9 @@ class VisionTransformer(_TimmViT):
         super().__init__(**kwargs)
         self.init_kwargs = dict(kwargs)
         self.moe_config = MoEConfig.from_dict(moe) if moe is not None else None
+        if self.moe_config is not None and self.moe_config.routing == "cls" and self.cls_token is None:
+            raise ValueError("moe.routing='cls' routes each image by its class token, but this ViT has none "
+                             "(class_token=False); use moe.routing='mean' (the mean token)")
         depth = len(self.blocks)
         self.moe_blocks: list[int] = (
             resolve_placement(self.moe_config.placement, depth) if self.moe_config is not None else []

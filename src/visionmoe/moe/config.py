@@ -48,7 +48,8 @@ class MoEConfig:
             its mean token) | ``cluster`` (MoCE, by cluster id) | ``task`` (by task id).
         num_keys: number of clusters or tasks for ``cluster`` / ``task`` routing.
         key_dim: width of the cluster/task embedding (default max(E, 16)).
-        noise_std: V-MoE router noise (std used = noise_std / E, training only).
+        noise_std: V-MoE router noise (std used = noise_std / E, training only); default 1.0,
+            V-MoE's, as the registered V-MoE variants, so the default ``load`` loss acts.
         renormalize: renormalise the top-k combine weights to sum to 1.
         capacity_factor: train capacity factor; None = dropless.
         eval_capacity_factor: eval capacity factor; None = dropless.
@@ -72,6 +73,8 @@ class MoEConfig:
         slots_per_expert: Soft MoE's slots p per expert (``router: soft``).
         num_shared_experts: shared experts when ``shared_expert`` (DeepSeekMoE; they act as
             one MLP of ``num_shared_experts * shared_hidden`` units).
+        expert_ratio: each expert's hidden width as a multiple of the layer's width (used
+            where ``expert_hidden`` is not set; the Sweet-spot ConvNeXt's experts have ratio 2).
         router_args: extra arguments of the gate class (``cosine``: ``proj_dim``,
             ``init_temperature``; ``l2``: ``proj_dim``, ``scale``; ``soft``: ``normalize``).
 
@@ -86,7 +89,7 @@ class MoEConfig:
     routing: str = "token"
     num_keys: int = 0
     key_dim: int | None = None
-    noise_std: float = 0.0
+    noise_std: float = 1.0
     renormalize: bool = False
     capacity_factor: float | None = None
     eval_capacity_factor: float | None = None
@@ -103,6 +106,7 @@ class MoEConfig:
     score: str = "softmax"
     slots_per_expert: int = 1
     num_shared_experts: int = 1
+    expert_ratio: float | None = None
     router_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -132,6 +136,8 @@ class MoEConfig:
                                  "moe.selection=topk and moe.balance=aux")
             if self.slots_per_expert < 1:
                 raise ValueError(f"moe.slots_per_expert must be >= 1, got {self.slots_per_expert}")
+        if self.expert_ratio is not None and not self.expert_ratio > 0:
+            raise ValueError(f"moe.expert_ratio must be > 0 (or null: the dense MLP's width), got {self.expert_ratio}")
         if self.num_shared_experts < 1:
             raise ValueError(f"moe.num_shared_experts must be >= 1, got {self.num_shared_experts}")
         if self.balance_rate < 0:
@@ -180,8 +186,33 @@ def build_moe(
     drop: float = 0.0,
 ) -> MoE:
     """Build one :class:`MoE` layer of width ``dim`` from ``cfg``; experts default to
-    ``hidden`` units like the dense MLP they replace."""
-    experts = Experts(cfg.num_experts, dim, cfg.expert_hidden or hidden, act_layer=act_layer, bias=bias, drop=drop,
+    ``hidden`` units like the dense MLP they replace. (Parameters are created in the order
+    router, experts, shared expert, so a seed gives the same initialisation as before.)"""
+    args = dict(cfg.router_args)
+    ec = cfg.selection == "expert_choice"
+    if cfg.router == "soft":
+        router: nn.Module = SoftRouter(dim, cfg.num_experts, cfg.slots_per_expert, noise_std=cfg.noise_std, **args)
+    else:
+        aux = {} if ec and dict(cfg.aux_weights) == DEFAULT_AUX_WEIGHTS else cfg.aux_weights
+        router_kwargs = dict(noise_std=cfg.noise_std, renormalize=cfg.renormalize, aux_weights=aux,
+                             selection=cfg.selection, balance=cfg.balance, balance_rate=cfg.balance_rate,
+                             score=cfg.score)
+        if ec:
+            router_kwargs.update(capacity_factor=cfg.capacity_factor or 1.0,
+                                 eval_capacity_factor=cfg.eval_capacity_factor)
+        try:
+            if cfg.routing in ("cluster", "task"):
+                cls = ClusterRouter if cfg.routing == "cluster" else TaskRouter
+                router = cls(cfg.num_keys, cfg.num_experts, cfg.top_k, embed_dim=cfg.key_dim, **router_kwargs, **args)
+            else:
+                router = ROUTERS[cfg.router](dim, cfg.num_experts, cfg.top_k, **router_kwargs, **args)
+        except TypeError as e:  # a misspelt or foreign router_args key
+            raise ValueError(f"moe.router_args {sorted(args)} do not fit the {cfg.router!r} gate ({e}); see "
+                             "MoEConfig.router_args for the arguments each gate takes") from None
+        if cfg.routing in ("cls", "mean"):
+            router = PooledRouter(router, pool=cfg.routing)
+    width = cfg.expert_hidden or (round(cfg.expert_ratio * dim) if cfg.expert_ratio else hidden)
+    experts = Experts(cfg.num_experts, dim, width, act_layer=act_layer, bias=bias, drop=drop,
                       recompute=cfg.recompute_activation)
     shared = None
     if cfg.shared_expert:
@@ -189,28 +220,8 @@ def build_moe(
 
         shared = Mlp(dim, cfg.num_shared_experts * (cfg.shared_hidden or hidden), act_layer=_act_type(act_layer),
                      bias=bias, drop=drop)
-    args = dict(cfg.router_args)
     if cfg.router == "soft":
-        soft = SoftRouter(dim, cfg.num_experts, cfg.slots_per_expert, noise_std=cfg.noise_std, **args)
-        return SoftMoE(router=soft, experts=experts, shared_expert=shared)
-    ec = cfg.selection == "expert_choice"
-    aux = {} if ec and dict(cfg.aux_weights) == DEFAULT_AUX_WEIGHTS else cfg.aux_weights
-    router_kwargs = dict(noise_std=cfg.noise_std, renormalize=cfg.renormalize, aux_weights=aux,
-                         selection=cfg.selection, balance=cfg.balance, balance_rate=cfg.balance_rate, score=cfg.score)
-    if ec:
-        router_kwargs.update(capacity_factor=cfg.capacity_factor or 1.0, eval_capacity_factor=cfg.eval_capacity_factor)
-    if cfg.routing in ("cluster", "task"):
-        cls = ClusterRouter if cfg.routing == "cluster" else TaskRouter
-        router: nn.Module = cls(cfg.num_keys, cfg.num_experts, cfg.top_k, embed_dim=cfg.key_dim, **router_kwargs,
-                                **args)
-    else:
-        try:
-            router = ROUTERS[cfg.router](dim, cfg.num_experts, cfg.top_k, **router_kwargs, **args)
-        except TypeError as e:  # a misspelt or foreign router_args key
-            raise ValueError(f"moe.router_args {sorted(args)} do not fit the {cfg.router!r} gate ({e}); see "
-                             "MoEConfig.router_args for the arguments each gate takes") from None
-        if cfg.routing in ("cls", "mean"):
-            router = PooledRouter(router, pool=cfg.routing)
+        return SoftMoE(router=router, experts=experts, shared_expert=shared)
     dispatcher = SortedDispatcher(capacity_factor=None if ec else cfg.capacity_factor,
                                   eval_capacity_factor=None if ec else cfg.eval_capacity_factor, bpr=cfg.bpr)
     return MoE(router=router, experts=experts, dispatcher=dispatcher, shared_expert=shared)

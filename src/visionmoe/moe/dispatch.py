@@ -112,7 +112,7 @@ class SortedDispatcher(nn.Module):
 
         flat_e = route.indices.t().reshape(-1)  # (K*S,), entry j = choice * S + unit
         if capacity is not None and self.bpr:
-            order = route.probs.max(dim=-1).values.argsort(descending=True)  # (S,)
+            order = route.probs.max(dim=-1).values.argsort(descending=True, stable=True)  # (S,) ties: position
             rank = torch.empty_like(order)
             rank[order] = torch.arange(num_units, device=device)
         else:

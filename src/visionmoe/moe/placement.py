@@ -2,7 +2,8 @@
 
 A policy is a name (``"every_2"``, ``"last_2"``, ``"all"``, ``"none"``), an explicit list
 of block indices (``[10, 11]`` or the string ``"layers=[10, 11]"``), or a policy that
-needs extra information (``"by_gradient_magnitude"`` takes per-block scores).
+needs extra information (``"by_gradient_magnitude"`` / ``"by_gradient_magnitude_{n}"`` take
+per-block scores; the Trainer computes them on the first batches when a config asks for it).
 ``resolve_placement(policy, depth)`` turns any of them into a sorted list of indices.
 """
 
@@ -13,7 +14,8 @@ from collections.abc import Callable, Sequence
 
 from .._utils import did_you_mean
 
-__all__ = ["resolve_placement", "list_placements", "every_n", "last_n", "by_scores", "PLACEMENTS"]
+__all__ = ["resolve_placement", "list_placements", "every_n", "last_n", "first_n", "by_scores", "probed_layers",
+           "PLACEMENTS"]
 
 
 def every_n(depth: int, n: int) -> list[int]:
@@ -30,6 +32,13 @@ def last_n(depth: int, n: int) -> list[int]:
     return list(range(depth - n, depth))
 
 
+def first_n(depth: int, n: int) -> list[int]:
+    """The first ``n`` blocks."""
+    if not 0 <= n <= depth:
+        raise ValueError(f"first_n needs 0 <= n <= depth={depth}, got {n}")
+    return list(range(n))
+
+
 def by_scores(scores: Sequence[float], n: int) -> list[int]:
     """The ``n`` blocks with the largest scores (e.g. MLP gradient norms, MoCE's rule)."""
     if not 0 <= n <= len(scores):
@@ -41,9 +50,18 @@ def by_scores(scores: Sequence[float], n: int) -> list[int]:
 _PATTERNS: dict[str, tuple[str, Callable[[int, int], list[int]]]] = {
     "every_{n}": (r"every_(\d+)", every_n),
     "last_{n}": (r"last_(\d+)", last_n),
-    "first_{n}": (r"first_(\d+)", lambda depth, n: list(range(min(n, depth)))),
+    "first_{n}": (r"first_(\d+)", lambda depth, n: first_n(depth, n)),
 }
-PLACEMENTS = ["all", "none", *_PATTERNS, "layers=[i, j, ...]", "by_gradient_magnitude"]
+PLACEMENTS = ["all", "none", *_PATTERNS, "layers=[i, j, ...]", "by_gradient_magnitude", "by_gradient_magnitude_{n}"]
+
+
+def probed_layers(policy) -> int | None:
+    """For ``"by_gradient_magnitude"`` (0: the caller's default count) or
+    ``"by_gradient_magnitude_{n}"``: the number of blocks to pick; None for any other policy."""
+    if not isinstance(policy, str):
+        return None
+    m = re.fullmatch(r"by_gradient_magnitude(?:_(\d+))?", policy.strip())
+    return None if m is None else int(m.group(1) or 0)
 
 
 def list_placements() -> list[str]:
@@ -72,7 +90,9 @@ def resolve_placement(
         name = policy.strip()
         if name == "all":
             return list(range(depth))
-        if name == "by_gradient_magnitude":
+        probe = probed_layers(name)
+        if probe is not None:
+            num_layers = probe or num_layers
             if scores is None:
                 raise ValueError(
                     "placement 'by_gradient_magnitude' needs per-block scores; compute them with "

@@ -10,6 +10,7 @@ an optional shared expert is ``<p>shared_expert.fc{1,2}.*``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -30,6 +31,7 @@ __all__ = [
     "ChannelsFirst",
 ]
 
+SHARED_INITS = ("copy", "zero_routed")
 _FC = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
 _EXPERT = ("experts.fc1_weight", "experts.fc1_bias", "experts.fc2_weight", "experts.fc2_bias")
 
@@ -41,6 +43,7 @@ def upcycle_mlp_state_dict(
     noise: float = 0.0,
     generator: torch.Generator | None = None,
     shared_expert: bool = False,
+    shared_init: str = "copy",
 ) -> dict[str, Tensor]:
     """Copy one dense MLP (keys ``fc1.weight``... relative to the MLP) into E experts.
 
@@ -51,7 +54,13 @@ def upcycle_mlp_state_dict(
             weight matrix (biases are copied), so experts can diverge (MoCE). 0 = exact copies.
         generator: random generator for the perturbation.
         shared_expert: also copy the MLP into ``shared_expert.*`` (ViMoE).
+        shared_init: with a shared expert, ``"copy"`` (every expert and the shared expert are
+            the dense MLP: the layer starts as ``dense + sum_k w_k dense``) or ``"zero_routed"``
+            (the routed experts' output layer starts at zero: the layer starts *exactly* as the
+            dense MLP, and the experts' ``fc2`` learns first).
     """
+    if shared_init not in SHARED_INITS:
+        raise ValueError(f"shared_init must be one of {list(SHARED_INITS)}, got {shared_init!r}")
     missing = [k for k in ("fc1.weight", "fc2.weight") if k not in mlp]
     if missing:
         raise KeyError(f"dense MLP state dict lacks {missing}; got keys {sorted(mlp)}")
@@ -67,6 +76,8 @@ def upcycle_mlp_state_dict(
         if noise > 0 and w.dim() == 2:
             eps = torch.randn(stacked.shape, generator=generator, dtype=torch.float32).to(w.dtype)
             stacked = stacked + noise * w.float().std().to(w.dtype) * eps
+        if shared_expert and shared_init == "zero_routed" and src.startswith("fc2"):
+            stacked = torch.zeros_like(stacked)
         out[dst] = stacked
         if shared_expert:
             out[f"shared_expert.{src}"] = w.clone()
@@ -82,8 +93,10 @@ def upcycle_state_dict(
     noise: float = 0.0,
     seed: int = 0,
     shared_expert: bool = False,
+    shared_init: str = "copy",
 ) -> dict[str, Tensor]:
-    """Turn the dense MLPs of the given blocks of a dense state dict into experts.
+    """Turn the dense MLPs of the given blocks of a dense state dict into experts
+    (``shared_init``: see :func:`upcycle_mlp_state_dict`).
 
     Returns a new state dict; every other key is passed through unchanged. Router
     weights are not produced (they start fresh): load with ``strict=False`` or through
@@ -98,7 +111,8 @@ def upcycle_state_dict(
             raise KeyError(f"no dense MLP weights under {p!r} in the state dict")
         for k in mlp:
             out.pop(p + k)
-        up = upcycle_mlp_state_dict(mlp, num_experts, noise=noise, generator=g, shared_expert=shared_expert)
+        up = upcycle_mlp_state_dict(mlp, num_experts, noise=noise, generator=g, shared_expert=shared_expert,
+                                    shared_init=shared_init)
         out.update({p + k: v for k, v in up.items()})
     return out
 
@@ -199,6 +213,35 @@ def _resolve_stage(placement: Any, blocks: list[tuple[str, nn.Module]]) -> list[
     return chosen
 
 
+def _stages(blocks: list[tuple[str, nn.Module]]) -> dict[str, list[int]]:
+    """Block indices per stage of a hierarchical model (timm's ``stages.<i>.`` names), in order."""
+    out: dict[str, list[int]] = {}
+    for i, (name, _) in enumerate(blocks):
+        if name.startswith("stages."):
+            out.setdefault(name.split(".")[1], []).append(i)
+    return out
+
+
+def _resolve_hierarchical(placement: Any, blocks: list[tuple[str, nn.Module]]) -> list[int] | None:
+    """The Sweet-spot paper's placements on a hierarchical model (ConvNeXt, Swin: two or more
+    stages): ``"stage"`` = the last block of every stage, ``"last_{n}"`` = the last block of
+    each of the last n stages ("Last 2"). None for other policies or single-stage models."""
+    stages = _stages(blocks)
+    if len(stages) < 2 or not isinstance(placement, str):
+        return None
+    last = [idx[-1] for idx in stages.values()]
+    if placement == "stage":
+        return last
+    m = re.fullmatch(r"last_(\d+)", placement)
+    if m is None:
+        return None
+    n = int(m.group(1))
+    if not 0 <= n <= len(last):
+        raise ValueError(f"placement {placement!r}: this model has {len(last)} stages; on a hierarchical model "
+                         f"last_n takes the last block of each of the last n stages (n <= {len(last)})")
+    return last[len(last) - n:]
+
+
 def moeify(
     model: nn.Module,
     *,
@@ -207,6 +250,8 @@ def moeify(
     top_k: int = 1,
     noise: float = 0.0,
     seed: int = 0,
+    placement_scores: Sequence[float] | None = None,
+    shared_init: str = "copy",
     **moe_kwargs: Any,
 ) -> nn.Module:
     """Upcycle chosen dense MLPs of any timm-style model into token- or image-routed MoEs.
@@ -221,10 +266,24 @@ def moeify(
         placement: placement policy over the model's MLP blocks, in module order.
         num_experts, top_k: E and K.
         noise: relative expert perturbation.
+        expert widths: ``expert_hidden`` (units) or ``expert_ratio`` (times each layer's width,
+            e.g. the Sweet-spot ConvNeXt's ratio-2 experts); experts of another width than the
+            dense MLP cannot copy it and start from a fresh initialisation.
+        placement on hierarchical models (two or more ``stages``): ``"stage"`` = the last block
+            of every stage, ``"last_{n}"`` = the last block of each of the last n stages (the
+            Sweet-spot paper's "Stage" and "Last 2"), ``"stage_<i>"`` = every block of stage i;
+            ``every_n`` counts blocks across stages.
+        shared_init: with ``shared_expert=True``: ``"copy"`` or ``"zero_routed"`` (the model
+            then starts exactly as the dense one; :func:`upcycle_mlp_state_dict`).
+        placement_scores: per-MLP-block scores for ``placement="by_gradient_magnitude[_n]"``
+            (e.g. :func:`visionmoe.analysis.gradient_magnitude_scores` of the dense model).
         **moe_kwargs: any other :class:`~visionmoe.moe.config.MoEConfig` field
             (``router``, ``routing``, ``capacity_factor``, ``shared_expert``...).
     """
     cfg = MoEConfig.from_dict(dict(num_experts=num_experts, top_k=top_k, placement=placement, **moe_kwargs))
+    if cfg.routing == "cls" and getattr(model, "cls_token", None) is None:
+        raise ValueError(f"routing='cls' routes each image by its class token, but {type(model).__name__} has none "
+                         "(Swin, ConvNeXt, class_token=False); use routing='mean' (the mean token)")
     blocks = mlp_blocks(model)
     if not blocks:
         raise ValueError(
@@ -233,7 +292,9 @@ def moeify(
         )
     chosen = _resolve_stage(cfg.placement, blocks)
     if chosen is None:
-        chosen = resolve_placement(cfg.placement, len(blocks))
+        chosen = _resolve_hierarchical(cfg.placement, blocks)
+    if chosen is None:
+        chosen = resolve_placement(cfg.placement, len(blocks), scores=placement_scores)
     g = torch.Generator().manual_seed(seed)
     for i in chosen:
         name, block = blocks[i]
@@ -247,14 +308,17 @@ def moeify(
         drop = getattr(getattr(dense, "drop1", None), "p", 0.0)
         if not isinstance(getattr(dense, "norm", nn.Identity()), nn.Identity):
             raise ValueError(f"block {name}: MLPs with an inner norm layer are not supported by moeify")
-        if cfg.expert_hidden not in (None, hidden):
-            raise ValueError("moeify copies the dense MLP into experts: expert_hidden must equal its hidden width")
-        layer = build_moe(in_features, hidden, cfg, act_layer=act, bias=fc1.bias is not None, drop=drop)
+        width = cfg.expert_hidden or (round(cfg.expert_ratio * in_features) if cfg.expert_ratio else hidden)
+        layer_cfg = cfg if width == hidden else dataclasses.replace(cfg, expert_hidden=width, expert_ratio=None)
+        layer = build_moe(in_features, hidden, layer_cfg, act_layer=act, bias=fc1.bias is not None, drop=drop)
         # 1x1 conv weights (H, D, 1, 1) are linear weights (H, D)
         sd = {k: v.flatten(1) if v.dim() == 4 else v for k, v in dense.state_dict().items() if k in _FC}
-        up = upcycle_mlp_state_dict(sd, cfg.num_experts, noise=noise, generator=g, shared_expert=False)
-        _, unexpected = layer.load_state_dict(up, strict=False)
-        assert not unexpected, unexpected
+        if width == hidden:  # each expert starts as the dense MLP; experts of another width start fresh
+            up = upcycle_mlp_state_dict(sd, cfg.num_experts, noise=noise, generator=g, shared_expert=cfg.shared_expert,
+                                        shared_init=shared_init)
+            up = {k: v for k, v in up.items() if not k.startswith("shared_expert.")}  # filled below
+            _, unexpected = layer.load_state_dict(up, strict=False)
+            assert not unexpected, unexpected
         if cfg.shared_expert:  # the dense MLP, in the shared expert's (linear) layout; with n shared
             n = cfg.num_shared_experts  # experts, n copies whose fc2 is divided by n: still the dense MLP
             shared = dict(sd)

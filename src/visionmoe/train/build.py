@@ -82,7 +82,8 @@ def build_model(cfg: ExperimentConfig, *, num_classes: int, in_chans: int) -> nn
                 sd = load_state_dict_file(cfg.model.init)
         else:
             sd = load_state_dict_file(cfg.model.init)
-        load_dense_into_moe(model, sd, noise=cfg.model.init_noise, seed=cfg.run.seed, skip=tuple(cfg.model.init_skip))
+        load_dense_into_moe(model, sd, noise=cfg.model.init_noise, seed=cfg.run.seed, skip=tuple(cfg.model.init_skip),
+                            shared_init=cfg.model.init_shared)
     return model
 
 

@@ -45,7 +45,10 @@ class ModelConfig:
     ``dense``: drop the variant's MoE layers; ``init``: start from a dense checkpoint (a
     visionmoe run checkpoint, or a timm / MAE / MoCo v3 / DINOv2 state dict in safetensors or a
     plain torch file) whose MLPs are upcycled into the experts (ViMoE), with relative noise
-    ``init_noise``; ``init_skip``: key prefixes not loaded (default the classifier head)."""
+    ``init_noise``; ``init_skip``: key prefixes not loaded (default the classifier head);
+    ``init_shared``: with a shared expert, ``copy`` (every expert a copy of the dense MLP) or
+    ``zero_routed`` (the routed experts' output layer zero: the MoE starts exactly as the
+    dense model)."""
 
     name: str = "vit_tiny_patch4_32"
     args: dict[str, Any] = field(default_factory=dict)
@@ -53,6 +56,11 @@ class ModelConfig:
     init: str | None = None
     init_noise: float = 0.0
     init_skip: list[str] = field(default_factory=lambda: ["head."])
+    init_shared: str = "copy"
+
+    def __post_init__(self) -> None:
+        if self.init_shared not in ("copy", "zero_routed"):
+            raise ValueError(f"model.init_shared must be 'copy' or 'zero_routed', got {self.init_shared!r}")
 
 
 @dataclass

@@ -35,6 +35,7 @@ from ..data.streaming import (
 from ..models import count_parameters
 from ..moe.layer import collect_aux_loss
 from ..moe.parallel import TRAFFIC, shard_experts
+from ..moe.placement import probed_layers
 from ..moe.routers import update_balance_biases
 from ..objectives import create_objective
 from .build import RunExistsError, TrainingDiverged, build_model, build_optimizer, cosine_lr, seed_everything
@@ -78,6 +79,9 @@ class Trainer:
         self.data = data if data is not None else load_dataset(c.data.name, **c.data.args)
         native_channels, native_size = native_shape(self.data)
         self.channels = c.data.channels or native_channels
+        self.placement_scores, self.placement_note = None, ""
+        if model is None and not c.model.dense and probed_layers((c.moe or {}).get("placement")) is not None:
+            self.placement_scores = self._probe_placement(native_size)  # resolves moe.placement to block indices
         self.model = model if model is not None else build_model(
             c, num_classes=self.data.num_classes, in_chans=self.channels)
         # a model passed in by hand is described in its checkpoints, so any command can rebuild it
@@ -134,6 +138,40 @@ class Trainer:
         self.log = MetricsLog(self.run_dir, enabled=self.dist.is_main, tensorboard=c.run.tensorboard)
         self._eval_loader = None  # built on first use, its workers kept for later evaluations
 
+    def _probe_placement(self, native_size: int | None) -> list[float]:
+        """``placement: by_gradient_magnitude[_n]`` (MoCE's rule): the gradient magnitude of
+        every block's MLP under this run's objective, on the first 4 batches (no augmentation)
+        of a dense twin of the model as this seed initialises it; ``moe.placement`` becomes the
+        ``n`` (default 2) blocks with the largest, so checkpoints rebuild without probing."""
+        import copy
+
+        from ..analysis.gradients import gradient_magnitude_scores
+        from ..data.streaming import collate
+        from ..moe.placement import resolve_placement
+
+        c = self.cfg
+        twin_cfg = copy.deepcopy(c)
+        twin_cfg.model.dense = True
+        seed_everything(c.run.seed, c.run.deterministic)
+        dense = build_model(twin_cfg, num_classes=self.data.num_classes, in_chans=self.channels)
+        pe = getattr(dense, "patch_embed", None)
+        size = c.data.img_size or (pe.img_size[0] if pe is not None and getattr(pe, "img_size", None) else native_size)
+        mean, std = resolve_normalization(c.data.normalize, self.channels, dense)
+        prep = Preprocessing(size, self.channels, resize=c.data.resize, crop_pct=c.data.crop_pct, mean=mean, std=std)
+        ds = training_set(self.data, prep, seed=c.run.seed)
+        bs = c.data.batch_size
+        n_batches = max(1, min(4, len(ds) // bs))
+        batches = [collate(ds.__getitems__(list(range(i * bs, min(len(ds), (i + 1) * bs))))) for i in range(n_batches)]
+        objective = create_objective(c.objective, dense, num_classes=self.data.num_classes, total_steps=1, run=c.run,
+                                     args=c.objective_args)
+        scores = gradient_magnitude_scores(dense, batches, lambda m, b: objective(m, b)["loss"])
+        policy = c.moe["placement"]
+        c.moe["placement"] = resolve_placement(policy, len(scores), scores=scores)
+        self.placement_note = (f"; placement {policy}: MLP gradient magnitudes "
+                               f"{[round(v, 4) for v in scores]} -> blocks {c.moe['placement']}")
+        seed_everything(c.run.seed, c.run.deterministic)  # the MoE model starts as it would without the probe
+        return scores
+
     # ---------------------------------------------------------------- pieces
     @property
     def dist(self):
@@ -150,7 +188,7 @@ class Trainer:
                 f"images, {self.data.num_classes} classes; {self.preprocessing.describe()}; augment "
                 f"{self.cfg.data.augment}; {self.workers} loader worker(s); {self.ctx.describe()}"
                 + ("; no checkpoints (run.keep_checkpoints=0): this run cannot be resumed or evaluated later"
-                   if not self.cfg.run.keep_checkpoints else ""))
+                   if not self.cfg.run.keep_checkpoints else "") + self.placement_note)
 
     def lr_at(self, step: int) -> float:
         s = self.cfg.schedule
