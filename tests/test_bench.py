@@ -15,7 +15,9 @@ def test_quick_bench_writes_json_and_plot(tmp_path):
     assert (tmp_path / "bench.png").stat().st_size > 0
     names = {r["name"] for r in data["suites"]["layer"]}
     assert {"dense", "visionmoe-k1", "visionmoe-k2", "naive-loop-k1", "gshard-einsum-k2", "visionmoe-image-k1",
-            "visionmoe-serial-k1", "visionmoe-recompute-k1"} <= names
+            "visionmoe-serial-k1", "visionmoe-recompute-k1", "visionmoe-expert-choice-c1", "visionmoe-soft-moe-c1",
+            "visionmoe-loss-free-k1"} <= names
+    assert not [r["error"] for r in data["suites"]["layer"] if "error" in r]
     dense = next(r for r in res["suites"]["layer"] if r["name"] == "dense")
     assert dense["fwdbwd_ratio"] == 1.0 and dense["activation_ratio"] == 1.0 and dense["fwdbwd_paired_ratio"] == 1.0
     assert all("fwdbwd_ms" in r for r in data["suites"]["layer"] if "error" not in r)

@@ -28,7 +28,7 @@ import torch
 from timm.layers import Mlp
 from torch import Tensor, nn
 
-from .moe import Experts, LinearRouter, MoE, PooledRouter, SortedDispatcher, native
+from .moe import Experts, LinearRouter, MoE, MoEConfig, PooledRouter, SortedDispatcher, build_moe, native
 from .moe.experts import grouped_mm_available
 from .moe.reference import EinsumDispatcher, LoopDispatcher
 from .runtime import allocator_state, tune_cpu_allocator
@@ -220,6 +220,15 @@ def layer_cases(*, batch: int, tokens: int, dim: int, hidden: int, experts: int,
     if 1 in ks:
         img = _moe(dim, hidden, experts, 1, level="image")
         cases.append(_layer_case("visionmoe-image-k1", group, img, x, k=1))
+        # the newer routing methods, at the cost of top-1: expert choice with capacity factor 1
+        # (each token one expert on average), Soft MoE with as many slots as tokens (vmoe's
+        # capacity factor 1: p = round(T / E) slots per expert), loss-free top-1
+        slots = max(1, round(tokens / experts))
+        for name, cfg in (("expert-choice-c1", dict(selection="expert_choice", capacity_factor=1.0)),
+                          ("soft-moe-c1", dict(router="soft", slots_per_expert=slots)),
+                          ("loss-free-k1", dict(balance="loss_free", aux_weights={}))):
+            layer = build_moe(dim, hidden, MoEConfig(num_experts=experts, top_k=1, noise_std=0.0, **cfg))
+            cases.append(_layer_case(f"visionmoe-{name}", group, layer, x, aux=lambda m=layer: m.last.aux_loss, k=1))
     return cases, status
 
 
