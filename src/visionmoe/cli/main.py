@@ -198,11 +198,10 @@ def _cmd_layer_scan(args: argparse.Namespace) -> int:
 
 
 def _cmd_list_models(args: argparse.Namespace) -> int:
-    from ..models import list_models
-    from ..models._registry import _REGISTRY
+    from ..models import list_models, model_description
 
     for name in list_models(args.pattern):
-        print(f"{name:32s} {_REGISTRY[name].description}")
+        print(f"{name:32s} {model_description(name)}")
     return 0
 
 

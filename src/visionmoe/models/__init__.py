@@ -1,6 +1,6 @@
 """Backbones (ViT with MoE blocks), the model registry and checkpoint key mappings."""
 
-from ._registry import create_model, list_models, model_args, register_model
+from ._registry import create_model, list_models, model_args, model_description, register_model
 from ._weights import (
     detect_layout,
     from_dinov2,
@@ -19,6 +19,7 @@ __all__ = [
     "create_model",
     "list_models",
     "model_args",
+    "model_description",
     "register_model",
     "detect_layout",
     "to_timm",

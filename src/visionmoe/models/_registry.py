@@ -16,7 +16,7 @@ from .._utils import did_you_mean
 from ..moe.config import MoEConfig
 from .vit import VisionTransformer
 
-__all__ = ["register_model", "create_model", "list_models", "model_args"]
+__all__ = ["register_model", "create_model", "list_models", "model_args", "model_description"]
 
 
 @dataclasses.dataclass
@@ -48,6 +48,11 @@ def list_models(pattern: str = "*") -> list[str]:
 def model_args(name: str) -> dict[str, Any]:
     """The registered arguments of ``name`` (a copy)."""
     return copy.deepcopy(_entry(name).kwargs)
+
+
+def model_description(name: str) -> str:
+    """The one-line description ``name`` was registered with."""
+    return _entry(name).description
 
 
 def _entry(name: str) -> _Entry:

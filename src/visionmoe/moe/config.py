@@ -16,21 +16,16 @@ from .layer import MoE
 from .routers import (
     BALANCES,
     DEFAULT_AUX_WEIGHTS,
+    ROUTERS,
     SCORES,
     SELECTIONS,
     ClusterRouter,
-    CosineRouter,
-    L2Router,
-    LinearRouter,
     PooledRouter,
     TaskRouter,
 )
-from .soft import SoftMoE, SoftRouter
+from .soft import SoftMoE, SoftRouter  # registers "soft": a Soft MoE layer (slots instead of routing)
 
 __all__ = ["MoEConfig", "build_moe", "ROUTERS", "ROUTINGS"]
-
-#: gate types; ``soft`` builds a Soft MoE layer (slots instead of discrete routing)
-ROUTERS: dict[str, type] = {"linear": LinearRouter, "cosine": CosineRouter, "l2": L2Router, "soft": SoftRouter}
 #: routing granularity: per token, per image by CLS token / mean token, per image by a key
 ROUTINGS = ("token", "cls", "mean", "cluster", "task")
 
@@ -190,7 +185,7 @@ def build_moe(
     router, experts, shared expert, so a seed gives the same initialisation as before.)"""
     args = dict(cfg.router_args)
     ec = cfg.selection == "expert_choice"
-    if cfg.router == "soft":
+    if ROUTERS[cfg.router] is SoftRouter:
         router: nn.Module = SoftRouter(dim, cfg.num_experts, cfg.slots_per_expert, noise_std=cfg.noise_std, **args)
     else:
         aux = {} if ec and dict(cfg.aux_weights) == DEFAULT_AUX_WEIGHTS else cfg.aux_weights
@@ -220,7 +215,7 @@ def build_moe(
 
         shared = Mlp(dim, cfg.num_shared_experts * (cfg.shared_hidden or hidden), act_layer=_act_type(act_layer),
                      bias=bias, drop=drop)
-    if cfg.router == "soft":
+    if isinstance(router, SoftRouter):
         return SoftMoE(router=router, experts=experts, shared_expert=shared)
     dispatcher = SortedDispatcher(capacity_factor=None if ec else cfg.capacity_factor,
                                   eval_capacity_factor=None if ec else cfg.eval_capacity_factor, bpr=cfg.bpr)

@@ -52,6 +52,8 @@ __all__ = [
     "BALANCES",
     "SCORES",
     "update_balance_biases",
+    "ROUTERS",
+    "register_router",
 ]
 
 #: V-MoE defaults: importance and load losses, 0.005 each.
@@ -63,6 +65,22 @@ SELECTIONS = ("topk", "expert_choice")
 BALANCES = ("aux", "loss_free")
 #: gate scores: softmax over the experts, or independent sigmoids (normalised over the chosen k)
 SCORES = ("softmax", "sigmoid")
+
+
+#: gate types by YAML name (``moe.router``), filled by :func:`register_router`
+ROUTERS: dict[str, type] = {}
+
+
+def register_router(name: str):
+    """Class decorator: make a gate type available as ``moe.router: name`` in configs,
+    ``moeify(router=name)`` and ``build_moe``."""
+    def deco(cls):
+        if name in ROUTERS and ROUTERS[name] is not cls:
+            raise ValueError(f"router name {name!r} is already registered by {ROUTERS[name].__name__}")
+        ROUTERS[name] = cls
+        return cls
+
+    return deco
 
 
 @dataclass
@@ -311,6 +329,7 @@ class Router(nn.Module):
         return f"num_experts={self.num_experts}, k={self.k}, noise_std={self.noise_std}" + extra
 
 
+@register_router("linear")
 class LinearRouter(Router):
     """``logits = x W_g`` (no bias), V-MoE's router."""
 
@@ -324,6 +343,7 @@ class LinearRouter(Router):
         return self.proj(x)  # (S, D) -> (S, E)
 
 
+@register_router("cosine")
 class CosineRouter(Router):
     """Cosine router (X-MoE, Chi et al. 2022; Tutel ``CosineTopKGate``):
     ``logits = <norm(x W_p), norm(e_j)> * scale`` with a learned temperature.
@@ -359,6 +379,7 @@ class CosineRouter(Router):
         return scale * (h @ e.t())  # (S, E)
 
 
+@register_router("l2")
 class L2Router(Router):
     """L2 gate (Sweet-spot paper §4.3.5: "identical to the Cos gate, except that it employs the
     L2-distance"): a linear projection into the same ``proj_dim``-dimensional space as

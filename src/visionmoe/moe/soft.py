@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .experts import Experts
 from .layer import MoE, MoEResult
+from .routers import register_router
 
 __all__ = ["SoftRouter", "SoftMoE"]
 
@@ -32,6 +33,7 @@ def _normalize(x: Tensor, dim: int, eps: float = 1e-6) -> Tensor:
     return x * torch.rsqrt(x.pow(2).sum(dim=dim, keepdim=True) + eps)
 
 
+@register_router("soft")
 class SoftRouter(nn.Module):
     """The slot parameters of a Soft MoE layer: ``phi: (D, E * p)`` and a scalar ``scale``
     (init 1). :meth:`forward` gives the ``(B, T, E * p)`` logits."""

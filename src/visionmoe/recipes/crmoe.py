@@ -22,6 +22,7 @@ from .._utils import atomic_write_bytes, finish_study, fmt_mean_std, mean_std, s
 from ..data import TensorSplits, adapt, load_dataset
 from ..eval import evaluate_backbone, head_first_layer, knn_accuracy, label_subset, linear_probe
 from ..train import Trainer, build_model, config_from_dict, seed_everything
+from .common import study_config
 
 __all__ = ["CRMoEStudyConfig", "run_crmoe_study", "evaluate_backbone", "pixel_baselines", "paired_claims",
            "VARIANTS", "CLAIMS"]
@@ -94,10 +95,7 @@ class CRMoEStudyConfig:
 
     @classmethod
     def from_overrides(cls, overrides: list[str] | None = None, *, quick: bool = False) -> CRMoEStudyConfig:
-        from ..train.config import _from_dict, apply_overrides
-
-        d = apply_overrides({}, list(overrides or []))
-        return _from_dict(cls, {**asdict(cls.quick() if quick else cls()), **d})
+        return study_config(cls, overrides, quick=quick)
 
 
 def experiment(c: CRMoEStudyConfig, variant: str, seed: int) -> dict:

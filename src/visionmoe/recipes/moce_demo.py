@@ -153,11 +153,9 @@ class MoCEDemoConfig:
                   *, quick: bool = False) -> MoCEDemoConfig:
         """Defaults (or :meth:`quick`), then a YAML file's keys, then ``key=value`` overrides;
         unknown keys and wrong types are refused with a suggestion."""
-        from ..train.config import _from_dict, apply_overrides, load_yaml_dict
+        from .common import study_config
 
-        d = apply_overrides(load_yaml_dict(path), list(overrides or []))
-        base = asdict(cls.quick() if quick or d.pop("quick", False) else cls())
-        return _from_dict(cls, {**base, **d})
+        return study_config(cls, overrides, quick=quick, path=path)
 
 
 def _cfg(objective: str, steps: int, bs: int, lr: float, optim: str = "adamw", seed: int = 0, wd: float = 0.05,

@@ -23,6 +23,7 @@ import torch
 from .._utils import atomic_write_bytes, finish_study, fmt_mean_std, mean_std, save_results, study_progress
 from ..data import TensorSplits, load_dataset
 from ..train import Trainer, config_from_dict
+from .common import study_config
 
 __all__ = ["ViMoEStudyConfig", "run_vimoe_study", "STABILITY_VARIANTS", "SEG_VARIANTS"]
 
@@ -80,9 +81,7 @@ class ViMoEStudyConfig:
 
     @classmethod
     def from_overrides(cls, overrides: list[str] | None = None, *, quick: bool = False) -> ViMoEStudyConfig:
-        from ..train.config import _from_dict, apply_overrides
-
-        return _from_dict(cls, {**asdict(cls.quick() if quick else cls()), **apply_overrides({}, overrides or [])})
+        return study_config(cls, overrides, quick=quick)
 
 
 def _model(c: ViMoEStudyConfig, moe: dict | None) -> dict:

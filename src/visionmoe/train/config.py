@@ -20,6 +20,7 @@ from ..moe.config import MoEConfig
 
 __all__ = [
     "ConfigError",
+    "dataclass_from_dict",
     "ModelConfig",
     "DataConfig",
     "OptimConfig",
@@ -303,6 +304,13 @@ def _check(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a string, got {_short(value)}")
         return value
     return value
+
+
+def dataclass_from_dict(cls, d: dict, prefix: str = ""):
+    """An instance of the dataclass ``cls`` from a mapping, every key and value checked as a
+    config section is (unknown keys with a suggestion, types converted, nested dataclasses);
+    recipes build their study configs with it."""
+    return _from_dict(cls, d, prefix)
 
 
 def _from_dict(cls, d: dict, prefix: str = ""):
