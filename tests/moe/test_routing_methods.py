@@ -380,3 +380,74 @@ def test_flops_do_not_depend_on_threads_and_match_the_routing():
     router = 2 * tokens * width * 4
     assert t1 - d == pytest.approx(layers * router)  # top-1: the same expert work as the dense MLP
     assert t2 - d == pytest.approx(layers * (router + mlp))  # top-2: twice the MLP
+
+
+# ------------------------------------------------------------------ gated (SwiGLU) experts
+@pytest.mark.parametrize("mlp", ["GluMlp", "SwiGLUPacked", "SwiGLU"])
+def test_gated_mlps_upcycle_to_the_same_function(mlp):
+    import timm.layers as tl
+
+    from visionmoe.models.vit import VisionTransformer
+
+    torch.manual_seed(0)
+    layer = {"GluMlp": tl.GluMlp, "SwiGLUPacked": tl.SwiGLUPacked, "SwiGLU": tl.SwiGLU}[mlp]
+    kw = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=3, mlp_layer=layer)
+    if mlp == "GluMlp":
+        kw["mlp_ratio"] = 4  # GluMlp halves its hidden width: fc1 128 -> 2 x 64
+    dense = VisionTransformer(**kw).eval()
+    x = torch.randn(2, 3, 16, 16)
+    ref = dense(x)
+    m = VisionTransformer(**kw).eval()
+    m.load_state_dict(dense.state_dict())
+    moeify(m, placement="all", num_experts=3, top_k=1, renormalize=True, shared_expert=True, num_shared_experts=2,
+           shared_init="zero_routed")
+    torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
+    m2 = VisionTransformer(**kw).eval()
+    m2.load_state_dict(dense.state_dict())
+    moeify(m2, placement="all", num_experts=3, top_k=1, renormalize=True)  # each expert the dense GLU MLP
+    torch.testing.assert_close(m2(x), ref, rtol=1e-5, atol=1e-5)
+    assert m2.blocks[0].mlp.experts.gated
+    # built from a config: gated experts, not ungated SiLU ones of the packed width
+    built = VisionTransformer(**kw, moe=dict(num_experts=2, top_k=1, placement="all"))
+    dense_hidden = dense.blocks[0].mlp.fc2.in_features
+    assert built.blocks[0].mlp.experts.gated and built.blocks[0].mlp.experts.hidden == dense_hidden
+    built.train()(x).sum().backward()
+
+
+def test_eva02_swiglu_moeifies_to_the_same_function_and_inner_norms_are_refused():
+    import timm
+
+    torch.manual_seed(0)
+    m = timm.create_model("eva02_tiny_patch14_224", img_size=28, num_classes=2).eval()
+    x = torch.randn(2, 3, 28, 28)
+    ref = m(x)
+    moeify(m, placement="last_2", num_experts=2, top_k=1, renormalize=True)
+    torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
+    scaled = timm.create_model("eva02_tiny_patch14_224", img_size=28, num_classes=2, scale_mlp=True)
+    with pytest.raises(ValueError, match="inner norm layer.*scale_mlp=False"):
+        moeify(scaled, placement="last_1")
+
+
+def test_gated_experts_agree_across_kernels_and_refuse_the_fused_one():
+    from visionmoe.moe.experts import grouped_mm_available
+
+    torch.manual_seed(0)
+    x0 = torch.randn(12, 16)
+    counts = [5, 0, 7]
+    results = {}
+    for impl in ["split"] + (["grouped"] if grouped_mm_available() else []):
+        torch.manual_seed(1)
+        ex = Experts(3, 16, 16, act_layer=torch.nn.SiLU, gated=True, impl=impl)
+        x = x0.clone().requires_grad_(True)
+        y = ex(x, counts)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results[impl] = (y, x.grad, ex.fc1_weight.grad)
+    y, *_ = results["split"]
+    a, b = (x0[:5] @ ex.fc1_weight[0].T + ex.fc1_bias[0]).chunk(2, -1)  # expert 0 by hand: x1 * silu(x2)
+    want0 = (a * torch.nn.functional.silu(b)) @ ex.fc2_weight[0].T + ex.fc2_bias[0]
+    torch.testing.assert_close(y[:5], want0, rtol=1e-5, atol=1e-5)
+    for impl, got in results.items():
+        for u, v in zip(results["split"], got):
+            torch.testing.assert_close(v, u, rtol=1e-4, atol=1e-5, msg=impl)
+    with pytest.raises(ValueError, match="not 'fused'"):
+        Experts(3, 16, 16, gated=True, impl="fused")

@@ -10,7 +10,6 @@ Axis legend: B images, T tokens (prefix + patches), D width, E experts, K top-k.
 
 from __future__ import annotations
 
-import copy
 from contextlib import nullcontext as _nullcontext
 from typing import Any
 
@@ -22,7 +21,7 @@ from ..moe.config import MoEConfig, build_moe
 from ..moe.layer import MoE, MoEResult, routing_key
 from ..moe.placement import resolve_placement
 from ..moe.routers import ClusterRouter
-from ..moe.upcycle import extract_expert_state_dict
+from ..moe.upcycle import dense_mlp_shape, extract_expert_state_dict
 
 __all__ = ["VisionTransformer"]
 
@@ -55,16 +54,11 @@ class VisionTransformer(_TimmViT):
         self.moe_blocks: list[int] = (
             resolve_placement(self.moe_config.placement, depth) if self.moe_config is not None else []
         )
-        for i in self.moe_blocks:
-            dense = self.blocks[i].mlp
-            self.blocks[i].mlp = build_moe(
-                dense.fc1.in_features,
-                dense.fc1.out_features,
-                self.moe_config,
-                act_layer=copy.deepcopy(dense.act),
-                bias=dense.fc1.bias is not None,
-                drop=dense.drop1.p,
-            )
+        for i in self.moe_blocks:  # experts compute what the block's MLP computes (GLU / SwiGLU too)
+            shape = dense_mlp_shape(self.blocks[i].mlp)
+            self.blocks[i].mlp = build_moe(shape["dim"], shape["hidden"], self.moe_config, act_layer=shape["act"],
+                                           bias=shape["bias"], drop=shape["drop"], gated=shape["gated"],
+                                           gate_last=shape["gate_last"])
 
     # ------------------------------------------------------------------ forward
     def forward_features(self, x: Tensor, routing_key: Tensor | None = None, **kwargs) -> Tensor:

@@ -179,9 +179,12 @@ def build_moe(
     act_layer: type[nn.Module] | nn.Module = nn.GELU,
     bias: bool = True,
     drop: float = 0.0,
+    gated: bool = False,
+    gate_last: bool = True,
 ) -> MoE:
     """Build one :class:`MoE` layer of width ``dim`` from ``cfg``; experts default to
-    ``hidden`` units like the dense MLP they replace. (Parameters are created in the order
+    ``hidden`` units like the dense MLP they replace; ``gated``: GLU experts (and shared
+    expert) as the dense GLU MLP they replace (SwiGLU with ``act_layer=nn.SiLU``). (Parameters are created in the order
     router, experts, shared expert, so a seed gives the same initialisation as before.)"""
     args = dict(cfg.router_args)
     ec = cfg.selection == "expert_choice"
@@ -208,13 +211,14 @@ def build_moe(
             router = PooledRouter(router, pool=cfg.routing)
     width = cfg.expert_hidden or (round(cfg.expert_ratio * dim) if cfg.expert_ratio else hidden)
     experts = Experts(cfg.num_experts, dim, width, act_layer=act_layer, bias=bias, drop=drop,
-                      recompute=cfg.recompute_activation)
+                      recompute=cfg.recompute_activation, gated=gated, gate_last=gate_last)
     shared = None
     if cfg.shared_expert:
-        from timm.layers import Mlp
+        from timm.layers import GluMlp, Mlp
 
-        shared = Mlp(dim, cfg.num_shared_experts * (cfg.shared_hidden or hidden), act_layer=_act_type(act_layer),
-                     bias=bias, drop=drop)
+        h = cfg.num_shared_experts * (cfg.shared_hidden or hidden)
+        shared = (GluMlp(dim, 2 * h, act_layer=_act_type(act_layer), bias=bias, drop=drop, gate_last=gate_last)
+                  if gated else Mlp(dim, h, act_layer=_act_type(act_layer), bias=bias, drop=drop))
     if isinstance(router, SoftRouter):
         return SoftMoE(router=router, experts=experts, shared_expert=shared)
     dispatcher = SortedDispatcher(capacity_factor=None if ec else cfg.capacity_factor,

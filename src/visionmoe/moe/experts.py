@@ -378,8 +378,26 @@ def _grouped_mm_ok(x: Tensor) -> bool:
     return grouped_mm_available(x.device, x.dtype)
 
 
+class GLU(nn.Module):
+    """Gated activation of GLU-family MLPs (timm's ``GluMlp`` / ``SwiGLUPacked`` / ``SwiGLU``):
+    ``(..., 2H) -> (..., H)``, ``x1 * act(x2)`` (``gate_last``) or ``act(x1) * x2``, where
+    ``x1, x2`` are the two halves of the fc1 output."""
+
+    def __init__(self, act: nn.Module, gate_last: bool = True) -> None:
+        super().__init__()
+        self.act, self.gate_last = act, gate_last
+
+    def forward(self, h: Tensor) -> Tensor:
+        a, b = h.chunk(2, dim=-1)
+        return a * self.act(b) if self.gate_last else self.act(a) * b
+
+    def extra_repr(self) -> str:
+        return f"gate_last={self.gate_last}"
+
+
 class Experts(nn.Module):
-    """E MLPs ``fc2(act(fc1(x)))`` with stacked parameters.
+    """E MLPs ``fc2(act(fc1(x)))`` with stacked parameters; with ``gated=True`` GLU experts
+    ``fc2(GLU(fc1(x)))`` whose fc1 has ``2 * hidden`` outputs (SwiGLU: ``act_layer=nn.SiLU``).
 
     Args:
         num_experts: E.
@@ -391,6 +409,8 @@ class Experts(nn.Module):
         impl: ``"auto"`` | ``"fused"`` | ``"grouped"`` | ``"split"``, see :meth:`forward_gathered`.
         recompute: fused kernel: recompute the GELU activation in backward instead of saving
             it (top-1: ~0.7x instead of ~1.1x the dense MLP's activation memory, ~3% slower).
+        gated, gate_last: GLU experts (:class:`GLU`); they run in the ``split`` kernel on
+            the CPU and ``grouped`` on CUDA (the fused kernel is for plain MLPs).
         threads: fused kernel on CPU: run the experts in parallel over the intra-op threads,
             each op single-threaded (faster: small matmuls parallelise badly). ``True``: in
             the compiled loop when it is built and the experts average >= 256 rows
@@ -414,6 +434,8 @@ class Experts(nn.Module):
         impl: str = "auto",
         recompute: bool = False,
         threads: bool | str = True,
+        gated: bool = False,
+        gate_last: bool = True,
     ) -> None:
         super().__init__()
         if impl not in IMPLS:
@@ -423,12 +445,16 @@ class Experts(nn.Module):
         self.impl, self.recompute, self.threads = impl, recompute, threads
         if num_experts < 1 or dim < 1 or hidden < 1:
             raise ValueError(f"num_experts, dim and hidden must be >= 1, got {num_experts}, {dim}, {hidden}")
-        self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
-        self.fc1_weight = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.num_experts, self.dim, self.hidden, self.gated = num_experts, dim, hidden, gated
+        fc1_out = 2 * hidden if gated else hidden
+        self.fc1_weight = nn.Parameter(torch.empty(num_experts, fc1_out, dim))
         self.fc2_weight = nn.Parameter(torch.empty(num_experts, dim, hidden))
-        self.fc1_bias = nn.Parameter(torch.zeros(num_experts, hidden)) if bias else None
+        self.fc1_bias = nn.Parameter(torch.zeros(num_experts, fc1_out)) if bias else None
         self.fc2_bias = nn.Parameter(torch.zeros(num_experts, dim)) if bias else None
-        self.act = act_layer() if isinstance(act_layer, type) else act_layer
+        act = act_layer() if isinstance(act_layer, type) else act_layer
+        self.act = GLU(act, gate_last) if gated else act
+        if gated and impl == "fused":
+            raise ValueError("gated (GLU) experts run in the 'split' or 'grouped' kernel, not 'fused'")
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
         # expert parallelism: set by :func:`visionmoe.moe.parallel.shard_experts`; then this
         # rank holds experts ``shard.start .. shard.start + shard.local - 1`` of ``num_experts``
@@ -478,7 +504,7 @@ class Experts(nn.Module):
             return self.impl
         if x.device.type == "cuda" and _grouped_mm_ok(x) and self._aligned(x):
             return "grouped"
-        if isinstance(self.drop, nn.Identity) and not torch.compiler.is_compiling():
+        if isinstance(self.drop, nn.Identity) and not torch.compiler.is_compiling() and not self.gated:
             return "fused"
         return "split"
 
@@ -599,4 +625,5 @@ class Experts(nn.Module):
 
     def extra_repr(self) -> str:
         held = "" if self.shard is None else f", holds={self.shard.start}..{self.shard.start + self.shard.local - 1}"
-        return f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}{held}"
+        return f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}{held}" + (
+            ", gated" if self.gated else "")

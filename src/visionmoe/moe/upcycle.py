@@ -190,8 +190,43 @@ def mlp_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
+def dense_mlp_shape(mlp: nn.Module) -> dict[str, Any]:
+    """What a MoE replacing the dense ``mlp`` needs to compute the same function: ``{"dim",
+    "hidden", "gated", "gate_last", "act", "bias", "drop"}`` for timm's ``Mlp``, ``GluMlp`` /
+    ``SwiGLUPacked`` (fc1 of 2H outputs, halves gated) and ``SwiGLU`` (``fc1_g``, ``fc1_x``);
+    refuses MLPs with an inner norm layer."""
+    if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
+        raise ValueError(f"{type(mlp).__name__} has an inner norm layer (e.g. EVA-02 with scale_mlp); MoE experts "
+                         "do not support it: build the model without it (scale_mlp=False)")
+    act = copy.deepcopy(getattr(mlp, "act", nn.GELU()))
+    drop = getattr(getattr(mlp, "drop1", None), "p", 0.0)
+    if _mlp_kind(mlp) == "swiglu":
+        return dict(dim=mlp.fc1_x.in_features, hidden=mlp.fc1_x.out_features, gated=True, gate_last=True, act=act,
+                    bias=mlp.fc1_x.bias is not None, drop=drop)
+    fc1 = mlp.fc1
+    gated = hasattr(mlp, "gate_last") and hasattr(mlp, "chunk_dim")  # timm's GluMlp family
+    return dict(dim=fc1.weight.shape[1], hidden=fc1.weight.shape[0] // (2 if gated else 1), gated=gated,
+                gate_last=bool(getattr(mlp, "gate_last", True)), act=act, bias=fc1.bias is not None, drop=drop)
+
+
+def _dense_fc_state(mlp: nn.Module) -> dict[str, Tensor]:
+    """The dense MLP's fc1/fc2 tensors in the experts' layout (SwiGLU's fc1_x and fc1_g packed
+    as ``[x; gate]``, i.e. ``gate_last``; 1x1 conv weights flattened to linear ones)."""
+    sd = mlp.state_dict()
+    if _mlp_kind(mlp) == "swiglu":
+        out = {"fc1.weight": torch.cat([sd["fc1_x.weight"], sd["fc1_g.weight"]]), "fc2.weight": sd["fc2.weight"]}
+        if "fc1_x.bias" in sd:
+            out["fc1.bias"] = torch.cat([sd["fc1_x.bias"], sd["fc1_g.bias"]])
+        if "fc2.bias" in sd:
+            out["fc2.bias"] = sd["fc2.bias"]
+        return out
+    return {k: v.flatten(1) if v.dim() == 4 else v for k, v in sd.items() if k in _FC}
+
+
 def _mlp_kind(mlp: nn.Module) -> str | None:
     fc1, fc2 = getattr(mlp, "fc1", None), getattr(mlp, "fc2", None)
+    if isinstance(getattr(mlp, "fc1_g", None), nn.Linear) and isinstance(getattr(mlp, "fc1_x", None), nn.Linear):
+        return "swiglu"
     if isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear):
         return "linear"
     if isinstance(fc1, nn.Conv2d) and isinstance(fc2, nn.Conv2d) and fc1.kernel_size == fc2.kernel_size == (1, 1):
@@ -302,17 +337,13 @@ def moeify(
         if isinstance(dense, (MoE, ChannelsFirst)):
             raise ValueError(f"block {name or i} already holds a MoE layer")
         kind = _mlp_kind(dense)
-        fc1 = dense.fc1
-        in_features, hidden = fc1.weight.shape[1], fc1.weight.shape[0]
-        act = copy.deepcopy(getattr(dense, "act", nn.GELU()))
-        drop = getattr(getattr(dense, "drop1", None), "p", 0.0)
-        if not isinstance(getattr(dense, "norm", nn.Identity()), nn.Identity):
-            raise ValueError(f"block {name}: MLPs with an inner norm layer are not supported by moeify")
+        shape = dense_mlp_shape(dense)
+        in_features, hidden = shape["dim"], shape["hidden"]
         width = cfg.expert_hidden or (round(cfg.expert_ratio * in_features) if cfg.expert_ratio else hidden)
         layer_cfg = cfg if width == hidden else dataclasses.replace(cfg, expert_hidden=width, expert_ratio=None)
-        layer = build_moe(in_features, hidden, layer_cfg, act_layer=act, bias=fc1.bias is not None, drop=drop)
-        # 1x1 conv weights (H, D, 1, 1) are linear weights (H, D)
-        sd = {k: v.flatten(1) if v.dim() == 4 else v for k, v in dense.state_dict().items() if k in _FC}
+        layer = build_moe(in_features, hidden, layer_cfg, act_layer=shape["act"], bias=shape["bias"],
+                          drop=shape["drop"], gated=shape["gated"], gate_last=shape["gate_last"])
+        sd = _dense_fc_state(dense)
         if width == hidden:  # each expert starts as the dense MLP; experts of another width start fresh
             up = upcycle_mlp_state_dict(sd, cfg.num_experts, noise=noise, generator=g, shared_expert=cfg.shared_expert,
                                         shared_init=shared_init)
@@ -323,11 +354,13 @@ def moeify(
             n = cfg.num_shared_experts  # experts, n copies whose fc2 is divided by n: still the dense MLP
             shared = dict(sd)
             if n > 1:
-                shared["fc1.weight"] = sd["fc1.weight"].repeat(n, 1)
-                if "fc1.bias" in sd:
-                    shared["fc1.bias"] = sd["fc1.bias"].repeat(n)
+                for key in ("fc1.weight", "fc1.bias"):  # GLU: each half repeated, halves stay [x...; gate...]
+                    if key in sd:
+                        halves = sd[key].chunk(2) if shape["gated"] else (sd[key],)
+                        shared[key] = torch.cat([h.repeat(n, *([1] * (h.dim() - 1))) for h in halves])
                 shared["fc2.weight"] = sd["fc2.weight"].repeat(1, n) / n
             layer.shared_expert.load_state_dict(shared)
-        layer.to(device=fc1.weight.device, dtype=fc1.weight.dtype)
+        ref = next(dense.parameters())
+        layer.to(device=ref.device, dtype=ref.dtype)
         block.mlp = ChannelsFirst(layer) if kind == "conv1x1" else layer
     return model
