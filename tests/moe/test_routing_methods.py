@@ -451,3 +451,51 @@ def test_gated_experts_agree_across_kernels_and_refuse_the_fused_one():
             torch.testing.assert_close(v, u, rtol=1e-4, atol=1e-5, msg=impl)
     with pytest.raises(ValueError, match="not 'fused'"):
         Experts(3, 16, 16, gated=True, impl="fused")
+
+
+# ------------------------------------------------------------------ routing groups
+@pytest.mark.parametrize("bpr", [True, False])
+def test_routing_groups_equal_dispatching_each_group_on_its_own(bpr):
+    from visionmoe.moe import SortedDispatcher
+    from visionmoe.moe.routers import RouterOutput
+
+    torch.manual_seed(0)
+    s, e, k, d, gs = 23, 4, 2, 8, 8  # groups of 8, 8 and 7 units
+    logits = torch.randn(s, e)
+    probs = logits.softmax(-1)
+    w, idx = probs.topk(k, dim=-1)
+    route = RouterOutput(indices=idx, weights=w, probs=probs, logits=logits)
+    experts = _experts(e=e, d=d)
+    x = torch.randn(s, d)
+    grouped = SortedDispatcher(capacity_factor=0.6, bpr=bpr, group_size=gs).train()
+    y, info = grouped(x, route, experts)
+    alone = SortedDispatcher(capacity_factor=0.6, bpr=bpr).train()
+    ys, kept = [], []
+    for i in range(0, s, gs):
+        sl = slice(i, i + gs)
+        r = RouterOutput(indices=idx[sl], weights=w[sl], probs=probs[sl], logits=logits[sl])
+        yi, ii = alone(x[sl], r, experts)
+        ys.append(yi)
+        kept.append(ii.kept)
+    torch.testing.assert_close(y, torch.cat(ys), rtol=1e-5, atol=1e-6)
+    assert torch.equal(info.kept, torch.cat(kept))
+    assert info.capacity == math.ceil(k * gs * 0.6 / e)  # C of a full group
+    # capacity_multiple_of rounds C up
+    assert SortedDispatcher(capacity_factor=0.6, capacity_multiple_of=4).capacity(8, 2, 4) == 4
+
+
+def test_routing_group_losses_are_the_mean_over_groups():
+    torch.manual_seed(0)
+    r = LinearRouter(6, 4, k=1, noise_std=0.0, aux_weights={"importance": 1.0, "gshard": 1.0})
+    x = torch.randn(12, 6)
+    whole = r(x)
+    parts = [r(x[:6]), r(x[6:])]
+    r.group_size = 6
+    grouped = r(x)
+    for name in ("importance", "gshard"):
+        torch.testing.assert_close(grouped.aux[name], (parts[0].aux[name] + parts[1].aux[name]) / 2)
+    assert not torch.allclose(grouped.aux["importance"], whole.aux["importance"])
+    layer = build_moe(6, 8, MoEConfig(num_experts=4, group_size=6, capacity_factor=1.0))
+    assert layer.router.group_size == 6 and layer.dispatcher.group_size == 6
+    with pytest.raises(ValueError, match="moe.group_size must be >= 1"):
+        MoEConfig(group_size=0)

@@ -21,6 +21,7 @@ from .routers import (
     SELECTIONS,
     ClusterRouter,
     PooledRouter,
+    Router,
     TaskRouter,
 )
 from .soft import SoftMoE, SoftRouter  # registers "soft": a Soft MoE layer (slots instead of routing)
@@ -70,6 +71,10 @@ class MoEConfig:
             one MLP of ``num_shared_experts * shared_hidden`` units).
         expert_ratio: each expert's hidden width as a multiple of the layer's width (used
             where ``expert_hidden`` is not set; the Sweet-spot ConvNeXt's experts have ratio 2).
+        group_size: routing groups (vmoe): capacity, BPR and the auxiliary losses per run of
+            ``group_size`` consecutive units (tokens, or images with image-level routing)
+            instead of over the whole batch; None = one group.
+        capacity_multiple_of: round the capacity up to a multiple of this (vmoe).
         router_args: extra arguments of the gate class (``cosine``: ``proj_dim``,
             ``init_temperature``; ``l2``: ``proj_dim``, ``scale``; ``soft``: ``normalize``).
 
@@ -102,6 +107,8 @@ class MoEConfig:
     slots_per_expert: int = 1
     num_shared_experts: int = 1
     expert_ratio: float | None = None
+    group_size: int | None = None
+    capacity_multiple_of: int = 1
     router_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -131,6 +138,10 @@ class MoEConfig:
                                  "moe.selection=topk and moe.balance=aux")
             if self.slots_per_expert < 1:
                 raise ValueError(f"moe.slots_per_expert must be >= 1, got {self.slots_per_expert}")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"moe.group_size must be >= 1 (or null: one group), got {self.group_size}")
+        if self.capacity_multiple_of < 1:
+            raise ValueError(f"moe.capacity_multiple_of must be >= 1, got {self.capacity_multiple_of}")
         if self.expert_ratio is not None and not self.expert_ratio > 0:
             raise ValueError(f"moe.expert_ratio must be > 0 (or null: the dense MLP's width), got {self.expert_ratio}")
         if self.num_shared_experts < 1:
@@ -222,7 +233,11 @@ def build_moe(
     if isinstance(router, SoftRouter):
         return SoftMoE(router=router, experts=experts, shared_expert=shared)
     dispatcher = SortedDispatcher(capacity_factor=None if ec else cfg.capacity_factor,
-                                  eval_capacity_factor=None if ec else cfg.eval_capacity_factor, bpr=cfg.bpr)
+                                  eval_capacity_factor=None if ec else cfg.eval_capacity_factor, bpr=cfg.bpr,
+                                  group_size=cfg.group_size, capacity_multiple_of=cfg.capacity_multiple_of)
+    inner = getattr(router, "router", router)
+    if cfg.group_size and isinstance(inner, Router):
+        inner.group_size = cfg.group_size
     return MoE(router=router, experts=experts, dispatcher=dispatcher, shared_expert=shared)
 
 

@@ -31,12 +31,14 @@ from .routers import RouterOutput
 __all__ = ["DispatchInfo", "SortedDispatcher", "compute_capacity"]
 
 
-def compute_capacity(num_units: int, k: int, num_experts: int, capacity_factor: float, min_capacity: int = 1):
+def compute_capacity(num_units: int, k: int, num_experts: int, capacity_factor: float, min_capacity: int = 1,
+                     multiple_of: int = 1):
     """Capacity per expert ``C = ceil(K * S * capacity_factor / E)`` (V-MoE), at least
-    ``min_capacity``."""
+    ``min_capacity``, rounded up to a multiple of ``multiple_of`` (vmoe's ``multiple_of``)."""
     if capacity_factor <= 0:
         raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {capacity_factor}")
-    return max(min_capacity, math.ceil(k * num_units * capacity_factor / num_experts))
+    c = max(min_capacity, math.ceil(k * num_units * capacity_factor / num_experts))
+    return -(-c // multiple_of) * multiple_of
 
 
 @dataclass
@@ -75,6 +77,10 @@ class SortedDispatcher(nn.Module):
         eval_capacity_factor: capacity factor in eval; None = dropless.
         bpr: Batch Prioritized Routing (order units by their max gate) when capacity applies.
         min_capacity: lower bound on C.
+        group_size: routing groups (vmoe's ``group_size``): capacity and BPR apply within
+            each run of ``group_size`` consecutive units (the last group may be smaller, with
+            its own C); None = one group, the whole batch.
+        capacity_multiple_of: round C up to a multiple of this.
     """
 
     def __init__(
@@ -84,8 +90,15 @@ class SortedDispatcher(nn.Module):
         eval_capacity_factor: float | None = None,
         bpr: bool = True,
         min_capacity: int = 1,
+        group_size: int | None = None,
+        capacity_multiple_of: int = 1,
     ) -> None:
         super().__init__()
+        if group_size is not None and group_size < 1:
+            raise ValueError(f"group_size must be >= 1 (or None: one group), got {group_size}")
+        if capacity_multiple_of < 1:
+            raise ValueError(f"capacity_multiple_of must be >= 1, got {capacity_multiple_of}")
+        self.group_size, self.capacity_multiple_of = group_size, capacity_multiple_of
         _check_factor("capacity_factor", capacity_factor)
         _check_factor("eval_capacity_factor", eval_capacity_factor)
         if min_capacity < 1:
@@ -100,25 +113,31 @@ class SortedDispatcher(nn.Module):
         cf = self.capacity_factor if self.training else self.eval_capacity_factor
         if cf is None:
             return None
-        return compute_capacity(num_units, k, num_experts, cf, self.min_capacity)
+        return compute_capacity(num_units, k, num_experts, cf, self.min_capacity, self.capacity_multiple_of)
 
     def forward(self, x: Tensor, route: RouterOutput, experts: Experts) -> tuple[Tensor, DispatchInfo]:
         """Run ``experts`` on ``x: (S, *P)`` as ``route`` says; returns ``(S, *P)`` and info."""
         num_units, k = route.indices.shape
         num_experts = route.num_experts
         n_assign = num_units * k
-        capacity = self.capacity(num_units, k, num_experts)
+        gs = self.group_size if self.group_size and self.group_size < num_units else None
+        capacity = self.capacity(gs or num_units, k, num_experts)
         device = x.device
 
         flat_e = route.indices.t().reshape(-1)  # (K*S,), entry j = choice * S + unit
+        group = torch.arange(num_units, device=device) // gs if gs else None  # (S,) routing group of each unit
         if capacity is not None and self.bpr:
-            order = route.probs.max(dim=-1).values.argsort(descending=True, stable=True)  # (S,) ties: position
+            top = route.probs.max(dim=-1).values  # BPR: by the largest gate, within each group
+            order = top.argsort(descending=True, stable=True)  # ties: position
+            if gs is not None:  # then by group (stable): within each group, the largest gate first
+                order = order[group[order].argsort(stable=True)]
             rank = torch.empty_like(order)
             rank[order] = torch.arange(num_units, device=device)
         else:
             rank = torch.arange(num_units, device=device)
         priority = (torch.arange(k, device=device)[:, None] * num_units + rank[None, :]).reshape(-1)
-        perm = (flat_e * n_assign + priority).sort().indices  # (K*S,) grouped by expert, by priority
+        run = flat_e if gs is None else flat_e * (group.max() + 1) + group.repeat(k)  # (K*S,) expert-major runs
+        perm = (run * n_assign + priority).sort().indices  # (K*S,) grouped by expert (and group), by priority
         if route.chosen is not None:  # the router took only some assignments (expert choice)
             taken = route.chosen.t().reshape(-1)  # (K*S,)
             perm = perm[taken[perm]]  # still grouped by expert, in priority order
@@ -126,13 +145,22 @@ class SortedDispatcher(nn.Module):
         else:
             counts = torch.bincount(flat_e, minlength=num_experts)  # (E,)
 
-        if capacity is None or capacity >= n_assign:
+        if capacity is None or (gs is None and capacity >= n_assign):
             kept_perm, kept_counts = perm, counts
-        else:
+        elif gs is None:
             starts = counts.cumsum(0) - counts  # (E,)
             slot = torch.arange(perm.numel(), device=device) - starts[flat_e[perm]]  # (A,) A = assignments taken
             kept_perm = perm[slot < capacity]  # (N,)
             kept_counts = counts.clamp(max=capacity)
+        else:  # capacity per (expert, group) run; the last group, if smaller, has its own C
+            n_groups = int(group.max()) + 1
+            sizes = torch.bincount(group, minlength=n_groups)
+            caps = torch.tensor([self.capacity(int(n), k, num_experts) for n in sizes.tolist()], device=device)
+            run_counts = torch.bincount(run[perm], minlength=num_experts * n_groups)
+            starts = run_counts.cumsum(0) - run_counts
+            slot = torch.arange(perm.numel(), device=device) - starts[run[perm]]
+            kept_perm = perm[slot < caps[run[perm] % n_groups]]
+            kept_counts = torch.bincount(flat_e[kept_perm], minlength=num_experts)
 
         unit = kept_perm % num_units  # (N,)
         w = route.weights.t().reshape(-1)[kept_perm].to(x.dtype)  # (N,)
@@ -151,5 +179,5 @@ class SortedDispatcher(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"capacity_factor={self.capacity_factor}, eval_capacity_factor={self.eval_capacity_factor}, "
-            f"bpr={self.bpr}"
+            f"bpr={self.bpr}" + (f", group_size={self.group_size}" if self.group_size else "")
         )

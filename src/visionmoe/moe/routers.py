@@ -243,7 +243,7 @@ class Router(nn.Module):
             weights = weights / weights.detach().clamp_min(1e-9)
         elif self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-9)
-        aux = self._aux_losses(logits, noisy_logits if noisy else None, std, probs, clean_probs, indices)
+        aux = self._grouped_aux(logits, noisy_logits if noisy else None, std, probs, clean_probs, indices)
         zero = logits.new_zeros((), dtype=torch.float32)
         aux_loss = sum((w * aux[n] for n, w in self.aux_weights.items() if w and n in aux), zero)
         return RouterOutput(
@@ -281,6 +281,19 @@ class Router(nn.Module):
                                                                                        stable=True)
         chosen = chosen.gather(-1, order)
         return order, probs.gather(-1, order) * chosen, chosen  # weight 0 where not taken
+
+    #: routing groups (vmoe ``group_size``): the auxiliary losses are the mean over runs of
+    #: ``group_size`` consecutive units (set with the dispatcher's by ``build_moe``)
+    group_size: int | None = None
+
+    def _grouped_aux(self, logits, noisy_logits, std, probs, clean_probs, indices) -> dict[str, Tensor]:
+        gs = self.group_size
+        if not gs or logits.shape[0] <= gs:
+            return self._aux_losses(logits, noisy_logits, std, probs, clean_probs, indices)
+        parts = [self._aux_losses(*(None if t is None else t[i : i + gs] for t in (logits, noisy_logits)), std,
+                                  probs[i : i + gs], clean_probs[i : i + gs], indices[i : i + gs])
+                 for i in range(0, logits.shape[0], gs)]
+        return {k: torch.stack([p[k] for p in parts]).mean() for k in parts[0]}
 
     def _aux_losses(
         self,
