@@ -47,3 +47,11 @@ def test_routing_consistency_is_full_for_position_routing_and_chance_for_random_
 
     same = routing_consistency(model, torch.rand(32, 1, 16, 16), augment=Fixed())[1]
     assert same["matched"] == 1.0 and same["random"] < 1.0
+    assert same["cls_matched"] == 1.0 and 0 <= same["cls_random"] <= 1  # identical views: the same CLS expert
+    # the no-crop setting: both views are the whole image (every patch matches its own position)
+    nocrop = routing_consistency(model, torch.rand(32, 1, 16, 16), crop=False)[1]
+    assert 0 <= nocrop["matched"] <= 1 and {"cls_matched", "cls_random"} <= set(nocrop)
+    from visionmoe.objectives.moco import TwoViewAugment
+
+    _, g1, _, g2 = TwoViewAugment(16, scale=(1.0, 1.0), ratio=(1.0, 1.0))(torch.rand(4, 1, 16, 16))
+    assert torch.allclose(g1[:, :4], torch.tensor([0.0, 0.0, 1.0, 1.0])) and torch.allclose(g2[:, :4], g1[:, :4])

@@ -499,3 +499,12 @@ def test_routing_group_losses_are_the_mean_over_groups():
     assert layer.router.group_size == 6 and layer.dispatcher.group_size == 6
     with pytest.raises(ValueError, match="moe.group_size must be >= 1"):
         MoEConfig(group_size=0)
+
+
+def test_soft_moe_refuses_expert_parallelism_with_the_way_out():
+    from visionmoe import create_model
+    from visionmoe.moe.parallel import shard_experts
+
+    m = create_model("vmoe_nano_patch4_32", moe={"router": "soft", "num_experts": 4})
+    with pytest.raises(ValueError, match="use moe.expert_parallel=1"):
+        shard_experts(m, 2)

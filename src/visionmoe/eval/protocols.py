@@ -75,16 +75,22 @@ def few_shot(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tensor, *
 
 @torch.no_grad()
 def routing_consistency(model: nn.Module, x: Tensor, *, augment=None, iou_threshold: float = 0.2, seed: int = 0,
-                        batch_size: int = 128) -> dict[int, dict[str, float]]:
-    """CR-MoE's metric: for patch tokens of two augmented views that cover the same source
-    region (IoU match), the mean number of experts shared by their top-k sets, against random
-    non-corresponding pairs (a patch of another image). Per token-level MoE block:
-    ``{"matched": ..., "random": ..., "k": K}``."""
+                        batch_size: int = 128, crop: bool = True) -> dict[int, dict[str, float]]:
+    """CR-MoE's metric (its Fig. 3): for patch tokens of two augmented views that cover the same
+    source region (IoU match), the mean number of experts shared by their top-k sets, against
+    random non-corresponding pairs (a patch of another image); and the same for the CLS tokens
+    of the two views (``cls_matched``) against another image's (``cls_random``) when the model
+    has one. ``crop=False``: the paper's no-crop setting (both views are the whole image, only
+    flips and colour change). Per token-level MoE block: ``{"matched", "random", "cls_matched",
+    "cls_random", "k"}``."""
     from ..objectives.moco import TwoViewAugment, match_patches, patch_boxes
 
     pe = model.patch_embed
     grid = pe.grid_size[0]
-    augment = augment or TwoViewAugment(pe.img_size[0])
+    if augment is None:
+        augment = TwoViewAugment(pe.img_size[0]) if crop else TwoViewAugment(pe.img_size[0], scale=(1.0, 1.0),
+                                                                             ratio=(1.0, 1.0))
+    has_cls = getattr(model, "cls_token", None) is not None
     was = model.training
     model.eval()
     sums: dict[int, list[float]] = {}
@@ -112,10 +118,20 @@ def routing_consistency(model: nn.Module, x: Tensor, *, augment=None, iou_thresh
                 r = t2[other, prefix + rand_pos]
                 shared_m = (a[:, :, None] == m[:, None, :]).any(-1).sum(-1).float()
                 shared_r = (a[:, :, None] == r[:, None, :]).any(-1).sum(-1).float()
-                s = sums.setdefault(blk, [0.0, 0.0, 0.0, float(k)])
+                s = sums.setdefault(blk, [0.0, 0.0, 0.0, float(k), 0.0, 0.0, 0.0])
                 s[0] += float(shared_m.sum())
                 s[1] += float(shared_r.sum())
                 s[2] += len(a)
+                if has_cls and prefix > 0:  # token 0 is the CLS token
+                    c1, c2 = t1[:, 0], t2[:, 0]  # (B, K)
+                    c_other = c2[(torch.arange(b) + torch.randint(1, max(b, 2), (b,), generator=g)) % b]
+                    s[4] += float((c1[:, :, None] == c2[:, None, :]).any(-1).sum())
+                    s[5] += float((c1[:, :, None] == c_other[:, None, :]).any(-1).sum())
+                    s[6] += b
     model.train(was)
-    return {blk: {"matched": s[0] / max(s[2], 1), "random": s[1] / max(s[2], 1), "k": int(s[3])}
-            for blk, s in sums.items()}
+    out = {}
+    for blk, s in sums.items():
+        out[blk] = {"matched": s[0] / max(s[2], 1), "random": s[1] / max(s[2], 1), "k": int(s[3])}
+        if s[6]:
+            out[blk] |= {"cls_matched": s[4] / s[6], "cls_random": s[5] / s[6]}
+    return out

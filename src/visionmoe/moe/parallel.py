@@ -138,6 +138,12 @@ def shard_experts(model: nn.Module, size: int, place: ExpertShard | None = None)
     ``expert_parallel_groups(size)``."""
     if size == 1:
         return 0
+    from .soft import SoftMoE
+
+    soft = [name for name, m in model.named_modules() if isinstance(m, SoftMoE)]
+    if soft:
+        raise ValueError(f"Soft MoE layers ({soft[0]}, ...) run every expert on every image's slots and do not "
+                         "split over ranks: use moe.expert_parallel=1 (data parallelism) with router: soft")
     place = place or expert_parallel_groups(size)
     n = 0
     for name, m in model.named_modules():
