@@ -25,6 +25,8 @@ CASES = {
     "token_top2_cosine_capacity": dict(num_experts=8, top_k=2, router="cosine", capacity_factor=0.5),
     "image_cls_top1": dict(num_experts=4, top_k=1, routing="cls"),
     "shared_expert": dict(num_experts=4, top_k=1, shared_expert=True),
+    "expert_choice": dict(num_experts=4, selection="expert_choice", capacity_factor=1.0),
+    "loss_free_sigmoid_top2": dict(num_experts=4, top_k=2, balance="loss_free", score="sigmoid"),
 }
 
 
@@ -69,7 +71,7 @@ def compare(ref, ep, inputs_per_rank, forward, sharded):
 results = {}
 for name, kw in CASES.items():
     torch.manual_seed(0)
-    ref = build_moe(16, 32, MoEConfig(**kw, aux_weights={}))
+    ref = build_moe(16, 32, MoEConfig(**kw, aux_weights={}, noise_std=0.0))  # noiseless: ranks compare exactly
     with torch.no_grad():  # O(1) outputs, so that 1e-5 is a tight tolerance
         for p in ref.parameters():
             p.normal_(0, 0.3)
@@ -84,7 +86,7 @@ for name, kw in CASES.items():
 # a whole V-MoE (every-2 placement, top-2), forward and backward
 torch.manual_seed(0)
 ref = create_model("vmoe_nano_patch4_32", img_size=8, patch_size=2, embed_dim=24, depth=2, num_classes=10, in_chans=1,
-                   moe={"num_experts": 4, "top_k": 2, "placement": "every_1", "aux_weights": {}})
+                   moe={"num_experts": 4, "top_k": 2, "placement": "every_1", "aux_weights": {}, "noise_std": 0.0})
 ep = copy.deepcopy(ref)
 shard_experts(ep, world)
 torch.manual_seed(2)

@@ -54,7 +54,7 @@ def test_expert_parallel_forward_and_backward_equal_one_process(worker):
     assert len(ranks) == 2
     for rank in ranks:
         assert set(rank) == {"token_top2_dropless", "token_top1_capacity_bpr", "token_top2_cosine_capacity",
-                             "image_cls_top1", "shared_expert", "vit"}
+                             "image_cls_top1", "shared_expert", "expert_choice", "loss_free_sigmoid_top2", "vit"}
         for case, res in rank.items():
             assert res["scale"] > 0.05, case  # outputs are not vanishing, so 1e-5 means something
             for what in ("out", "input_grad", "replicated_grad", "expert_grad", "reduced_grad"):
