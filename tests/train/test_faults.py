@@ -243,3 +243,37 @@ def test_allow_unverified_is_a_cli_flag_for_files_without_a_checksum(tmp_path, c
     assert "--allow-unverified" in capsys.readouterr().err
     with pytest.warns(UserWarning, match="loaded unverified"):
         assert main(["--allow-unverified", "info", str(ck)]) == 0
+
+
+def test_a_full_disk_mid_checkpoint_is_one_line_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    """ENOSPC while the second checkpoint is written: exit 2 with the reason and the path, no
+    traceback, no half-written or temporary file left, the first checkpoint intact, and
+    ``--resume`` continues from it once there is space."""
+    import errno
+
+    import visionmoe.train.checkpoint as ck
+    from visionmoe.train import load_trained_model
+
+    real = ck.save_file
+    calls = {"n": 0}
+
+    def full_disk(tensors, path, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            with open(path, "wb") as f:
+                f.write(b"\0" * 100)  # part of the file made it to disk
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(ck, "save_file", full_disk)
+    cfg, run = _write(tmp_path), tmp_path / "run"
+    assert main(["train", str(cfg), "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and str(run) in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    files = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert files == ["step_00000003.safetensors"], files  # nothing half-written, no temporary file
+    load_trained_model(run / "checkpoints" / files[0])
+    monkeypatch.setattr(ck, "save_file", real)  # space again
+    assert main(["train", str(cfg), "--run-dir", str(run), "--resume"]) == 0
+    assert (run / "checkpoints" / "step_00000006.safetensors").is_file()
