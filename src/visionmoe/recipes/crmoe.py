@@ -286,7 +286,9 @@ def _report(out: Path, res: dict) -> None:
              f"(batch {c['batch_size']}, lr {c['lr']:g}, frozen random patch projection: "
              f"{c['freeze_patch_embed']}), ViT {c['vit']}; V-MoE: every other block, {c['num_experts']} experts, "
              f"top-{c['top_k']}, expert hidden {c['expert_ratio']}D; OGAR w_G {c['ogar_weight']}, alpha {c['alpha']}. "
-             f"Seeds {c['seeds']}; {res.get('seconds', 0) / 60:.1f} min. Mean ± std over seeds. "
+             f"Seeds {c['seeds']} (finished: " + ", ".join(
+                 f"{v} {sorted(r['seed'] for r in res['runs'] if r['variant'] == v)}" for v in (RANDOM, *methods))
+             + f"); {(res.get('seconds') or 0) / 60:.1f} min. Mean ± std over the finished seeds. "
              f"*random init*: the dense encoder of each seed before pre-training; *raw pixels*: the same "
              "protocol on the images' pixels. A pre-trained cell that does not beat both is marked †.", ""]
     curves = [(r["variant"], r["seed"], r["loss_curve"]) for r in res["runs"] if r.get("loss_curve")]
