@@ -108,7 +108,10 @@ def test_scaling_rows_carry_a_weight_traffic_estimate(tmp_path):
         assert r["traffic_ratio"] == pytest.approx(1 + seconds * 1e3 / dense["fwdbwd_ms"], abs=2e-3)
         ratios.append(r["traffic_ratio"])
         assert r["split_gemm_ratio"] > 0
-    assert 1 < ratios[0] < ratios[1]  # more experts, more bytes
+    # more experts, more bytes; the ratio (rounded to 3 decimals) can reach 1.000 when a loaded
+    # machine makes the dense step slow, so it is compared without strictness
+    assert rows["visionmoe-E2-k1"]["extra_param_mb"] < rows["visionmoe-E4-k1"]["extra_param_mb"]
+    assert 1 <= ratios[0] <= ratios[1]
 
 
 def test_memory_bandwidth_is_bytes_over_time(monkeypatch):
