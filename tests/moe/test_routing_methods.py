@@ -217,6 +217,16 @@ def test_several_shared_experts_upcycle_to_the_dense_function():
     assert shared.fc1.weight.shape == (3 * 768, 192)
     torch.testing.assert_close(shared(tokens), want, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(m(x)).all()
+    # a config's model.init takes the same route: dense weights into 3 shared experts, zero-routed
+    from visionmoe.models import load_dense_into_moe
+    from visionmoe.models.vit import VisionTransformer
+
+    args = dict(img_size=32, patch_size=8, embed_dim=192, depth=2, num_heads=3, num_classes=3)
+    dense = VisionTransformer(**args).eval()
+    moe = VisionTransformer(**args, moe=dict(num_experts=4, placement="all", shared_expert=True,
+                                             num_shared_experts=3)).eval()
+    load_dense_into_moe(moe, dense.state_dict(), shared_init="zero_routed")
+    torch.testing.assert_close(moe(x), dense(x), rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------ every kernel, export, compile

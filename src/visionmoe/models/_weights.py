@@ -158,8 +158,9 @@ def load_dense_into_moe(
     shared = bool(getattr(model, "moe_config", None) and model.moe_config.shared_expert)
     num_experts = model.moe_config.num_experts if moe_blocks else 0
     if moe_blocks:
+        gated = any(getattr(m, "gated", False) for m in model.modules())  # GLU experts: GLU dense MLPs
         sd = upcycle_state_dict(sd, moe_blocks, num_experts, noise=noise, seed=seed, shared_expert=shared,
-                                shared_init=shared_init)
+                                shared_init=shared_init, num_shared=model.moe_config.num_shared_experts, gated=gated)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if ".mlp.router." not in k and not (skip and k.startswith(skip))]
     if missing or unexpected:

@@ -220,8 +220,7 @@ def build_moe(
                              "MoEConfig.router_args for the arguments each gate takes") from None
         if cfg.routing in ("cls", "mean"):
             router = PooledRouter(router, pool=cfg.routing)
-    width = cfg.expert_hidden or (round(cfg.expert_ratio * dim) if cfg.expert_ratio else hidden)
-    experts = Experts(cfg.num_experts, dim, width, act_layer=act_layer, bias=bias, drop=drop,
+    experts = Experts(cfg.num_experts, dim, expert_width(cfg, dim, hidden), act_layer=act_layer, bias=bias, drop=drop,
                       recompute=cfg.recompute_activation, gated=gated, gate_last=gate_last)
     shared = None
     if cfg.shared_expert:
@@ -239,6 +238,12 @@ def build_moe(
     if cfg.group_size and isinstance(inner, Router):
         inner.group_size = cfg.group_size
     return MoE(router=router, experts=experts, dispatcher=dispatcher, shared_expert=shared)
+
+
+def expert_width(cfg: MoEConfig, dim: int, hidden: int) -> int:
+    """Each expert's hidden width in a layer of width ``dim`` replacing an MLP of ``hidden``
+    units: ``expert_hidden``, else ``expert_ratio * dim``, else ``hidden``."""
+    return cfg.expert_hidden or (round(cfg.expert_ratio * dim) if cfg.expert_ratio else hidden)
 
 
 def _act_type(act_layer):

@@ -126,6 +126,7 @@ class SortedDispatcher(nn.Module):
 
         flat_e = route.indices.t().reshape(-1)  # (K*S,), entry j = choice * S + unit
         group = torch.arange(num_units, device=device) // gs if gs else None  # (S,) routing group of each unit
+        n_groups = -(-num_units // gs) if gs else 1
         if capacity is not None and self.bpr:
             top = route.probs.max(dim=-1).values  # BPR: by the largest gate, within each group
             order = top.argsort(descending=True, stable=True)  # ties: position
@@ -136,7 +137,7 @@ class SortedDispatcher(nn.Module):
         else:
             rank = torch.arange(num_units, device=device)
         priority = (torch.arange(k, device=device)[:, None] * num_units + rank[None, :]).reshape(-1)
-        run = flat_e if gs is None else flat_e * (group.max() + 1) + group.repeat(k)  # (K*S,) expert-major runs
+        run = flat_e if gs is None else flat_e * n_groups + group.repeat(k)  # (K*S,) expert-major runs
         perm = (run * n_assign + priority).sort().indices  # (K*S,) grouped by expert (and group), by priority
         if route.chosen is not None:  # the router took only some assignments (expert choice)
             taken = route.chosen.t().reshape(-1)  # (K*S,)
@@ -153,9 +154,8 @@ class SortedDispatcher(nn.Module):
             kept_perm = perm[slot < capacity]  # (N,)
             kept_counts = counts.clamp(max=capacity)
         else:  # capacity per (expert, group) run; the last group, if smaller, has its own C
-            n_groups = int(group.max()) + 1
-            sizes = torch.bincount(group, minlength=n_groups)
-            caps = torch.tensor([self.capacity(int(n), k, num_experts) for n in sizes.tolist()], device=device)
+            sizes = [gs] * (n_groups - 1) + [num_units - gs * (n_groups - 1)]
+            caps = torch.tensor([self.capacity(n, k, num_experts) for n in sizes], device=device)
             run_counts = torch.bincount(run[perm], minlength=num_experts * n_groups)
             starts = run_counts.cumsum(0) - run_counts
             slot = torch.arange(perm.numel(), device=device) - starts[run[perm]]

@@ -10,7 +10,6 @@ an optional shared expert is ``<p>shared_expert.fc{1,2}.*``.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import MoEConfig, build_moe
+from .config import MoEConfig, build_moe, expert_width
 from .layer import MoE
 from .placement import resolve_placement
 
@@ -44,6 +43,8 @@ def upcycle_mlp_state_dict(
     generator: torch.Generator | None = None,
     shared_expert: bool = False,
     shared_init: str = "copy",
+    num_shared: int = 1,
+    gated: bool = False,
 ) -> dict[str, Tensor]:
     """Copy one dense MLP (keys ``fc1.weight``... relative to the MLP) into E experts.
 
@@ -58,6 +59,9 @@ def upcycle_mlp_state_dict(
             the dense MLP: the layer starts as ``dense + sum_k w_k dense``) or ``"zero_routed"``
             (the routed experts' output layer starts at zero: the layer starts *exactly* as the
             dense MLP, and the experts' ``fc2`` learns first).
+        num_shared: shared experts (one MLP of ``num_shared`` x the hidden width): ``num_shared``
+            copies of the dense MLP whose fc2 is divided by ``num_shared``, still the dense MLP;
+            ``gated``: a GLU MLP, whose fc1 halves ``[x; gate]`` are each repeated.
     """
     if shared_init not in SHARED_INITS:
         raise ValueError(f"shared_init must be one of {list(SHARED_INITS)}, got {shared_init!r}")
@@ -80,8 +84,20 @@ def upcycle_mlp_state_dict(
             stacked = torch.zeros_like(stacked)
         out[dst] = stacked
         if shared_expert:
-            out[f"shared_expert.{src}"] = w.clone()
+            out[f"shared_expert.{src}"] = _shared_copies(w, src, num_shared, gated)
     return out
+
+
+def _shared_copies(w: Tensor, name: str, n: int, gated: bool) -> Tensor:
+    """One dense MLP tensor as ``n`` shared experts that sum to the dense MLP: fc1 rows
+    repeated (a GLU's halves each repeated, so they stay ``[x...; gate...]``), fc2 columns
+    repeated and divided by ``n``; fc2's bias once."""
+    if n == 1 or name == "fc2.bias":
+        return w.clone()
+    if name == "fc2.weight":
+        return w.repeat(1, n) / n
+    halves = w.chunk(2) if gated else (w,)
+    return torch.cat([h.repeat(n, *([1] * (h.dim() - 1))) for h in halves])
 
 
 def upcycle_state_dict(
@@ -94,9 +110,11 @@ def upcycle_state_dict(
     seed: int = 0,
     shared_expert: bool = False,
     shared_init: str = "copy",
+    num_shared: int = 1,
+    gated: bool = False,
 ) -> dict[str, Tensor]:
     """Turn the dense MLPs of the given blocks of a dense state dict into experts
-    (``shared_init``: see :func:`upcycle_mlp_state_dict`).
+    (``shared_init``, ``num_shared``, ``gated``: see :func:`upcycle_mlp_state_dict`).
 
     Returns a new state dict; every other key is passed through unchanged. Router
     weights are not produced (they start fresh): load with ``strict=False`` or through
@@ -112,7 +130,7 @@ def upcycle_state_dict(
         for k in mlp:
             out.pop(p + k)
         up = upcycle_mlp_state_dict(mlp, num_experts, noise=noise, generator=g, shared_expert=shared_expert,
-                                    shared_init=shared_init)
+                                    shared_init=shared_init, num_shared=num_shared, gated=gated)
         out.update({p + k: v for k, v in up.items()})
     return out
 
@@ -339,27 +357,15 @@ def moeify(
         kind = _mlp_kind(dense)
         shape = dense_mlp_shape(dense)
         in_features, hidden = shape["dim"], shape["hidden"]
-        width = cfg.expert_hidden or (round(cfg.expert_ratio * in_features) if cfg.expert_ratio else hidden)
-        layer_cfg = cfg if width == hidden else dataclasses.replace(cfg, expert_hidden=width, expert_ratio=None)
-        layer = build_moe(in_features, hidden, layer_cfg, act_layer=shape["act"], bias=shape["bias"],
+        layer = build_moe(in_features, hidden, cfg, act_layer=shape["act"], bias=shape["bias"],
                           drop=shape["drop"], gated=shape["gated"], gate_last=shape["gate_last"])
-        sd = _dense_fc_state(dense)
-        if width == hidden:  # each expert starts as the dense MLP; experts of another width start fresh
-            up = upcycle_mlp_state_dict(sd, cfg.num_experts, noise=noise, generator=g, shared_expert=cfg.shared_expert,
-                                        shared_init=shared_init)
-            up = {k: v for k, v in up.items() if not k.startswith("shared_expert.")}  # filled below
-            _, unexpected = layer.load_state_dict(up, strict=False)
-            assert not unexpected, unexpected
-        if cfg.shared_expert:  # the dense MLP, in the shared expert's (linear) layout; with n shared
-            n = cfg.num_shared_experts  # experts, n copies whose fc2 is divided by n: still the dense MLP
-            shared = dict(sd)
-            if n > 1:
-                for key in ("fc1.weight", "fc1.bias"):  # GLU: each half repeated, halves stay [x...; gate...]
-                    if key in sd:
-                        halves = sd[key].chunk(2) if shape["gated"] else (sd[key],)
-                        shared[key] = torch.cat([h.repeat(n, *([1] * (h.dim() - 1))) for h in halves])
-                shared["fc2.weight"] = sd["fc2.weight"].repeat(1, n) / n
-            layer.shared_expert.load_state_dict(shared)
+        up = upcycle_mlp_state_dict(_dense_fc_state(dense), cfg.num_experts, noise=noise, generator=g,
+                                    shared_expert=cfg.shared_expert, shared_init=shared_init,
+                                    num_shared=cfg.num_shared_experts, gated=shape["gated"])
+        if expert_width(cfg, in_features, hidden) != hidden:  # experts of another width start fresh;
+            up = {k: v for k, v in up.items() if k.startswith("shared_expert.")}  # the shared one is the MLP
+        _, unexpected = layer.load_state_dict(up, strict=False)
+        assert not unexpected, unexpected
         ref = next(dense.parameters())
         layer.to(device=ref.device, dtype=ref.dtype)
         block.mlp = ChannelsFirst(layer) if kind == "conv1x1" else layer

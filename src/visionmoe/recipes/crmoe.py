@@ -21,8 +21,9 @@ import torch
 from .._utils import atomic_write_bytes, finish_study, fmt_mean_std, mean_std, save_results, study_progress
 from ..data import TensorSplits, adapt, load_dataset
 from ..eval import evaluate_backbone, head_first_layer, knn_accuracy, label_subset, linear_probe
+from ..eval.backbone import SHORT_SEMI_LRS
 from ..train import Trainer, build_model, config_from_dict, seed_everything
-from .common import study_config
+from .common import curve_summary, logged_curve, study_config
 
 __all__ = ["CRMoEStudyConfig", "run_crmoe_study", "evaluate_backbone", "pixel_baselines", "paired_claims",
            "VARIANTS", "CLAIMS"]
@@ -73,7 +74,7 @@ class CRMoEStudyConfig:
     semi_linear_fractions: list[float] = field(default_factory=lambda: [0.01])
     semi_finetune_fractions: list[float] = field(default_factory=lambda: [0.1])
     semi_steps: int = 200
-    semi_lrs: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3])
+    semi_lrs: list[float] = field(default_factory=lambda: list(SHORT_SEMI_LRS))
     consistency_images: int = 512
 
     def __post_init__(self) -> None:
@@ -182,7 +183,7 @@ def run_crmoe_study(c: CRMoEStudyConfig | None = None, *, out: str | Path = "run
                 t1 = time.perf_counter()
                 summary = tr.fit(on_step=lambda *_: bar.advance(task), overwrite=True)
                 row.update(pretrain_seconds=time.perf_counter() - t1, test_ctr_loss=summary["test_ctr_loss"],
-                           loss_curve=_loss_curve(rd))
+                           loss_curve=curve_summary(logged_curve(rd, "ctr_loss")[1]))
                 model, head = tr.model, head_first_layer(tr.objective, tr.model.embed_dim)
             bar.update(task, stage=f"{variant} seed {seed}: evaluation")
             row.update(_evaluate(model, head, tasks, semi, cons_x, c, seed, rd))
@@ -193,19 +194,6 @@ def run_crmoe_study(c: CRMoEStudyConfig | None = None, *, out: str | Path = "run
             save_results(out, results, _aggregate)
     _warn_below_baselines(results, console)
     return finish_study(out, results, t0, _aggregate, _report, console)
-
-
-def _loss_curve(run_dir: Path) -> dict:
-    """Mean contrastive loss of the first and the last tenth of the logged steps."""
-    import json
-
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    losses = [r["ctr_loss"] for r in rows if r.get("ctr_loss") is not None]
-    if not losses:
-        return {}
-    k = max(1, len(losses) // 10)
-    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
-    return {"first": first, "last": last, "falls": last < first}
 
 
 def _metrics(run: dict) -> dict[str, float]:

@@ -42,6 +42,7 @@ from ..moe.placement import by_scores
 from ..moe.upcycle import upcycle_state_dict
 from ..objectives import MAEObjective, patchify, unpatchify
 from ..train import Trainer, config_from_dict
+from .common import curve_summary, logged_curve
 from .moce import (
     MoCEObjective,
     build_moce,
@@ -386,10 +387,7 @@ def pretrain_dense(stages: _Stages, c: MoCEDemoConfig, seed: int, pool: TensorSp
     enc = VisionTransformer(img_size=c.img_size, in_chans=1, num_classes=0, **c.vit)
     mae, _ = stages.train(enc, pool, _cfg("mae", c.mae_steps, c.batch_size, c.mae_lr, seed=seed,
                                           warmup_epochs=c.mae_warmup, **mk), run_dir, label)
-    _, losses = _curve(run_dir)
-    k = max(1, len(losses) // 10)  # mean of the first and the last tenth of the logged steps
-    curve = {"first": sum(losses[:k]) / k, "last": sum(losses[-k:]) / k}
-    curve["falls"] = curve["last"] < curve["first"]
+    curve = curve_summary(logged_curve(run_dir)[1])  # means of the first and the last tenth of the logged steps
     if not curve["falls"]:
         console.print(f"[bold yellow]warning:[/] {label}: the MAE loss did not fall ({curve['first']:.3f} -> "
                       f"{curve['last']:.3f}); its features are not evidence of pre-training")
@@ -666,12 +664,6 @@ def _adapt_all(s: TensorSplits, size: int):
     return adapt(s.x_train, channels=1, size=size), s.y_train, adapt(s.x_test, channels=1, size=size), s.y_test
 
 
-def _curve(run_dir: Path, key: str = "loss") -> tuple[list, list]:
-    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if key in r]
-    return [r["step"] for r in rows], [r[key] for r in rows]
-
-
 def _save_plots(sd: Path, mae: Trainer, enc, moce, clustering, pool: TensorSplits, keys, c: MoCEDemoConfig,
                 tasks: dict) -> None:
     import matplotlib
@@ -681,10 +673,10 @@ def _save_plots(sd: Path, mae: Trainer, enc, moce, clustering, pool: TensorSplit
 
     # loss curves: MAE pre-training, then the three continuations with equal extra compute
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
-    axes[0].plot(*_curve(mae.run_dir))
+    axes[0].plot(*logged_curve(mae.run_dir))
     axes[0].set_title("dense MAE pre-training", fontsize=9)
     for name, label in (("mae_star", "MAE*"), ("tokenmoe", "TokenMoE"), ("moce", "MoCE")):
-        axes[1].plot(*_curve(sd / name, "recon_loss"), label=label)
+        axes[1].plot(*logged_curve(sd / name, "recon_loss"), label=label)
     axes[1].set_title("continuation (equal steps): masked-patch loss", fontsize=9)
     axes[1].legend(fontsize=8)
     for ax in axes:

@@ -94,14 +94,8 @@ class Trainer:
                                  "in one process (a checkpoint loads in any layout) set moe.expert_parallel=1")
             if shard_experts(self.model, self.expert_parallel) == 0:
                 raise ValueError(f"moe.expert_parallel={self.expert_parallel} but the model has no MoE layers")
-        pe = getattr(self.model, "patch_embed", None)
-        default_size = pe.img_size[0] if pe is not None and getattr(pe, "img_size", None) else None
-        self.img_size = c.data.img_size or default_size or native_size
-        if self.img_size is None:
-            raise ValueError("the model has no input size and the data set none of its own; set data.img_size")
-        mean, std = resolve_normalization(c.data.normalize, self.channels, self.model)
-        self.preprocessing = Preprocessing(self.img_size, self.channels, resize=c.data.resize,
-                                           crop_pct=c.data.crop_pct, mean=mean, std=std)
+        self.preprocessing = self._preprocessing(self.model, native_size)
+        self.img_size = self.preprocessing.size
         self.train_set = training_set(self.data, self.preprocessing, seed=c.run.seed, augment=c.data.augment,
                                       auto_augment=c.data.auto_augment, reprob=c.data.reprob)
         self.eval_set = eval_set(self.data, self.preprocessing)
@@ -138,6 +132,19 @@ class Trainer:
         self.log = MetricsLog(self.run_dir, enabled=self.dist.is_main, tensorboard=c.run.tensorboard)
         self._eval_loader = None  # built on first use, its workers kept for later evaluations
 
+    def _preprocessing(self, model: nn.Module, native_size: int | None) -> Preprocessing:
+        """The one preprocessing of this run: ``data.img_size``, else the model's input size,
+        else the data's own; channels, resize, crop and the normalisation ``data.normalize``
+        resolves for ``model``."""
+        c = self.cfg
+        pe = getattr(model, "patch_embed", None)
+        default_size = pe.img_size[0] if pe is not None and getattr(pe, "img_size", None) else None
+        size = c.data.img_size or default_size or native_size
+        if size is None:
+            raise ValueError("the model has no input size and the data set none of its own; set data.img_size")
+        mean, std = resolve_normalization(c.data.normalize, self.channels, model)
+        return Preprocessing(size, self.channels, resize=c.data.resize, crop_pct=c.data.crop_pct, mean=mean, std=std)
+
     def _probe_placement(self, native_size: int | None) -> list[float]:
         """``placement: by_gradient_magnitude[_n]`` (MoCE's rule): the gradient magnitude of
         every block's MLP under this run's objective, on the first 4 batches (no augmentation)
@@ -154,11 +161,7 @@ class Trainer:
         twin_cfg.model.dense = True
         seed_everything(c.run.seed, c.run.deterministic)
         dense = build_model(twin_cfg, num_classes=self.data.num_classes, in_chans=self.channels)
-        pe = getattr(dense, "patch_embed", None)
-        size = c.data.img_size or (pe.img_size[0] if pe is not None and getattr(pe, "img_size", None) else native_size)
-        mean, std = resolve_normalization(c.data.normalize, self.channels, dense)
-        prep = Preprocessing(size, self.channels, resize=c.data.resize, crop_pct=c.data.crop_pct, mean=mean, std=std)
-        ds = training_set(self.data, prep, seed=c.run.seed)
+        ds = training_set(self.data, self._preprocessing(dense, native_size), seed=c.run.seed)
         bs = c.data.batch_size
         n_batches = max(1, min(4, len(ds) // bs))
         batches = [collate(ds.__getitems__(list(range(i * bs, min(len(ds), (i + 1) * bs))))) for i in range(n_batches)]
