@@ -63,3 +63,18 @@ def test_a_toy_router_needs_only_its_class():
         assert layer.last.expert_counts.tolist() == [5, 0, 0]
     finally:
         ROUTERS.pop("toy_first_expert")
+
+
+def test_the_library_reads_no_environment_variables():
+    """Settings come in as options; the environment is turned into them in one place, the
+    CLI's environment module, and torchrun's rendezvous contract is read in one function."""
+    allowed = {Path("cli/environment.py"), Path("train/distributed.py")}
+    reads = []
+    for f in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else ""
+            if name in ("environ", "getenv", "putenv"):
+                reads.append(f.relative_to(ROOT))
+    assert set(reads) <= allowed, sorted(set(map(str, reads)) - set(map(str, allowed)))
+    dist_src = (ROOT / "train" / "distributed.py").read_text()
+    assert dist_src.count("os.environ.get(") + dist_src.count("os.environ[") == 3  # WORLD_SIZE, LOCAL_RANK, RANK

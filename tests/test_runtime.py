@@ -26,7 +26,10 @@ needs_glibc_4k = pytest.mark.skipif(not sys.platform.startswith("linux") or thp_
 _CHILD = """
 import json, resource, sys, torch
 from visionmoe.runtime import tune_cpu_allocator, allocator_state
-tuned = tune_cpu_allocator() if sys.argv[1] == "tune" else False
+from visionmoe.cli.environment import apply_environment
+if sys.argv[1] == "tune":  # as the program starts: the environment may turn it off
+    apply_environment()
+tuned = allocator_state() != "default"
 n = 64 * 2**20 // 4
 torch.ones(n)
 torch.ones(n)
@@ -68,9 +71,11 @@ def test_env_turns_the_tuning_off():
 
 
 def test_mistyped_env_value_is_named(monkeypatch):
+    from visionmoe.cli.environment import apply_environment
+
     monkeypatch.setenv("VISIONMOE_MALLOC", "defualt")
     with pytest.raises(ValueError, match="VISIONMOE_MALLOC='defualt'.*'default'"):
-        tune_cpu_allocator()
+        apply_environment()
     assert allocator_state() == "default"
     from visionmoe.cli.main import console_main
 

@@ -35,6 +35,42 @@ def save_results(out: str | Path, res: dict, aggregate) -> None:
     atomic_write_bytes(Path(out) / "results.json", json.dumps(res, indent=2).encode())
 
 
+def short_repr(value) -> str:
+    """A bounded repr for error messages (a huge or self-referencing value stays one line)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring, r.maxother, r.maxlist, r.maxdict, r.maxlevel = 60, 60, 6, 6, 3
+    return r.repr(value)
+
+
+def finished_runs(out: str | Path, config: dict, resume: bool, *,
+                  may_change: tuple[str, ...] = ("seeds",)) -> list[dict]:
+    """The runs an earlier call of a multi-run study already finished in ``out`` (its
+    ``results.json``), to be skipped by a ``resume=True`` call; ``[]`` when not resuming or
+    nothing was saved. A study whose settings differ from the saved ones (outside
+    ``may_change``, e.g. more seeds) is refused naming the keys: its finished runs would not
+    be comparable."""
+    import json
+
+    path = Path(out) / "results.json"
+    if not resume or not path.exists():
+        return []
+    try:
+        old = json.loads(path.read_text())
+        saved, runs = old["config"], old["runs"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot resume from {path}: it is not a study's results file ({type(e).__name__}); "
+                         "run without --resume or into another --out") from None
+    now = json.loads(json.dumps(config))
+    changed = sorted(k for k in set(now) | set(saved) if k not in may_change and now.get(k) != saved.get(k))
+    if changed:
+        diff = ", ".join(f"{k}: {short_repr(saved.get(k))} -> {short_repr(now.get(k))}" for k in changed[:4])
+        raise ValueError(f"cannot resume {out}: its runs were made with other settings ({diff}); run with the "
+                         "saved settings, or without --resume into another --out")
+    return list(runs)
+
+
 def finish_study(out: str | Path, res: dict, t0: float, aggregate, report, console) -> dict:
     """The end of a multi-run study: total seconds, ``results.json`` (via :func:`save_results`),
     ``report(out, res)`` and a line naming the report; returns ``res``."""

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from .moe import Experts, LinearRouter, MoE, MoEConfig, PooledRouter, SortedDispatcher, build_moe, native
 from .moe.experts import grouped_mm_available
 from .moe.reference import EinsumDispatcher, LoopDispatcher
-from .runtime import allocator_state, tune_cpu_allocator
+from .runtime import allocator_state
 
 __all__ = ["run_bench", "main", "paired_ratios", "memory_bandwidth", "add_traffic_estimate",
            "split_gemm_ratio"]
@@ -470,7 +470,6 @@ def _run_bench(*, batch, tokens, dim, hidden, experts, rounds, inner, threads, p
     from rich.console import Console
 
     console = Console(quiet=not progress)
-    native.setting()  # a mistyped VISIONMOE_NATIVE: refused here, not as errored rows later
     results: dict[str, Any] = {"config": dict(batch=batch, tokens=tokens, dim=dim, hidden=hidden, experts=experts,
                                               rounds=rounds, threads=threads, torch=torch.__version__, device=device,
                                               allocator=allocator_state(), native=native.status()),
@@ -604,8 +603,10 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":  # pragma: no cover
     import sys
 
+    from visionmoe.cli.environment import apply_environment
+
     try:
-        tune_cpu_allocator()  # as the `visionmoe` program does (VISIONMOE_MALLOC=default skips it)
+        apply_environment()  # as the `visionmoe` program does: allocator, native mode and cache
         code = main()
     except ValueError as e:  # e.g. a mistyped VISIONMOE_MALLOC / VISIONMOE_NATIVE: one line, as the program says it
         print(f"visionmoe bench: error: {e}", file=sys.stderr)

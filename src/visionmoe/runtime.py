@@ -12,8 +12,9 @@ of its step time on the project's 2-core machine (docs/performance.md). The same
 preloading jemalloc or tcmalloc (which ``torch.backends.xeon.run_cpu`` recommends), done with
 two ``mallopt`` calls so nothing has to be installed or preloaded.
 
-The ``visionmoe`` command applies it at start-up; ``VISIONMOE_MALLOC=default`` turns it off.
-From Python, call it once before training. The cost: the process keeps its peak heap (up to
+The ``visionmoe`` command applies it at start-up (``VISIONMOE_MALLOC=default`` turns it off
+there, :mod:`visionmoe.cli.environment`); the library never reads the environment. From
+Python, call it once before training. The cost: the process keeps its peak heap (up to
 ``trim_threshold`` more) instead of returning freed memory to the system.
 """
 
@@ -21,33 +22,37 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import sys
 
-__all__ = ["tune_cpu_allocator", "allocator_state"]
+__all__ = ["tune_cpu_allocator", "allocator_state", "allocator_setting"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _OFF, _ON = ("default", "off", "0"), ("", "tuned", "on", "1")
 _state = "default"  # what allocator_state() reports
 
 
-def tune_cpu_allocator(trim_threshold: int = 2**31 - 1, *, respect_env: bool = True) -> bool:
+def allocator_setting(value: str, *, name: str = "allocator setting") -> bool:
+    """Whether an allocator setting asks for :func:`tune_cpu_allocator`: ``tuned`` / ``on`` /
+    ``1`` / empty (the default) yes, ``default`` / ``off`` / ``0`` no; another value is refused
+    naming ``name`` (e.g. the environment variable it came from) and the settings."""
+    v = str(value).strip().lower()
+    if v in _OFF:
+        return False
+    if v not in _ON:
+        raise ValueError(f"{name}={value!r} is not a setting: use 'default' (glibc's own "
+                         f"allocator settings) or 'tuned' (the default when unset)")
+    return True
+
+
+def tune_cpu_allocator(trim_threshold: int = 2**31 - 1) -> bool:
     """Serve every allocation from glibc's heap (``M_MMAP_MAX=0``) and trim the heap only when
     more than ``trim_threshold`` bytes at its top are free (``M_TRIM_THRESHOLD``), so tensors
     freed in one step are reused, already paged in, by the next.
 
-    Returns True where it took effect (Linux with glibc); False elsewhere, and when
-    ``respect_env`` and the environment variable ``VISIONMOE_MALLOC`` is ``default`` (or
-    ``off``, ``0``). Calling it again is harmless. Existing allocations are not moved.
+    Returns True where it took effect (Linux with glibc), False elsewhere. Calling it again
+    is harmless. Existing allocations are not moved.
     """
     global _state
-    if respect_env:
-        env = os.environ.get("VISIONMOE_MALLOC", "").strip().lower()
-        if env in _OFF:
-            return False
-        if env not in _ON:
-            raise ValueError(f"VISIONMOE_MALLOC={env!r} is not a setting: use 'default' (glibc's own "
-                             f"allocator settings) or 'tuned' (the default when unset)")
     if not (0 < trim_threshold <= 2**31 - 1):
         raise ValueError(f"trim_threshold must be in 1 .. 2**31 - 1 bytes (mallopt takes an int), "
                          f"got {trim_threshold}")

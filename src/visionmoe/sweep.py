@@ -21,7 +21,8 @@ from .models import count_parameters
 from .train import Trainer, config_from_dict
 from .train.config import ConfigError, apply_overrides, parse_yaml_value
 
-__all__ = ["parse_grid", "flops_per_image", "inference_throughput", "run_sweep", "run_layer_scan"]
+__all__ = ["parse_grid", "load_variants", "flops_per_image", "inference_throughput", "run_sweep", "summarize_seeds",
+           "run_layer_scan"]
 
 
 def parse_grid(items: list[str]) -> dict[str, list]:
@@ -82,51 +83,167 @@ def _run_name(point: dict[str, Any]) -> str:
     return "__".join(f"{k.split('.')[-1]}-{v}" for k, v in point.items()).replace("/", "_") or "base"
 
 
-def run_sweep(base: dict, grid: dict[str, list], *, out: str | Path = "runs/sweep",
-              progress: bool = True) -> list[dict]:
-    """Train every point of ``grid`` (a product over keys) on top of the ``base`` config dict;
-    returns the rows and writes ``sweep.csv``, ``sweep.json`` and ``sweep.md`` to ``out``."""
+def load_variants(path: str | Path) -> dict[str, dict[str, Any]]:
+    """A variants file: a YAML mapping of a name to the dotted overrides that make it, e.g.
+    ``top2: {moe.top_k: 2}``; each variant is trained at every grid point."""
+    from .train.config import load_yaml_dict
+
+    d = load_yaml_dict(path)
+    for name, ov in d.items():
+        if not isinstance(ov, dict) or not all(isinstance(k, str) for k in ov):
+            raise ConfigError(f"variants file {path}: {name!r} must map dotted keys to values, e.g. "
+                              "top2: {moe.top_k: 2}")
+    return {str(k): dict(v) for k, v in d.items()}
+
+
+def _digest(d: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_sweep(base: dict, grid: dict[str, list], *, variants: dict[str, dict] | None = None,
+              out: str | Path = "runs/sweep", progress: bool = True, resume: bool = False) -> list[dict]:
+    """Train every point of ``grid`` (a product over keys) on top of the ``base`` config dict,
+    for each of ``variants`` (name -> dotted overrides, see :func:`load_variants`) if given;
+    returns the rows and writes ``sweep.csv``, ``sweep.json`` and ``sweep.md`` to ``out``
+    (with ``run.seed`` in the grid, ``sweep.md`` is mean ± std over the seeds).
+    ``resume=True`` keeps the rows an earlier call finished with the same config per point
+    and trains the rest; a point whose config changed is refused naming it."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     points = [dict(zip(grid, vals)) for vals in itertools.product(*grid.values())] or [{}]
-    cfgs = []
-    for p in points:  # validate every point before training any
-        d = apply_overrides(base, [f"{k}={json.dumps(v)}" for k, v in p.items()])
-        d.setdefault("run", {})["progress"] = progress
-        cfgs.append(config_from_dict(d))
+    named = [(name, ov) for name, ov in (variants or {}).items()] or [(None, {})]
+    jobs = []
+    for name, ov in named:  # validate every point before training any
+        for p in points:
+            d = apply_overrides(base, [f"{k}={json.dumps(v)}" for k, v in {**ov, **p}.items()])
+            d.setdefault("run", {})["progress"] = progress
+            cfg = config_from_dict(d)
+            row0 = ({"variant": name} if name is not None else {}) | p
+            jobs.append((row0, cfg, _digest(d)))
+    done = _finished_rows(out, resume)
     rows = []
-    for i, (p, cfg) in enumerate(zip(points, cfgs)):
-        name = _run_name(p)
+    for i, (row0, cfg, digest) in enumerate(jobs):
+        name = _run_name(row0)
+        old = done.get(name)
+        if old is not None:
+            if old.get("config_digest") != digest:
+                raise ConfigError(f"cannot resume {out}: point {name} was trained with another config; run "
+                                  "without --resume into another --out")
+            rows.append(old)
+            continue
         if progress:
-            print(f"[{i + 1}/{len(points)}] {name}")
+            print(f"[{i + 1}/{len(jobs)}] {name}")
         t = Trainer(cfg, run_dir=out / name)
         summary = t.fit(overwrite=True)
         x = t.test_inputs(64)
         params = count_parameters(t.model)
-        rows.append({**p, "test_acc": summary["test_acc"], "params": params["total"],
+        rows.append({**row0, "test_acc": summary["test_acc"], "params": params["total"],
                      "active_params": params.get("active", params["total"]),
                      "gflops_per_image": flops_per_image(t.model, x[:8]) / 1e9,
-                     "img_per_s": inference_throughput(t.model, x), "train_min": summary["train_seconds"] / 60})
-        _write(out, rows)
+                     "img_per_s": inference_throughput(t.model, x), "train_min": summary["train_seconds"] / 60,
+                     "config_digest": digest})
+        _write(out, rows, None)
+    if rows:
+        _write(out, rows, pixel_baseline(base, out))
     return rows
 
 
-def _write(out: Path, rows: list[dict]) -> None:
-    keys = list(rows[0])
-    with open(out / "sweep.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    (out / "sweep.json").write_text(json.dumps(rows, indent=2))
-    fmt = {"test_acc": "{:.4f}", "gflops_per_image": "{:.4f}", "img_per_s": "{:.0f}", "train_min": "{:.1f}",
-           "params": "{:,}", "active_params": "{:,}"}
-    lines = ["| " + " | ".join(keys) + " |", "|---" * len(keys) + "|"]
-    lines += ["| " + " | ".join(fmt.get(k, "{}").format(r[k]) for k in keys) + " |" for r in rows]
-    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+def pixel_baseline(base: dict, out: Path | None = None) -> float | None:
+    """The number anyone can compute beside a sweep: a linear probe
+    (:func:`~visionmoe.eval.linear_probe`) on the raw pixels of the base config's training
+    images, tested on its test images; ``None`` for a streamed folder (not in memory). Cached
+    in ``out/pixel_baseline.json`` keyed by the data section."""
+    from ._utils import atomic_write_bytes
+    from .data import TensorSplits, load_dataset
+    from .eval import linear_probe
+
+    data = base.get("data") or {}
+    key = json.dumps({"name": data.get("name"), "args": data.get("args") or {}}, sort_keys=True)
+    cache = Path(out) / "pixel_baseline.json" if out is not None else None
+    if cache is not None and cache.exists():
+        saved = json.loads(cache.read_text())
+        if saved.get("data") == key:
+            return saved["acc"]
+    if not data.get("name"):
+        return None
+    d = load_dataset(data["name"], **(data.get("args") or {}))
+    if not isinstance(d, TensorSplits):
+        return None
+    acc = linear_probe(d.x_train.flatten(1).float(), d.y_train, d.x_test.flatten(1).float(), d.y_test,
+                       num_classes=d.num_classes)
+    if cache is not None:
+        atomic_write_bytes(cache, json.dumps({"data": key, "acc": acc}).encode())
+    return acc
+
+
+def _finished_rows(out: Path, resume: bool) -> dict[str, dict]:
+    path = out / "sweep.json"
+    if not resume or not path.exists():
+        return {}
+    try:
+        rows = json.loads(path.read_text())
+        return {_run_name({k: v for k, v in r.items() if k not in _METRICS}): r for r in rows}
+    except (ValueError, AttributeError, TypeError):
+        raise ConfigError(f"cannot resume from {path}: not a sweep's rows; run without --resume") from None
+
+
+#: the measured columns of a sweep row (the rest name its point)
+_METRICS = ("test_acc", "params", "active_params", "gflops_per_image", "img_per_s", "train_min", "config_digest",
+            "layers", "routing_degree")
+_FMT = {"test_acc": "{:.4f}", "gflops_per_image": "{:.4f}", "img_per_s": "{:.0f}", "train_min": "{:.1f}",
+        "params": "{:,}", "active_params": "{:,}"}
+
+
+def summarize_seeds(rows: list[dict], seed_key: str = "run.seed") -> list[dict]:
+    """The rows grouped by every point column except ``seed_key``: per group ``n`` and, per
+    measured column, ``{"mean", "std", "n"}`` (:func:`~visionmoe._utils.mean_std`)."""
+    from ._utils import mean_std
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        key = tuple((k, json.dumps(v)) for k, v in r.items() if k not in _METRICS and k != seed_key)
+        groups.setdefault(key, []).append(r)
+    out = []
+    for key, rs in groups.items():
+        g = {k: json.loads(v) for k, v in key}
+        g |= {m: mean_std([r[m] for r in rs]) for m in _METRICS if m in rs[0] and m != "config_digest"}
+        g["seeds"] = [r.get(seed_key) for r in rs]
+        out.append(g)
+    return out
+
+
+def _write(out: Path, rows: list[dict], pixels: float | None = None) -> None:
+    import io
+
+    from ._utils import atomic_write_bytes, fmt_mean_std
+
+    keys = [k for k in rows[0] if k != "config_digest"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_bytes(out / "sweep.csv", buf.getvalue().encode())
+    atomic_write_bytes(out / "sweep.json", json.dumps(rows, indent=2).encode())
+    if "run.seed" in keys:  # mean ± std over the seeds, one line per point
+        groups = summarize_seeds(rows)
+        gkeys = [k for k in groups[0] if k != "seeds"]
+        lines = ["| " + " | ".join(gkeys) + " | seeds |", "|---" * (len(gkeys) + 1) + "|"]
+        cell = {"test_acc": lambda d: fmt_mean_std(d, 4)}
+        lines += ["| " + " | ".join(cell[k](g[k]) if k in cell else
+                                    _FMT.get(k, "{}").format(g[k]["mean"]) if isinstance(g[k], dict) and "mean" in g[k]
+                                    else str(g[k]) for k in gkeys) + f" | {len(g['seeds'])} |" for g in groups]
+    else:
+        lines = ["| " + " | ".join(keys) + " |", "|---" * len(keys) + "|"]
+        lines += ["| " + " | ".join(_FMT.get(k, "{}").format(r[k]) for k in keys) + " |" for r in rows]
+    if pixels is not None:
+        lines += ["", f"raw pixels, linear probe on the same training images: {pixels:.4f}"]
+    atomic_write_bytes(out / "sweep.md", ("\n".join(lines) + "\n").encode())
 
 
 def run_layer_scan(base: dict, depth: int, *, shared: tuple[bool, ...] = (False, True),
-                   out: str | Path = "runs/scan", progress: bool = True) -> list[dict]:
+                   out: str | Path = "runs/scan", progress: bool = True, resume: bool = False) -> list[dict]:
     """ViMoE's layer scan: MoE in the last L blocks for L = 0..depth, with and without the shared
     expert; adds the routing degree ``C(N, k)^L`` to every row and plots accuracy and degree
     against L (``layer_scan.png``)."""
@@ -134,12 +251,12 @@ def run_layer_scan(base: dict, depth: int, *, shared: tuple[bool, ...] = (False,
 
     moe = base.get("moe", {})
     grid = {"moe.placement": [f"last_{n}" for n in range(depth + 1)], "moe.shared_expert": list(shared)}
-    rows = run_sweep(base, grid, out=out, progress=progress)
+    rows = run_sweep(base, grid, out=out, progress=progress, resume=resume)
     e, k = moe.get("num_experts", 8), moe.get("top_k", 1)
     for r in rows:
         r["layers"] = int(r["moe.placement"].split("_")[1])
         r["routing_degree"] = routing_degree(e, k, r["layers"])
-    _write(Path(out), rows)
+    _write(Path(out), rows, pixel_baseline(base, Path(out)))
     import matplotlib
 
     matplotlib.use("Agg")

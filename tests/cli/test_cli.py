@@ -55,6 +55,38 @@ def test_sweep_grid_over_routers_and_models(tmp_path):
     assert main(["sweep", "data.name=digits", "--grid", "moe.top_k=2"]) == 2  # not a list: clear error
 
 
+def test_sweep_of_routing_variants_over_seeds_resumes(tmp_path, capsys):
+    """The shipped routing-methods variants all build and train on the shipped base; the
+    table is mean ± std over seeds (recomputed here), beside the raw-pixel probe; a resumed
+    sweep trains only what is missing and refuses a point whose config changed."""
+    out = tmp_path / "sweep"
+    base = ["sweep", "configs/sweetspot/fmnist_vit_routing.yaml", "data.name=digits", "data.args={}",
+            "data.augment=none", "model.args={img_size: 8, patch_size: 2, embed_dim: 32, depth: 2, num_heads: 2}",
+            "schedule.epochs=1"]
+    opts = ["--variants", "configs/sweetspot/routing_methods.yaml", "--out", str(out), "--no-progress"]
+    args = [*base, "schedule.max_steps=2", *opts]
+    assert main([*args, "--grid", "run.seed=[0]"]) == 0
+    rows = json.loads((out / "sweep.json").read_text())
+    assert [r["variant"] for r in rows] == ["dense", "top1", "top2", "expert_choice", "soft", "lossfree_sigmoid",
+                                            "finegrained_shared"]
+    by = {r["variant"]: r for r in rows}
+    assert by["dense"]["params"] == by["dense"]["active_params"] < by["top1"]["active_params"] < by["top1"]["params"]
+    assert by["top2"]["gflops_per_image"] > by["top1"]["gflops_per_image"]
+    (out / "variant-top1__seed-0").rename(tmp_path / "moved")  # kept on resume: not trained again
+    capsys.readouterr()
+    assert main([*args, "--grid", "run.seed=[0, 1]", "--resume"]) == 0
+    rows2 = json.loads((out / "sweep.json").read_text())
+    assert rows2[0] == rows[0] and len(rows2) == 14 and not (out / "variant-top1__seed-0").exists()
+    table = (out / "sweep.md").read_text()
+    assert "raw pixels, linear probe on the same training images: " in table
+    dense = [r["test_acc"] for r in rows2 if r["variant"] == "dense"]
+    from visionmoe._utils import fmt_mean_std, mean_std
+
+    assert f"| dense | {fmt_mean_std(mean_std(dense), 4)} |" in table and "| seeds |" in table
+    assert main([*base, "schedule.max_steps=3", *opts, "--grid", "run.seed=[0]", "--resume"]) == 2
+    assert "trained with another config" in capsys.readouterr().err
+
+
 def test_layer_scan_plots_accuracy_and_routing_degree(tmp_path):
     out = tmp_path / "scan"
     assert main(["layer-scan", "model.name=vmoe_nano_patch4_32", "data.name=digits", "data.augment=none",

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ def module():
 @pytest.fixture
 def two_threads(monkeypatch):
     monkeypatch.setattr(ex, "MIN_THREADED_WORK", 0)
-    monkeypatch.delenv("VISIONMOE_NATIVE", raising=False)
+    monkeypatch.setattr(native, "_MODE", "auto")
     n = torch.get_num_threads()
     torch.set_num_threads(2)
     yield
@@ -100,9 +101,9 @@ def test_compiled_loop_matches_python_threads_and_serial(module, two_threads, mo
 
 def test_threads_true_picks_the_loop_by_expert_size_and_the_switch_overrides(module, two_threads, monkeypatch):
     """threads=True layers run in the compiled loop when their experts with rows average at
-    least MIN_ROWS rows (the default, VISIONMOE_NATIVE unset or auto), on the Python pool
-    below that; VISIONMOE_NATIVE=1 always, 0 never (same numbers every way); another
-    value is refused with the settings named."""
+    least MIN_ROWS rows (the default mode, auto), on the Python pool below that; mode 1
+    always, 0 never (same numbers every way); another value is refused with the settings
+    named. The program takes the mode from VISIONMOE_NATIVE (test_build_native_command_*)."""
     spy = _Spy(module)
     monkeypatch.setattr(native, "load", lambda: spy)
     monkeypatch.setattr(native, "MIN_ROWS", 10)
@@ -120,19 +121,17 @@ def test_threads_true_picks_the_loop_by_expert_size_and_the_switch_overrides(mod
                                    rtol=1e-5, atol=1e-6)
         return list(spy.calls)
 
-    for env, want_big, want_small, word in ((None, True, False, "built, auto"), ("auto", True, False, "built, auto"),
-                                            ("1", True, True, "on (VISIONMOE_NATIVE=1)"),
-                                            ("0", False, False, "built, off (VISIONMOE_NATIVE=0)")):
-        if env is None:
-            monkeypatch.delenv("VISIONMOE_NATIVE", raising=False)
-        else:
-            monkeypatch.setenv("VISIONMOE_NATIVE", env)
+    for env, want_big, want_small, word in (("", True, False, "built, auto"), ("auto", True, False, "built, auto"),
+                                            ("1", True, True, "on (native mode 1)"),
+                                            ("0", False, False, "built, off (native mode 0)")):
+        native.set_mode(env)
+        assert native.mode() == (env or "auto")
         assert calls("big", *big) == (["experts_forward"] if want_big else []), env
         assert calls("small", *small) == (["experts_forward"] if want_small else []), env
         assert native.status().startswith(word)
-    monkeypatch.setenv("VISIONMOE_NATIVE", "yes")
-    with pytest.raises(ValueError, match="VISIONMOE_NATIVE='yes'.*use auto"):
-        e.forward_gathered(x, *big)
+    with pytest.raises(ValueError, match="native mode='yes'.*use auto"):
+        native.set_mode("yes")
+    assert native.mode() == "0"  # a refused value changes nothing
 
 
 def test_compiled_loop_keeps_grad_and_inference_modes(module, two_threads):
@@ -158,7 +157,7 @@ def test_native_mode_without_the_build_is_a_clear_error(two_threads, monkeypatch
 
 
 def test_build_without_tools_names_what_is_missing(monkeypatch, tmp_path):
-    monkeypatch.setenv("VISIONMOE_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_CACHE_ROOT", tmp_path)
     monkeypatch.setattr(native, "_which", lambda tool: None if tool == "ninja" else "/usr/bin/" + tool)
     with pytest.raises(RuntimeError, match="needs ninja on PATH"):
         native.build()
@@ -191,9 +190,10 @@ def test_build_native_command_reports_status(module):
 def test_build_writes_only_the_library_into_a_fresh_cache(monkeypatch, tmp_path):
     """A build into an empty cache (about 40 s) leaves the library and nothing else: no
     temporary folder, no object files; a second build is a no-op returning the same path."""
+    monkeypatch.setenv("PATH", os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     if shutil.which("c++") is None or native._which("ninja") is None:
         pytest.skip("no C++ compiler or ninja")
-    monkeypatch.setenv("VISIONMOE_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_CACHE_ROOT", tmp_path)
     lib = native.build()
     assert lib.is_file() and [p.name for p in lib.parent.iterdir()] == [lib.name]
     assert [p.name for p in (tmp_path / "native").iterdir()] == [lib.parent.name]

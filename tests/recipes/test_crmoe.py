@@ -50,3 +50,21 @@ def test_tiny_crmoe_study_and_probe(tmp_path):
     from ._checkpoints import every_checkpoint_loads
 
     every_checkpoint_loads(tmp_path, at_least=6)  # MoCo v3 dense, V-MoE and V-MoE+OGAR of each seed
+
+
+def test_crmoe_study_resumes_with_more_seeds_and_refuses_other_settings(tmp_path, capsys):
+    base = [*[a for a in TINY if not a.startswith("seeds=")], "variants=[dense]"]
+    assert main(["crmoe", "--no-progress", "--out", str(tmp_path), *base, "seeds=[0]"]) == 0
+    first = json.loads((tmp_path / "results.json").read_text())["runs"]
+    (tmp_path / "dense_seed0").rename(tmp_path / "moved")  # a kept run is not trained again
+    assert main(["crmoe", "--no-progress", "--resume", "--out", str(tmp_path), *base, "seeds=[0,1]"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["variant"], r["seed"]) for r in res["runs"]] == [("random init", 0), ("dense", 0), ("random init", 1),
+                                                                  ("dense", 1)]
+    assert res["runs"][:2] == first and not (tmp_path / "dense_seed0").exists()
+    assert res["summary"]["dense"]["linear"]["digits"]["n"] == 2
+    capsys.readouterr()
+    assert main(["crmoe", "--no-progress", "--resume", "--out", str(tmp_path), *base, "seeds=[0,1]", "steps=5"]) == 2
+    err = capsys.readouterr().err
+    assert "steps: 4 -> 5" in err and "--resume" in err and len(err.strip().splitlines()) == 1
+    assert json.loads((tmp_path / "results.json").read_text()) == res  # nothing lost

@@ -94,7 +94,7 @@ def _cmd_crmoe(args: argparse.Namespace) -> int:
     from ..recipes.crmoe import CRMoEStudyConfig, run_crmoe_study
 
     cfg = CRMoEStudyConfig.from_overrides(args.overrides, quick=args.quick)
-    res = run_crmoe_study(cfg, out=args.out, progress=not args.no_progress)
+    res = run_crmoe_study(cfg, out=args.out, progress=not args.no_progress, resume=args.resume)
     return 0 if res["runs"] else 1
 
 
@@ -169,12 +169,14 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from ..sweep import parse_grid, run_sweep
+    from ..sweep import load_variants, parse_grid, run_sweep
     from ..train.config import apply_overrides, load_yaml_dict
 
     config, overrides = _config_and_overrides(args)
     base = apply_overrides(load_yaml_dict(config), overrides)
-    rows = run_sweep(base, parse_grid(args.grid), out=args.out, progress=not args.no_progress)
+    variants = load_variants(args.variants) if args.variants else None
+    rows = run_sweep(base, parse_grid(args.grid), variants=variants, out=args.out, progress=not args.no_progress,
+                     resume=args.resume)
     print((Path(args.out) / "sweep.md").read_text())
     return 0 if rows else 1
 
@@ -192,7 +194,7 @@ def _cmd_layer_scan(args: argparse.Namespace) -> int:
 
         depth = len(build_model(config_from_dict(base), num_classes=2, in_chans=1).blocks)
     shared = {"both": (False, True), "yes": (True,), "no": (False,)}[args.shared]
-    run_layer_scan(base, depth, shared=shared, out=args.out, progress=not args.no_progress)
+    run_layer_scan(base, depth, shared=shared, out=args.out, progress=not args.no_progress, resume=args.resume)
     print((Path(args.out) / "sweep.md").read_text())
     return 0
 
@@ -502,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     cr.add_argument("overrides", nargs="*", help="settings as key=value, e.g. ogar_weight=0.01 steps=300")
     cr.add_argument("--quick", action="store_true")
     cr.add_argument("--out", default="runs/crmoe")
+    cr.add_argument("--resume", action="store_true",
+                    help="keep the runs an earlier call finished in --out (same settings; more seeds allowed)")
     cr.add_argument("--no-progress", action="store_true")
     cr.set_defaults(fn=_cmd_crmoe)
 
@@ -547,7 +551,11 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("config", nargs="?", default=None, help="base YAML experiment file")
     sw.add_argument("overrides", nargs="*", help="overrides of the base, key=value")
     sw.add_argument("--grid", action="append", default=[], help="key=[v1, v2] (repeatable; the product is trained)")
+    sw.add_argument("--variants", default=None, metavar="YAML",
+                    help="named variants, each a mapping of dotted overrides (e.g. configs/sweetspot/routing_methods.yaml); "
+                         "every variant is trained at every grid point")
     sw.add_argument("--out", default="runs/sweep")
+    sw.add_argument("--resume", action="store_true", help="keep the points an earlier call finished in --out")
     sw.add_argument("--no-progress", action="store_true")
     sw.set_defaults(fn=_cmd_sweep)
 
@@ -558,6 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls_.add_argument("--depth", type=int, default=None, help="largest L (default: the model's depth)")
     ls_.add_argument("--shared", choices=["both", "yes", "no"], default="both")
     ls_.add_argument("--out", default="runs/layer_scan")
+    ls_.add_argument("--resume", action="store_true", help="keep the points an earlier call finished in --out")
     ls_.add_argument("--no-progress", action="store_true")
     ls_.set_defaults(fn=_cmd_layer_scan)
 
@@ -688,14 +697,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def console_main() -> int:
-    """The ``visionmoe`` program: :func:`main` after the process-level CPU settings
-    (:func:`visionmoe.runtime.tune_cpu_allocator`; ``VISIONMOE_MALLOC=default`` skips it).
-    :func:`main` itself leaves the process alone, for callers that embed it."""
-    from ..runtime import tune_cpu_allocator
+    """The ``visionmoe`` program: :func:`main` after the process-level settings the
+    environment gives (:func:`visionmoe.cli.environment.apply_environment`: the CPU allocator,
+    the compiled expert loop's mode and cache). :func:`main` itself leaves the process alone,
+    for callers that embed it."""
+    from .environment import apply_environment
 
     try:
-        tune_cpu_allocator()
-    except ValueError as e:  # a mistyped VISIONMOE_MALLOC
+        apply_environment()
+    except ValueError as e:  # a mistyped VISIONMOE_MALLOC / VISIONMOE_NATIVE
         print(f"visionmoe: error: {e}", file=sys.stderr)
         return 2
     try:

@@ -77,7 +77,7 @@ def clear_scratch() -> None:
 
 
 #: ``Experts(threads=...)``: the compiled loop for experts of >= native.MIN_ROWS rows when
-#: it is built, else the Python pool (VISIONMOE_NATIVE); the compiled loop; the Python pool; serial
+#: it is built, else the Python pool (native.set_mode); the compiled loop; the Python pool; serial
 THREAD_MODES = (True, "native", "python", False)
 
 #: below this many multiply-adds per matmul layer (N * H * D) the experts run one after
@@ -169,7 +169,7 @@ def _deal(counts: list[int], threads: int) -> list[list[int]]:
 def _native_plan(counts: list[int], threaded: bool | str, gelu: str | None):
     """``(module, starts, order, bounds)`` when the compiled expert loop (:mod:`.native`)
     runs these experts (``counts``: rows per expert): ``threaded`` is ``"native"``, or True
-    and ``VISIONMOE_NATIVE`` allows it (``auto``, the default: the experts with rows average
+    and :func:`.native.mode` allows it (``auto``, the default: the experts with rows average
     at least :data:`.native.MIN_ROWS` rows; ``1``: always); GELU, at least 2 threads and 2
     experts with rows; and it is built. Else None (the Python thread pool or the serial
     loop). ``"native"`` without the build is an error."""
@@ -178,7 +178,7 @@ def _native_plan(counts: list[int], threaded: bool | str, gelu: str | None):
     if threaded in (False, "python") or gelu is None or nt < 2 or active < 2:
         return None
     if threaded is True:
-        mode = native.setting()
+        mode = native.mode()
         if mode == "0" or (mode == "auto" and sum(counts) < native.MIN_ROWS * active):
             return None
     module = native.load()
@@ -414,8 +414,8 @@ class Experts(nn.Module):
         threads: fused kernel on CPU: run the experts in parallel over the intra-op threads,
             each op single-threaded (faster: small matmuls parallelise badly). ``True``: in
             the compiled loop when it is built and the experts average >= 256 rows
-            (:data:`visionmoe.moe.native.MIN_ROWS`; ``VISIONMOE_NATIVE=1``: always, ``0``:
-            never), else on a Python thread pool; ``"native"``: the compiled loop
+            (:data:`visionmoe.moe.native.MIN_ROWS`; :func:`visionmoe.moe.native.set_mode` ``"1"``:
+            always, ``"0"``: never), else on a Python thread pool; ``"native"``: the compiled loop
             (:mod:`visionmoe.moe.native`), an error if it is not built; ``"python"``: the
             thread pool; ``False``: one expert after another, every op using all threads.
             All give the same results.

@@ -7,19 +7,18 @@ for a while after the last parallel op (docs/performance.md). The compiled loop 
 same groups of experts inside one ``at::parallel_for`` instead, so the OpenMP worker runs
 the second group itself.
 
-By default (``VISIONMOE_NATIVE`` unset or ``auto``) ``threads=True`` layers use it when it
-is built and their experts average at least :data:`MIN_ROWS` rows, the Python pool below
-that: on the 2-core machine measured here it beat the pool at 520 rows per expert in
-seven interleaved comparisons of nine (one tie), won or tied at 260, lost or tied at 130
-and lost at 65 every time (docs/performance.md, "The compiled expert loop").
-``VISIONMOE_NATIVE=1`` uses it for every ``threads=True`` layer, ``0`` never;
-``Experts(threads="native")`` for one layer.
+By default (mode ``auto``) ``threads=True`` layers use it when it is built and their experts
+average at least :data:`MIN_ROWS` rows, the Python pool below that (the crossover measured on
+two cores is in docs/performance.md, "The compiled expert loop"). :func:`set_mode` ``"1"``
+uses it for every ``threads=True`` layer, ``"0"`` never; ``Experts(threads="native")`` for one
+layer. The ``visionmoe`` program sets the mode from ``VISIONMOE_NATIVE`` at start-up
+(:mod:`visionmoe.cli.environment`); the library never reads the environment itself.
 
 It is compiled once per source, PyTorch and Python version (about 35 s with a C++
-compiler and ninja; ``visionmoe build-native``, which ``make setup`` runs) into
-``~/.cache/visionmoe/native/<key>/`` (``VISIONMOE_CACHE`` moves it) and loaded from there
-afterwards without a compiler. Nothing is compiled implicitly. All loops give the same
-results.
+compiler and ninja on PATH; ``visionmoe build-native``, which ``make setup`` runs) into
+``~/.cache/visionmoe/native/<key>/`` (:func:`set_cache_root` moves it; the program takes
+``VISIONMOE_CACHE``) and loaded from there afterwards without a compiler. Nothing is
+compiled implicitly. All loops give the same results.
 """
 
 from __future__ import annotations
@@ -40,19 +39,22 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["SOURCE", "MIN_ROWS", "SETTINGS", "cache_dir", "build", "built", "load", "setting", "status"]
+__all__ = ["SOURCE", "MIN_ROWS", "SETTINGS", "cache_dir", "set_cache_root", "build", "built", "load", "mode",
+           "set_mode", "status"]
 
 SOURCE = Path(__file__).with_name("csrc") / "experts_cpu.cpp"
 _NAME = "visionmoe_experts_cpu"
 _LOCK = threading.Lock()
 _LOADED: dict[Path, ModuleType | None] = {}
 
-#: ``VISIONMOE_NATIVE=auto``: threads=True layers whose experts with rows average at least
-#: this many rows run in the compiled loop (when built), smaller ones on the Python pool;
-#: measured crossover between 260 (compiled faster) and 130 rows (pool faster)
+#: mode ``auto``: threads=True layers whose experts with rows average at least this many rows
+#: run in the compiled loop (when built), smaller ones on the Python pool; measured crossover
+#: between 260 (compiled faster) and 130 rows (pool faster)
 MIN_ROWS = 256
-#: the values ``VISIONMOE_NATIVE`` may take (unset means ``auto``)
+#: the modes :func:`set_mode` takes
 SETTINGS = ("auto", "1", "0")
+_MODE = "auto"
+_CACHE_ROOT: Path | None = None
 
 
 @functools.lru_cache(maxsize=1)
@@ -63,22 +65,36 @@ def _key() -> str:  # read once per process: load() runs on every forward of a n
     return h.hexdigest()[:16]
 
 
+def set_cache_root(root: str | Path | None) -> None:
+    """Keep builds under ``root/native/`` instead of ``~/.cache/visionmoe/native/`` (None:
+    back to the default)."""
+    global _CACHE_ROOT
+    _CACHE_ROOT = Path(root) if root else None
+
+
 def cache_dir() -> Path:
     """Where the build for this source, PyTorch and Python lives."""
-    root = Path(os.environ.get("VISIONMOE_CACHE") or Path.home() / ".cache" / "visionmoe")
+    root = _CACHE_ROOT or Path.home() / ".cache" / "visionmoe"
     return root / "native" / _key()
 
 
-def setting() -> str:
-    """``VISIONMOE_NATIVE``: ``"auto"`` (unset, the default: the compiled loop for experts of
-    at least :data:`MIN_ROWS` rows when it is built), ``"1"`` (for every ``threads=True``
-    layer when built) or ``"0"`` (never: the Python thread pool)."""
-    env = os.environ.get("VISIONMOE_NATIVE", "").strip().lower() or "auto"
-    if env not in SETTINGS:
-        raise ValueError(f"VISIONMOE_NATIVE={env!r} is not a setting: use auto (the default: the compiled expert "
+def set_mode(value: str, *, name: str = "native mode") -> None:
+    """When ``threads=True`` layers use the compiled loop: ``"auto"`` (the default: for
+    experts of at least :data:`MIN_ROWS` rows when it is built), ``"1"`` (for every layer when
+    built) or ``"0"`` (never: the Python thread pool). Another value is refused naming the
+    settings (``name``: what the value was given as, e.g. the environment variable)."""
+    global _MODE
+    v = str(value).strip().lower() or "auto"
+    if v not in SETTINGS:
+        raise ValueError(f"{name}={value!r} is not a setting: use auto (the default: the compiled expert "
                          f"loop for experts of >= {MIN_ROWS} rows when it is built), 1 (always when built) or 0 "
                          "(never: the Python thread pool)")
-    return env
+    _MODE = v
+
+
+def mode() -> str:
+    """The current :func:`set_mode` value."""
+    return _MODE
 
 
 def _library(directory: Path) -> Path:
@@ -120,17 +136,15 @@ def build(verbose: bool = False) -> Path:
     missing = [tool for tool in ("c++", "ninja") if _which(tool) is None]
     if missing:
         raise RuntimeError(f"building the compiled expert loop needs {' and '.join(missing)} on PATH "
-                           "(Debian: apt install g++; ninja: pip install ninja); without it the experts run on "
-                           "the Python thread pool")
+                           "(Debian: apt install g++; ninja: pip install ninja, with its environment's bin folder on "
+                           "PATH); without it the experts run on the Python thread pool")
     # a CPU-only build: quiet torch's note that no CUDA runtime is found, printed on import
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils.cpp_extension import load as cpp_load
 
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-    path = os.environ.get("PATH", "")
     try:
-        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])  # the venv's ninja
         cpp_load(_NAME, [str(SOURCE)], extra_cflags=["-O3"], build_directory=str(tmp), verbose=verbose,
                  is_python_module=True)
         if not (tmp / lib.name).is_file():
@@ -144,7 +158,6 @@ def build(verbose: bool = False) -> Path:
             if not lib.is_file():
                 raise
     finally:
-        os.environ["PATH"] = path
         shutil.rmtree(tmp, ignore_errors=True)
     with _LOCK:
         _LOADED.pop(directory, None)
@@ -152,23 +165,20 @@ def build(verbose: bool = False) -> Path:
 
 
 def _which(tool: str) -> str | None:
-    return shutil.which(tool, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    return shutil.which(tool)
 
 
 def status() -> str:
     """One line: whether the compiled expert loop is built and when ``threads=True`` uses it."""
-    try:
-        mode = setting()
-    except ValueError as e:
-        return str(e)
+    mode = _MODE
     lib = _library(cache_dir())
     if not lib.is_file():
         return (f"not built: experts run on the Python thread pool (visionmoe build-native writes {lib}; then "
                 f"threads=True layers use it for experts of >= {MIN_ROWS} rows)")
     if mode == "0":
-        return (f"built, off (VISIONMOE_NATIVE=0): {lib}; threads=True layers use the Python thread pool, "
+        return (f"built, off (native mode 0): {lib}; threads=True layers use the Python thread pool, "
                 "Experts(threads='native') uses it")
     if mode == "1":
-        return f"on (VISIONMOE_NATIVE=1): {lib}; every threads=True layer uses it"
+        return f"on (native mode 1): {lib}; every threads=True layer uses it"
     return (f"built, auto: {lib}; threads=True layers use it when their experts average >= {MIN_ROWS} rows, "
-            "the Python thread pool below (VISIONMOE_NATIVE=1: always, 0: never)")
+            "the Python thread pool below (native mode 1: always, 0: never; VISIONMOE_NATIVE for the program)")

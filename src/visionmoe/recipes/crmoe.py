@@ -18,7 +18,15 @@ from pathlib import Path
 
 import torch
 
-from .._utils import atomic_write_bytes, finish_study, fmt_mean_std, mean_std, save_results, study_progress
+from .._utils import (
+    atomic_write_bytes,
+    finish_study,
+    finished_runs,
+    fmt_mean_std,
+    mean_std,
+    save_results,
+    study_progress,
+)
 from ..data import TensorSplits, adapt, load_dataset
 from ..eval import evaluate_backbone, head_first_layer, knn_accuracy, label_subset, linear_probe
 from ..eval.backbone import SHORT_SEMI_LRS
@@ -156,8 +164,11 @@ def _evaluate(model, head, tasks, semi, cons_x, c: CRMoEStudyConfig, seed: int, 
 
 
 def run_crmoe_study(c: CRMoEStudyConfig | None = None, *, out: str | Path = "runs/crmoe",
-                    progress: bool = True) -> dict:
+                    progress: bool = True, resume: bool = False) -> dict:
+    """Every variant and seed of ``c``; ``resume=True`` keeps the runs an earlier call finished
+    in ``out`` (same settings; ``seeds`` and ``variants`` may grow) and trains the rest."""
     c = c or CRMoEStudyConfig()
+    done = finished_runs(out, asdict(c), resume, may_change=("seeds", "variants"))
     console, bars = study_progress("CR-MoE study", "steps", progress)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,10 +177,15 @@ def run_crmoe_study(c: CRMoEStudyConfig | None = None, *, out: str | Path = "run
     tasks = {n: _limit(load_dataset(n), c.probe_train_limit, c.probe_test_limit, c.img_size) for n in c.eval_tasks}
     semi = pre  # semi-supervised: the pre-training images, a fraction of them labelled
     cons_x = semi.x_test[: c.consistency_images]
-    results: dict = {"config": asdict(c), "runs": [], "pixels": pixel_baselines(tasks, semi, c)}
-    runs = [(v, s) for s in c.seeds for v in (RANDOM, *c.variants)]
+    wanted = {(v, s) for s in c.seeds for v in (RANDOM, *c.variants)}
+    kept = [r for r in done if (r["variant"], r["seed"]) in wanted]
+    results: dict = {"config": asdict(c), "runs": kept, "pixels": pixel_baselines(tasks, semi, c)}
+    finished = {(r["variant"], r["seed"]) for r in kept}
+    runs = [(v, s) for s in c.seeds for v in (RANDOM, *c.variants) if (v, s) not in finished]
+    if kept:
+        console.print(f"resuming {out}: {len(kept)} finished runs kept, {len(runs)} to go")
     with bars as bar:
-        task = bar.add_task("", total=len(c.seeds) * len(c.variants) * c.steps, stage="")
+        task = bar.add_task("", total=sum(c.steps for v, _ in runs if v != RANDOM), stage="")
         for variant, seed in runs:
             rd = out / f"{variant.replace(' ', '_')}_seed{seed}"
             row: dict = {"variant": variant, "seed": seed}

@@ -16,6 +16,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from .._utils import did_you_mean
+from .._utils import short_repr as _short
 from ..moe.config import MoEConfig
 
 __all__ = [
@@ -363,15 +364,6 @@ def config_to_dict(cfg: ExperimentConfig) -> dict:
 #: more values than this (aliases expanded) in one YAML document is refused: a config is small,
 #: and an alias bomb must not exhaust memory when it is copied or printed
 MAX_YAML_VALUES = 100_000
-
-
-def _short(value: Any) -> str:
-    """A bounded repr for error messages (a huge or self-referencing value stays one line)."""
-    import reprlib
-
-    r = reprlib.Repr()
-    r.maxstring, r.maxother, r.maxlist, r.maxdict, r.maxlevel = 60, 60, 6, 6, 3
-    return r.repr(value)
 
 
 def _bounded(value: Any, where: str) -> Any:

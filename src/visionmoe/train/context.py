@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .distributed import DistInfo, init_distributed
+from .distributed import DistInfo, init_distributed, launch_ranks
 
 __all__ = ["RunContext", "resolve_device"]
 
@@ -56,9 +56,7 @@ class RunContext:
 
     @classmethod
     def create(cls, *, device: str = "auto", amp: str = "none", tf32: bool = True) -> RunContext:
-        import os
-
-        local = int(os.environ.get("LOCAL_RANK", "0"))  # the CLI / torchrun's contract, read once here
+        local = launch_ranks()[2]
         dev = resolve_device(device, local)
         if amp == "fp16" and dev.type != "cuda":
             raise ValueError(f"run.amp=fp16 needs a CUDA device (this run is on {dev}); use run.amp=bf16 or none")

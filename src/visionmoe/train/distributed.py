@@ -33,15 +33,23 @@ class DistInfo:
         return self.world > 1
 
 
+def launch_ranks() -> tuple[int, int, int]:
+    """``(rank, world, local_rank)`` as the launcher (``torchrun``) gives them: the one place
+    the library reads the environment, because torch.distributed's ``env://`` rendezvous is
+    defined by these variables; ``(0, 1, 0)`` in a plain process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return (int(os.environ["RANK"]) if world > 1 else 0), world, local
+
+
 def init_distributed(backend: str | None = None) -> DistInfo:
     """Join the process group ``torchrun`` describes (once); a plain process gets rank 0 of 1.
     ``backend``: ``nccl`` for CUDA runs, ``gloo`` for CPU ones (default: by CUDA's presence)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world, local = launch_ranks()
     if world <= 1:
         return DistInfo()
     if not dist.is_available():  # pragma: no cover
         raise RuntimeError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl" and not torch.cuda.is_initialized():
@@ -107,7 +115,8 @@ def benchmark_data_parallel(config: str, *, nprocs: tuple[int, ...] = (1, 2), st
                 "run.log_every=1000000", *([f"moe.expert_parallel={n}"] if ep else []), "--run-dir", str(run_dir)]
         cmd = [sys.executable, *args] if n == 1 else [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *args]
-        r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": str(per)}, capture_output=True, text=True)
+        child_env = dict(os.environ, OMP_NUM_THREADS=str(per))  # the children's OpenMP pool at start-up
+        r = subprocess.run(cmd, env=child_env, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"{n}-process run failed:\n{r.stderr[-2000:]}")
         s = json.loads((run_dir / "summary.json").read_text())
