@@ -511,6 +511,31 @@ def test_routing_group_losses_are_the_mean_over_groups():
         MoEConfig(group_size=0)
 
 
+def test_expert_choice_in_routing_groups_matches_the_per_expert_loop_per_group():
+    """With groups of 6, 6 and 5 units, each expert takes its top ceil(cf * S_g / E) units of
+    every group (the hand-written per-expert loop on each group), not of the whole batch."""
+    torch.manual_seed(0)
+    r = LinearRouter(6, 4, selection="expert_choice", capacity_factor=1.0, aux_weights={})
+    r.group_size = 6
+    experts = _experts()
+    moe = MoE(router=r, experts=experts).train()
+    x = torch.randn(17, 6)
+    y = moe(x)
+    probs = r.proj(x).softmax(-1)
+    chosen = torch.cat([_ec_reference(probs[i : i + 6], math.ceil(1.0 * len(probs[i : i + 6]) / 4))
+                        for i in range(0, 17, 6)])  # C = 2, 2, 2
+    assert not torch.equal(chosen, _ec_reference(probs, math.ceil(17 / 4)))  # the groups matter here
+    want = torch.zeros_like(x)
+    for i in range(17):
+        for j in range(4):
+            if chosen[i, j]:
+                want[i] += probs[i, j] * experts.expert(x[i : i + 1], j)[0]
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+    assert moe.last.kept_counts.tolist() == [6] * 4  # 2 units per expert in each of 3 groups
+    layer = build_moe(6, 8, MoEConfig(num_experts=4, selection="expert_choice", group_size=6))
+    assert layer.router.group_size == 6
+
+
 def test_soft_moe_refuses_expert_parallelism_with_the_way_out():
     from visionmoe import create_model
     from visionmoe.moe.parallel import shard_experts

@@ -552,8 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("overrides", nargs="*", help="overrides of the base, key=value")
     sw.add_argument("--grid", action="append", default=[], help="key=[v1, v2] (repeatable; the product is trained)")
     sw.add_argument("--variants", default=None, metavar="YAML",
-                    help="named variants, each a mapping of dotted overrides (e.g. configs/sweetspot/routing_methods.yaml); "
-                         "every variant is trained at every grid point")
+                    help="named variants, each a mapping of dotted overrides (e.g. "
+                         "configs/sweetspot/routing_methods.yaml); every variant is trained at every grid point")
     sw.add_argument("--out", default="runs/sweep")
     sw.add_argument("--resume", action="store_true", help="keep the points an earlier call finished in --out")
     sw.add_argument("--no-progress", action="store_true")

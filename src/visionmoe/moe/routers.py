@@ -264,23 +264,34 @@ class Router(nn.Module):
 
     def _expert_choice(self, probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Each expert's top-C units by gate probability (ties: the earlier unit first, the
-        same on every device): ``(indices, weights, chosen)``, each ``(S, E)``, every unit's
-        experts ordered chosen-and-best first."""
+        same on every device), within each routing group of :attr:`group_size` units when set:
+        ``(indices, weights, chosen)``, each ``(S, E)``, every unit's experts ordered
+        chosen-and-best first."""
         num_units, num_experts = probs.shape
-        chosen = torch.zeros_like(probs, dtype=torch.bool)
         # a stable descending sort: equal probabilities keep the earlier unit. ONNX has no stable
         # sort, so an export uses topk (exact ties of real-valued gates are what it may order differently)
         exporting = torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
-        if num_units:
-            c = self.expert_choice_capacity(num_units)
-            p = probs.detach().t()  # (E, S)
-            top = p.topk(c, dim=-1).indices if exporting else p.argsort(dim=-1, descending=True, stable=True)[:, :c]
-            chosen[top.t(), torch.arange(num_experts, device=probs.device)[None, :]] = True
+        gs = self.group_size
+        if gs and num_units > gs:  # routing groups (vmoe): each expert its top-C units of every group
+            chosen = torch.cat([self._choose(probs[i : i + gs].detach(), exporting) for i in range(0, num_units, gs)])
+        elif num_units:
+            chosen = self._choose(probs.detach(), exporting)
+        else:
+            chosen = torch.zeros_like(probs, dtype=torch.bool)
         rank = torch.where(chosen, probs.detach() + 2.0, probs.detach())  # chosen experts first, best first
         order = rank.topk(num_experts, dim=-1).indices if exporting else rank.argsort(dim=-1, descending=True,
                                                                                        stable=True)
         chosen = chosen.gather(-1, order)
         return order, probs.gather(-1, order) * chosen, chosen  # weight 0 where not taken
+
+    def _choose(self, probs: Tensor, exporting: bool) -> Tensor:
+        """``(S, E)`` bools: each expert's top-C of these ``S`` units, C from ``S``."""
+        chosen = torch.zeros_like(probs, dtype=torch.bool)
+        c = self.expert_choice_capacity(probs.shape[0])
+        p = probs.t()  # (E, S)
+        top = p.topk(c, dim=-1).indices if exporting else p.argsort(dim=-1, descending=True, stable=True)[:, :c]
+        chosen[top.t(), torch.arange(probs.shape[1], device=probs.device)[None, :]] = True
+        return chosen
 
     #: routing groups (vmoe ``group_size``): the auxiliary losses are the mean over runs of
     #: ``group_size`` consecutive units (set with the dispatcher's by ``build_moe``)
