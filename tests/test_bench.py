@@ -201,16 +201,17 @@ def test_vit_cases_set_the_moe_layers_thread_mode(monkeypatch):
     """vit_cases(threads=...) is what the MoE ViT step's expert loops run with."""
     import visionmoe.moe.experts as ex
     from visionmoe.bench import vit_cases
+    from visionmoe.moe.kernels import THREADS
 
     seen = []
-    run = ex._THREADS.run
+    run = THREADS.run
     monkeypatch.setattr(ex, "MIN_THREADED_WORK", 0)
 
     def spy(counts, fn, threaded):
         seen.append(threaded)
         return run(counts, fn, threaded)
 
-    monkeypatch.setattr(ex._THREADS, "run", spy)
+    monkeypatch.setattr(THREADS, "run", spy)
     dense, moe = vit_cases(batch=2, img_size=32, experts=2, threads="python")
     assert dense.name == "vit-s16-dense" and moe.name == "vit-s16-moe-every2-k1"
     moe.make(True)()

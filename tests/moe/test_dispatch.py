@@ -321,7 +321,7 @@ def test_expert_threads_run_every_expert_once_and_restore_the_thread_count(exper
     caller, from the calling thread or a worker)."""
     import threading
 
-    from visionmoe.moe.experts import _THREADS
+    from visionmoe.moe.kernels import THREADS as _THREADS
 
     counts = [5, 0, 9, 3, 7, 1]
     seen, lock = [], threading.Lock()
@@ -360,7 +360,8 @@ def test_fused_kernel_threads_use_both_threads_and_keep_modes(expert_threads):
     inference_mode (thread-local modes reach the workers) with the serial results."""
     import threading
 
-    from visionmoe.moe.experts import _SCRATCH, clear_scratch
+    from visionmoe.moe.kernels import SCRATCH as _SCRATCH
+    from visionmoe.moe.kernels import clear_scratch
 
     torch.manual_seed(0)
     x, rows, counts = torch.randn(40, 8), torch.randperm(40), [10, 12, 0, 18]
