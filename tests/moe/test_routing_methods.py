@@ -438,14 +438,14 @@ def test_eva02_swiglu_moeifies_to_the_same_function_and_inner_norms_are_refused(
         moeify(scaled, placement="last_1")
 
 
-def test_gated_experts_agree_across_kernels_and_refuse_the_fused_one():
+def test_gated_experts_agree_across_kernels_and_the_cpu_default_is_fused():
     from visionmoe.moe.experts import grouped_mm_available
 
     torch.manual_seed(0)
     x0 = torch.randn(12, 16)
     counts = [5, 0, 7]
     results = {}
-    for impl in ["split"] + (["grouped"] if grouped_mm_available() else []):
+    for impl in ["split", "fused"] + (["grouped"] if grouped_mm_available() else []):
         torch.manual_seed(1)
         ex = Experts(3, 16, 16, act_layer=torch.nn.SiLU, gated=True, impl=impl)
         x = x0.clone().requires_grad_(True)
@@ -459,8 +459,18 @@ def test_gated_experts_agree_across_kernels_and_refuse_the_fused_one():
     for impl, got in results.items():
         for u, v in zip(results["split"], got):
             torch.testing.assert_close(v, u, rtol=1e-4, atol=1e-5, msg=impl)
-    with pytest.raises(ValueError, match="not 'fused'"):
-        Experts(3, 16, 16, gated=True, impl="fused")
+    assert Experts(3, 16, 16, gated=True).choose_impl(x0) == "fused"  # one autograd node, less memory
+    # the combine too (gate gradients through the fused node), against split
+    rows, w = torch.randperm(12)[:10], torch.rand(10)
+    outs = {}
+    for impl in ("split", "fused"):
+        ex.impl = impl
+        wi = w.clone().requires_grad_(True)
+        y = ex.forward_combined(x0, rows, [4, 0, 6], wi)
+        y.pow(2).sum().backward()
+        outs[impl] = (y.detach(), wi.grad)
+    for u, v in zip(outs["split"], outs["fused"]):
+        torch.testing.assert_close(v, u, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------ routing groups

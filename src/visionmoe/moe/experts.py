@@ -64,8 +64,8 @@ class Experts(nn.Module):
         impl: ``"auto"`` | ``"fused"`` | ``"grouped"`` | ``"split"``, see :meth:`forward_gathered`.
         recompute: fused kernel: recompute the GELU activation in backward instead of saving
             it (top-1: ~0.7x instead of ~1.1x the dense MLP's activation memory, ~3% slower).
-        gated, gate_last: GLU experts (:class:`GLU`); they run in the ``split`` kernel on
-            the CPU and ``grouped`` on CUDA (the fused kernel is for plain MLPs).
+        gated, gate_last: GLU experts (:class:`GLU`); every kernel runs them (the fused one
+            serially, its GLU derivative by autograd in backward).
         threads: fused kernel on CPU: run the experts in parallel over the intra-op threads,
             each op single-threaded (faster: small matmuls parallelise badly). ``True``: in
             the compiled loop when it is built and the experts average >= 256 rows
@@ -108,8 +108,6 @@ class Experts(nn.Module):
         self.fc2_bias = nn.Parameter(torch.zeros(num_experts, dim)) if bias else None
         act = act_layer() if isinstance(act_layer, type) else act_layer
         self.act = GLU(act, gate_last) if gated else act
-        if gated and impl == "fused":
-            raise ValueError("gated (GLU) experts run in the 'split' or 'grouped' kernel, not 'fused'")
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
         # expert parallelism: set by :func:`visionmoe.moe.parallel.shard_experts`; then this
         # rank holds experts ``shard.start .. shard.start + shard.local - 1`` of ``num_experts``
@@ -159,7 +157,7 @@ class Experts(nn.Module):
             return self.impl
         if x.device.type == "cuda" and grouped_mm_ok(x) and self._aligned(x):
             return "grouped"
-        if isinstance(self.drop, nn.Identity) and not torch.compiler.is_compiling() and not self.gated:
+        if isinstance(self.drop, nn.Identity) and not torch.compiler.is_compiling():
             return "fused"
         return "split"
 
