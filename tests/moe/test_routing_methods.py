@@ -424,6 +424,30 @@ def test_gated_mlps_upcycle_to_the_same_function(mlp):
     built.train()(x).sum().backward()
 
 
+def test_a_dense_swiglu_checkpoint_loads_into_a_configured_moe_as_the_same_function():
+    """model.init's path: a dense ViT with timm's unpacked SwiGLU (fc1_x / fc1_g keys) upcycled
+    into a MoE ViT built from a config; each top-1 expert is the dense MLP, so the outputs match."""
+    import timm.layers as tl
+
+    from visionmoe.models import load_dense_into_moe
+    from visionmoe.models.vit import VisionTransformer
+    from visionmoe.moe.upcycle import pack_swiglu
+
+    torch.manual_seed(0)
+    kw = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=3, mlp_layer=tl.SwiGLU)
+    dense = VisionTransformer(**kw).eval()
+    sd = dense.state_dict()
+    assert "blocks.1.mlp.fc1_g.weight" in sd
+    moe = VisionTransformer(**kw, moe=dict(num_experts=2, top_k=1, placement="last_1", renormalize=True)).eval()
+    load_dense_into_moe(moe, sd)
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(moe(x), dense(x), rtol=1e-5, atol=1e-5)
+    packed = pack_swiglu({k[len("blocks.1.mlp."):]: v for k, v in sd.items() if k.startswith("blocks.1.mlp.")})
+    h = sd["blocks.1.mlp.fc1_x.weight"].shape[0]
+    assert torch.equal(packed["fc1.weight"][:h], sd["blocks.1.mlp.fc1_x.weight"])  # [x; gate]
+    assert torch.equal(packed["fc1.weight"][h:], sd["blocks.1.mlp.fc1_g.weight"])
+
+
 def test_eva02_swiglu_moeifies_to_the_same_function_and_inner_norms_are_refused():
     import timm
 

@@ -46,7 +46,8 @@ def upcycle_mlp_state_dict(
     num_shared: int = 1,
     gated: bool = False,
 ) -> dict[str, Tensor]:
-    """Copy one dense MLP (keys ``fc1.weight``... relative to the MLP) into E experts.
+    """Copy one dense MLP (keys ``fc1.weight``... relative to the MLP; timm ``SwiGLU``'s
+    ``fc1_x`` / ``fc1_g`` are packed by :func:`pack_swiglu`) into E experts.
 
     Args:
         mlp: the dense MLP's state dict.
@@ -65,6 +66,7 @@ def upcycle_mlp_state_dict(
     """
     if shared_init not in SHARED_INITS:
         raise ValueError(f"shared_init must be one of {list(SHARED_INITS)}, got {shared_init!r}")
+    mlp = pack_swiglu(mlp)
     missing = [k for k in ("fc1.weight", "fc2.weight") if k not in mlp]
     if missing:
         raise KeyError(f"dense MLP state dict lacks {missing}; got keys {sorted(mlp)}")
@@ -227,17 +229,23 @@ def dense_mlp_shape(mlp: nn.Module) -> dict[str, Any]:
                 gate_last=bool(getattr(mlp, "gate_last", True)), act=act, bias=fc1.bias is not None, drop=drop)
 
 
+def pack_swiglu(mlp: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A dense MLP state dict with timm ``SwiGLU``'s separate ``fc1_x`` / ``fc1_g`` packed into
+    one ``fc1`` of ``[x; gate]`` rows (the GLU experts' ``gate_last`` layout: ``x * act(gate)``,
+    the function ``SwiGLU`` computes); any other state dict is returned as it is."""
+    if "fc1_x.weight" not in mlp or "fc1_g.weight" not in mlp:
+        return dict(mlp)
+    out = {k: v for k, v in mlp.items() if not k.startswith(("fc1_x.", "fc1_g."))}
+    out["fc1.weight"] = torch.cat([mlp["fc1_x.weight"], mlp["fc1_g.weight"]])
+    if "fc1_x.bias" in mlp:
+        out["fc1.bias"] = torch.cat([mlp["fc1_x.bias"], mlp["fc1_g.bias"]])
+    return out
+
+
 def _dense_fc_state(mlp: nn.Module) -> dict[str, Tensor]:
     """The dense MLP's fc1/fc2 tensors in the experts' layout (SwiGLU's fc1_x and fc1_g packed
     as ``[x; gate]``, i.e. ``gate_last``; 1x1 conv weights flattened to linear ones)."""
-    sd = mlp.state_dict()
-    if _mlp_kind(mlp) == "swiglu":
-        out = {"fc1.weight": torch.cat([sd["fc1_x.weight"], sd["fc1_g.weight"]]), "fc2.weight": sd["fc2.weight"]}
-        if "fc1_x.bias" in sd:
-            out["fc1.bias"] = torch.cat([sd["fc1_x.bias"], sd["fc1_g.bias"]])
-        if "fc2.bias" in sd:
-            out["fc2.bias"] = sd["fc2.bias"]
-        return out
+    sd = pack_swiglu(mlp.state_dict())
     return {k: v.flatten(1) if v.dim() == 4 else v for k, v in sd.items() if k in _FC}
 
 
