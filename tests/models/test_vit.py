@@ -164,6 +164,11 @@ def test_moe_api_and_param_counts():
     c = count_parameters(m)
     per_expert = sum(p[0].numel() for p in m.blocks[1].mlp.experts.parameters())
     assert c["total"] - c["active"] == 2 * (4 - 2) * per_expert
+    # expert choice: a token gets capacity_factor experts on average (1.5 of 4 here)
+    ec = create_model("vmoe_nano_patch4_32", num_classes=10, moe={"num_experts": 4, "selection": "expert_choice",
+                                                                  "capacity_factor": 1.5})
+    c = count_parameters(ec)
+    assert c["total"] - c["active"] == 2 * (4 - 1.5) * per_expert
 
 
 def test_registry_errors_and_overrides():

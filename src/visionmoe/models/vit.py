@@ -174,13 +174,17 @@ _routing_key = routing_key
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Total parameters and parameters active per token (K of E experts in each MoE layer).
-    With expert parallelism the experts on other ranks count too (the whole model)."""
+    """Total parameters and parameters active per token (K of E experts in each MoE layer;
+    with expert choice the mean number of experts a token gets, ``capacity_factor``; Soft MoE:
+    all). With expert parallelism the experts on other ranks count too (the whole model)."""
     total = sum(p.numel() for p in model.parameters())
-    inactive = 0
+    inactive = 0.0
     for m in model.modules():
         if isinstance(m, MoE):
             per_expert = sum(p[0].numel() for p in m.experts.parameters())
             total += (m.num_experts - m.experts.num_local_experts) * per_expert  # held by other ranks
-            inactive += (m.num_experts - m.k) * per_expert
-    return {"total": total, "active": total - inactive}
+            router = getattr(m.router, "router", m.router)
+            per_token = (min(m.num_experts, router.capacity_factor)
+                         if getattr(router, "selection", "topk") == "expert_choice" else m.k)
+            inactive += (m.num_experts - per_token) * per_expert
+    return {"total": total, "active": total - round(inactive)}
