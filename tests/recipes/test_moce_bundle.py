@@ -119,7 +119,7 @@ def test_deployed_model_fine_tunes_better_than_random_init(tmp_path):
     dense ViT fine-tunes to a higher test accuracy than the same fine-tune from random init."""
     from visionmoe.data import TensorSplits
     from visionmoe.recipes.moce_bundle import read_task_images
-    from visionmoe.recipes.moce_demo import _cfg
+    from visionmoe.recipes.moce_pipeline import train_config as _cfg
     from visionmoe.train import Trainer, config_from_dict, load_trained_model
 
     bundle = tmp_path / "bundle"

@@ -37,16 +37,16 @@ from ..models import count_parameters
 from ..moe.placement import by_scores
 from ..sweep import inference_throughput
 from .moce import MoCEObjective, build_moce, deploy, distinct_candidates, expert_choices, score_candidates
-from .moce_demo import (
-    MoCEDemoConfig,
-    _cluster,
-    _continue,
-    _finetune,
-    _grad_scores,
-    _Stages,
-    _val_split,
+from .moce_demo import MoCEDemoConfig
+from .moce_pipeline import (
+    Stages,
+    cluster_pool,
+    continue_mae,
+    finetune,
+    grad_scores,
     pretrain_dense,
     progress_bar,
+    val_split,
 )
 
 __all__ = ["BUNDLE_FORMAT", "SELECT_METHODS", "pretrain_bundle", "load_bundle", "deploy_bundle", "read_task_images"]
@@ -85,15 +85,15 @@ def pretrain_bundle(c: MoCEDemoConfig | None = None, *, out: str | Path = "runs/
     prep = Preprocessing(size=c.img_size, channels=1)
     t0 = time.perf_counter()
     with progress_bar(disable=not progress) as bar:
-        stages = _Stages(bar, c.mae_steps + c.extra_steps)
+        stages = Stages(bar, c.mae_steps + c.extra_steps)
         enc, mae, curve = pretrain_dense(stages, c, seed, pool, out / "runs" / "mae", "MAE pre-training", bar.console)
         feats = extract_features(enc, pool.x_train)
-        clustering, keys_tr, keys_te = _cluster(enc, feats, pool, c.num_clusters, c, seed)
-        scores = _grad_scores(enc, mae, pool, c)
+        clustering, keys_tr, keys_te = cluster_pool(enc, feats, pool, c.num_clusters, c, seed)
+        scores = grad_scores(enc, mae, pool, c)
         blocks = list(c.blocks) if c.blocks is not None else by_scores(scores, c.moe_blocks)
         moce = build_moce(enc, clustering, blocks=blocks, num_experts=c.num_experts, noise=0.01, seed=seed,
                           imbalance_weight=c.imbalance_weight, renormalize=c.renormalize)
-        _, summary = _continue(stages, c, seed, mae, moce, pool.with_keys(keys_tr, keys_te), out / "runs" / "moce",
+        _, summary = continue_mae(stages, c, seed, mae, moce, pool.with_keys(keys_tr, keys_te), out / "runs" / "moce",
                                "MoCE", MoCEObjective, teacher=enc, distill_weight=c.distill_weight)
     from ..train import save_model
 
@@ -186,11 +186,11 @@ def deploy_bundle(bundle: str | Path | dict, x: Tensor, y: Tensor, *, out: str |
     elif select == "early-stop":
         c = MoCEDemoConfig(**{k: v for k, v in meta["config"].items() if k in MoCEDemoConfig.__dataclass_fields__})
         n_classes = int(y.max()) + 1
-        task = _val_split(TensorSplits("task", x, y, x[:1], y[:1], [str(i) for i in range(n_classes)]), seed)
+        task = val_split(TensorSplits("task", x, y, x[:1], y[:1], [str(i) for i in range(n_classes)]), seed)
         with progress_bar(disable=not progress) as bar:
-            stages = _Stages(bar, len(cands) * probe_steps)
+            stages = Stages(bar, len(cands) * probe_steps)
             run_dir = out.parent / f"{out.stem}_search"
-            scores = {cl: _finetune(stages, deploy(moce, cl), task, c, seed, run_dir / f"cluster{cl}",
+            scores = {cl: finetune(stages, deploy(moce, cl), task, c, seed, run_dir / f"cluster{cl}",
                                     c.finetune_lrs[0], steps=probe_steps) for cl in cands}
     cluster = max(scores, key=scores.get) if scores else largest
     dense = deploy(moce, cluster)
@@ -213,7 +213,7 @@ def deploy_bundle(bundle: str | Path | dict, x: Tensor, y: Tensor, *, out: str |
                  "channels": prep.channels, "augment": "none", "batch_size": 64},
         "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.05},
         "schedule": {"max_steps": 500, "warmup_epochs": 1.0, "min_lr": 0.0},
-        "run": {"label_smoothing": 0.1, "seed": seed, "out_dir": run_root, "name": f"{out.stem}_finetune"},
+        "run": {"label_smoothing": 0.1, "seed": seed, "out_dir": run_root, "name": f"{out.stem}finetune"},
     }
     import yaml
 

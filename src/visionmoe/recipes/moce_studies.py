@@ -34,19 +34,19 @@ from ..eval import extract_features, linear_probe
 from ..models import VisionTransformer, count_parameters
 from ..moe.placement import by_scores
 from .moce import MoCEObjective, build_moce, deploy, select_cluster
-from .moce_demo import (
-    MoCEDemoConfig,
-    _adapt_all,
-    _cfg,
-    _cluster,
-    _continue,
-    _finetune,
-    _grad_scores,
-    _mae_kwargs,
-    _method_table,
-    _Stages,
-    _subset,
+from .moce_demo import MoCEDemoConfig
+from .moce_pipeline import (
+    Stages,
+    adapt_all,
+    cluster_pool,
+    continue_mae,
+    finetune,
+    grad_scores,
+    mae_kwargs,
+    subset,
+    train_config,
 )
+from .moce_report import method_table
 
 __all__ = ["HALVES", "ablation_variants", "run_negative_transfer", "run_from_scratch", "run_ablations", "STUDIES"]
 
@@ -61,8 +61,8 @@ def _tasks(c: MoCEDemoConfig, sources: dict[str, TensorSplits]) -> dict[str, Ten
     tasks = {}
     for name in c.task_names:
         s = sources.get(name) or load_dataset(name)
-        s = TensorSplits(s.name, *_adapt_all(s, c.img_size), s.classes)
-        tasks[name] = _subset(s, c.finetune_train_limit, c.finetune_test_limit, 0)
+        s = TensorSplits(s.name, *adapt_all(s, c.img_size), s.classes)
+        tasks[name] = subset(s, c.finetune_train_limit, c.finetune_test_limit, 0)
     return tasks
 
 
@@ -72,11 +72,11 @@ def _pool(c: MoCEDemoConfig, sources: dict[str, TensorSplits], names: list[str])
                         seed=0).as_splits("source")
 
 
-def _transfer(stages: _Stages, backbone, task: TensorSplits, c: MoCEDemoConfig, seed: int, run_dir: Path) -> dict:
+def _transfer(stages: Stages, backbone, task: TensorSplits, c: MoCEDemoConfig, seed: int, run_dir: Path) -> dict:
     """Linear probe on frozen features and fine-tuning (the demo's protocol) of one backbone."""
     ftr, fte = extract_features(backbone, task.x_train), extract_features(backbone, task.x_test)
     probe = linear_probe(ftr, task.y_train, fte, task.y_test, num_classes=task.num_classes)
-    return {"probe": probe, "finetune": _finetune(stages, backbone, task, c, seed, run_dir, c.finetune_lrs[0])}
+    return {"probe": probe, "finetune": finetune(stages, backbone, task, c, seed, run_dir, c.finetune_lrs[0])}
 
 
 def _run(study: str, c: MoCEDemoConfig, out: str | Path, progress: bool, per_seed_steps: int, seed_fn,
@@ -94,7 +94,7 @@ def _run(study: str, c: MoCEDemoConfig, out: str | Path, progress: bool, per_see
     t0 = time.perf_counter()
     _, bar = study_progress(study, "steps", progress)
     with bar:
-        stages = _Stages(bar, per_seed_steps * len(c.seeds))
+        stages = Stages(bar, per_seed_steps * len(c.seeds))
         for seed in c.seeds:  # results and report after every seed: a stopped run keeps what it finished
             res["runs"].append(seed_fn(stages, c, seed, sources, tasks, out / f"seed{seed}"))
             finish_study(out, res, t0, aggregate or _aggregate, report_fn, bar.console)
@@ -114,7 +114,7 @@ def _protocol_sections(out: Path, res: dict, stem: str) -> list[str]:
     lines = []
     for protocol, title in (("probe", "Linear probe accuracy (mean ± std over seeds)"),
                             ("finetune", "Fine-tuned accuracy (mean ± std over seeds)")):
-        lines += _method_table(title, res["summary"][protocol], digits=3, level="###")
+        lines += method_table(title, res["summary"][protocol], digits=3, level="###")
         _plot(out / f"{stem}_{protocol}.png", res, protocol, title)
         lines += [f"![{protocol}]({stem}_{protocol}.png)", ""]
     return lines
@@ -143,22 +143,22 @@ def _plot(path: Path, res: dict, protocol: str, title: str) -> None:
 
 
 # ------------------------------------------------------------------ negative transfer
-def _mae(stages: _Stages, c: MoCEDemoConfig, seed: int, pool: TensorSplits, steps: int, run_dir: Path,
+def _mae(stages: Stages, c: MoCEDemoConfig, seed: int, pool: TensorSplits, steps: int, run_dir: Path,
          label: str, *, trainer: bool = False):
     """MAE from random initialisation; the encoder (and its trainer with ``trainer=True``)."""
     torch.manual_seed(seed)
     enc = VisionTransformer(img_size=c.img_size, in_chans=1, num_classes=0, **c.vit)
-    cfg = _cfg("mae", steps, c.batch_size, c.mae_lr, seed=seed, warmup_epochs=c.mae_warmup, **_mae_kwargs(c))
+    cfg = train_config("mae", steps, c.batch_size, c.mae_lr, seed=seed, warmup_epochs=c.mae_warmup, **mae_kwargs(c))
     t, _ = stages.train(enc, pool, cfg, run_dir, label)
     return (enc, t) if trainer else enc
 
 
-def _negative_seed(stages: _Stages, c: MoCEDemoConfig, seed: int, sources: dict, tasks: dict, sd: Path) -> dict:
+def _negative_seed(stages: Stages, c: MoCEDemoConfig, seed: int, sources: dict, tasks: dict, sd: Path) -> dict:
     sets = {**HALVES, "whole pool": sorted({s for h in HALVES.values() for s in h})}
     pools = {label: _pool(c, sources, names) for label, names in sets.items()}
     if c.equal_size_pools:  # the same number of images in every set (a random subset, the same for every seed)
         n = min(len(p.x_train) for p in pools.values())
-        pools = {label: _subset(p, n, None, 0) for label, p in pools.items()}
+        pools = {label: subset(p, n, None, 0) for label, p in pools.items()}
     run = {"seed": seed, "pretrain_images": {}, "transfer": {t: {} for t in tasks}}
     for label, pool in pools.items():
         run["pretrain_images"][label] = len(pool.x_train)
@@ -205,7 +205,7 @@ def run_negative_transfer(c: MoCEDemoConfig | None = None, *, out: str | Path = 
 
 
 # ------------------------------------------------------------------ from scratch
-def _scratch_seed(stages: _Stages, c: MoCEDemoConfig, seed: int, sources: dict, tasks: dict, sd: Path) -> dict:
+def _scratch_seed(stages: Stages, c: MoCEDemoConfig, seed: int, sources: dict, tasks: dict, sd: Path) -> dict:
     pool = _pool(c, sources, c.sources)
     short = max(1, c.mae_steps // 4)
     probe_enc = _mae(stages, c, seed, pool, short, sd / "mae_short", f"seed {seed}: short MAE ({short} steps)")
@@ -224,10 +224,10 @@ def _scratch_seed(stages: _Stages, c: MoCEDemoConfig, seed: int, sources: dict, 
     with torch.no_grad():
         for _, layer in moce.moe_layers():
             layer.router.embed.weight.copy_(clustering.centroids)
-    obj = MoCEObjective(moce, probe_enc, distill_weight=0.0, **_mae_kwargs(c))  # no teacher from scratch
+    obj = MoCEObjective(moce, probe_enc, distill_weight=0.0, **mae_kwargs(c))  # no teacher from scratch
     _, s_moce = stages.train(moce, pool.with_keys(keys_tr, keys_te),
-                             _cfg("mae", c.mae_steps, c.batch_size, c.mae_lr, seed=seed, warmup_epochs=c.mae_warmup,
-                                  **_mae_kwargs(c)),
+                             train_config("mae", c.mae_steps, c.batch_size, c.mae_lr, seed=seed,
+                                          warmup_epochs=c.mae_warmup, **mae_kwargs(c)),
                              sd / "moce", f"seed {seed}: MoCE from scratch", objective=obj)
     run = {"seed": seed, "short_steps": short, "blocks": blocks, "transfer": {t: {} for t in tasks},
            "moce_recon": s_moce["test_recon_loss"], "selection": {}}
@@ -279,29 +279,29 @@ def ablation_variants(c: MoCEDemoConfig) -> dict[str, dict]:
     return out
 
 
-def _ablation_seed(stages: _Stages, c: MoCEDemoConfig, seed: int, sources: dict, tasks: dict, sd: Path) -> dict:
+def _ablation_seed(stages: Stages, c: MoCEDemoConfig, seed: int, sources: dict, tasks: dict, sd: Path) -> dict:
     pool = _pool(c, sources, c.sources)
     enc, mae = _mae(stages, c, seed, pool, c.mae_steps, sd / "mae", f"seed {seed}: MAE pre-training", trainer=True)
     feats = extract_features(enc, pool.x_train)
-    scores = _grad_scores(enc, mae, pool, c)
+    scores = grad_scores(enc, mae, pool, c)
     clusterings: dict[int, tuple] = {}  # num_clusters -> (clustering, train keys, test keys, cluster per task)
     run = {"seed": seed, "grad_scores": scores, "variants": {}, "transfer": {t: {} for t in tasks}}
     # the dense reference: MAE* (the same extra steps, no experts)
     star = copy.deepcopy(enc)
-    _continue(stages, c, seed, mae, star, pool, sd / "mae_star", f"seed {seed}: MAE*")
+    continue_mae(stages, c, seed, mae, star, pool, sd / "mae_star", f"seed {seed}: MAE*")
     for name, task in tasks.items():
         run["transfer"][name]["MAE*"] = _transfer(stages, star, task, c, seed, sd / f"ft_mae_star_{name}")
     for i, (label, change) in enumerate(ablation_variants(c).items()):
         v = replace(c, **change)
         if v.num_clusters not in clusterings:
-            clustering, keys_tr, keys_te = _cluster(enc, feats, pool, v.num_clusters, c, seed)
+            clustering, keys_tr, keys_te = cluster_pool(enc, feats, pool, v.num_clusters, c, seed)
             picks = {name: select_cluster(enc, clustering, task.x_train).cluster for name, task in tasks.items()}
             clusterings[v.num_clusters] = clustering, keys_tr, keys_te, picks
         clustering, keys_tr, keys_te, picks = clusterings[v.num_clusters]
         blocks = list(v.blocks) if v.blocks is not None else by_scores(scores, v.moe_blocks)
         moce = build_moce(enc, clustering, blocks=blocks, num_experts=v.num_experts, noise=0.01, seed=seed,
                           imbalance_weight=v.imbalance_weight, renormalize=v.renormalize)
-        _, summary = _continue(stages, v, seed, mae, moce, pool.with_keys(keys_tr, keys_te), sd / f"moce_{i}",
+        _, summary = continue_mae(stages, v, seed, mae, moce, pool.with_keys(keys_tr, keys_te), sd / f"moce_{i}",
                                f"seed {seed}: MoCE, {label}", MoCEObjective, teacher=enc,
                                distill_weight=v.distill_weight)
         run["variants"][label] = {"change": change, "blocks": blocks, "recon": summary["test_recon_loss"],
