@@ -131,8 +131,11 @@ def _peer_cases(group: str, x: Tensor, dim: int, hidden: int, experts: int, k: i
         import torch.distributed as dist
         from deepspeed.moe.layer import MoE as DSMoE
 
-        if not dist.is_initialized():
-            dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29533", world_size=1, rank=0)
+        if not dist.is_initialized():  # a one-process group through a fresh file: no port to collide on
+            import tempfile
+
+            store = Path(tempfile.mkdtemp(prefix="visionmoe-bench-")) / "rendezvous"
+            dist.init_process_group("gloo", init_method=f"file://{store}", world_size=1, rank=0)
         m = DSMoE(dim, Mlp(dim, hidden), num_experts=experts, k=k, drop_tokens=False)
         cases.append(_layer_case(f"deepspeed-k{k}", group, m, x, capacity="none (drop_tokens=False)"))
         status["deepspeed"] = "ran (drop_tokens=False: dropless, equal FLOPs)"
