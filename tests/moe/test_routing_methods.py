@@ -37,6 +37,14 @@ def _ec_reference(probs: torch.Tensor, c: int) -> torch.Tensor:
     return chosen
 
 
+def _combine_loop(x, chosen, probs, experts):
+    """sum over the experts that took unit i of gate * expert(x_i), one unit and expert at a time."""
+    want = torch.zeros_like(x)
+    for i, j in chosen.nonzero().tolist():
+        want[i] += probs[i, j] * experts.expert(x[i : i + 1], j)[0]
+    return want
+
+
 def test_expert_choice_matches_a_per_expert_loop():
     torch.manual_seed(0)
     r = LinearRouter(6, 4, selection="expert_choice", capacity_factor=2.0, aux_weights={})
@@ -47,12 +55,7 @@ def test_expert_choice_matches_a_per_expert_loop():
     probs = r.proj(x).softmax(-1)
     c = math.ceil(2.0 * 10 / 4)  # 5 units per expert
     chosen = _ec_reference(probs, c)
-    want = torch.zeros_like(x)
-    for i in range(10):
-        for j in range(4):
-            if chosen[i, j]:
-                want[i] += probs[i, j] * experts.expert(x[i : i + 1], j)[0]
-    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y, _combine_loop(x, chosen, probs, experts), rtol=1e-5, atol=1e-6)
     # every expert took exactly C units; a unit gets 0..E experts, E*C assignments in all
     assert moe.last.kept_counts.tolist() == [c] * 4
     hist = moe.last.extra["experts_per_unit"]
@@ -559,12 +562,7 @@ def test_expert_choice_in_routing_groups_matches_the_per_expert_loop_per_group()
     chosen = torch.cat([_ec_reference(probs[i : i + 6], math.ceil(1.0 * len(probs[i : i + 6]) / 4))
                         for i in range(0, 17, 6)])  # C = 2, 2, 2
     assert not torch.equal(chosen, _ec_reference(probs, math.ceil(17 / 4)))  # the groups matter here
-    want = torch.zeros_like(x)
-    for i in range(17):
-        for j in range(4):
-            if chosen[i, j]:
-                want[i] += probs[i, j] * experts.expert(x[i : i + 1], j)[0]
-    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y, _combine_loop(x, chosen, probs, experts), rtol=1e-5, atol=1e-6)
     assert moe.last.kept_counts.tolist() == [6] * 4  # 2 units per expert in each of 3 groups
     layer = build_moe(6, 8, MoEConfig(num_experts=4, selection="expert_choice", group_size=6))
     assert layer.router.group_size == 6
