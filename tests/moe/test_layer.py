@@ -144,3 +144,15 @@ def test_gradients_reach_router_and_experts_through_layer():
     (y.pow(2).mean() + moe.last.aux_loss).backward()
     assert moe.router.proj.weight.grad.abs().sum() > 0
     assert moe.experts.fc1_weight.grad.abs().sum() > 0
+
+
+def test_the_router_contract_is_typed_and_checked():
+    from visionmoe.moe import Experts, LinearRouter, MoE, PooledRouter
+    from visionmoe.moe.routers import RouterLike
+
+    token = LinearRouter(8, 4)
+    pooled = PooledRouter(LinearRouter(8, 4), pool="mean")
+    assert isinstance(token, RouterLike) and isinstance(pooled, RouterLike)
+    assert token.base is token and pooled.base is pooled.router and pooled.level == "image"
+    with pytest.raises(TypeError, match="router contract.*subclass visionmoe.moe.Router"):
+        MoE(router=torch.nn.Linear(8, 4), experts=Experts(4, 8, 16))

@@ -183,7 +183,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         if isinstance(m, MoE):
             per_expert = sum(p[0].numel() for p in m.experts.parameters())
             total += (m.num_experts - m.experts.num_local_experts) * per_expert  # held by other ranks
-            router = getattr(m.router, "router", m.router)
+            router = m.router.base
             per_token = (min(m.num_experts, router.capacity_factor)
                          if getattr(router, "selection", "topk") == "expert_choice" else m.k)
             inactive += (m.num_experts - per_token) * per_expert

@@ -234,7 +234,7 @@ def build_moe(
     dispatcher = SortedDispatcher(capacity_factor=None if ec else cfg.capacity_factor,
                                   eval_capacity_factor=None if ec else cfg.eval_capacity_factor, bpr=cfg.bpr,
                                   group_size=cfg.group_size, capacity_multiple_of=cfg.capacity_multiple_of)
-    inner = getattr(router, "router", router)
+    inner = router.base
     if cfg.group_size and isinstance(inner, Router):
         inner.group_size = cfg.group_size
     return MoE(router=router, experts=experts, dispatcher=dispatcher, shared_expert=shared)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .dispatch import SortedDispatcher
 from .experts import Experts
-from .routers import RouterOutput
+from .routers import LEVELS, RouterLike, RouterOutput
 
 __all__ = ["MoE", "MoEResult", "routing_key", "moe_layers", "collect_aux_loss", "collect_routing_stats"]
 
@@ -81,7 +81,8 @@ class MoE(nn.Module):
     ``(B, T, D)`` and route whole images (every token of an image to the same experts).
 
     Args:
-        router: a token- or image-level router (:mod:`visionmoe.moe.routers`).
+        router: a token- or image-level router (:class:`~visionmoe.moe.routers.RouterLike`:
+            a :class:`~visionmoe.moe.routers.Router` or a pooled one).
         experts: :class:`~visionmoe.moe.experts.Experts` with the same E.
         dispatcher: default :class:`~visionmoe.moe.dispatch.SortedDispatcher` (dropless).
         shared_expert: optional always-on module ``(..., D) -> (..., D)`` (ViMoE).
@@ -90,17 +91,22 @@ class MoE(nn.Module):
     def __init__(
         self,
         *,
-        router: nn.Module,
+        router: RouterLike,
         experts: Experts,
         dispatcher: nn.Module | None = None,
         shared_expert: nn.Module | None = None,
     ) -> None:
         super().__init__()
+        missing = [a for a in ("level", "num_experts", "k", "base", "needs_key") if not hasattr(router, a)]
+        if missing or getattr(router, "level", None) not in LEVELS:
+            raise TypeError(f"router {type(router).__name__} does not follow the router contract (lacks {missing}, "
+                            f"or level not in {LEVELS}): subclass visionmoe.moe.Router (compute_logits) or wrap one "
+                            "in PooledRouter")
         if router.num_experts != experts.num_experts:
             raise ValueError(
                 f"router has num_experts={router.num_experts} but experts has {experts.num_experts}"
             )
-        router_dim = getattr(getattr(router, "router", router), "dim", None)
+        router_dim = getattr(router.base, "dim", None)
         if router_dim is not None and router_dim != experts.dim:
             raise ValueError(f"router width {router_dim} does not match experts width dim={experts.dim}")
         self.router = router

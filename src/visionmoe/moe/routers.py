@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,9 @@ from . import losses as L
 __all__ = [
     "RouterOutput",
     "Router",
+    "RouterLike",
+    "Level",
+    "LEVELS",
     "LinearRouter",
     "CosineRouter",
     "L2Router",
@@ -65,6 +69,33 @@ SELECTIONS = ("topk", "expert_choice")
 BALANCES = ("aux", "loss_free")
 #: gate scores: softmax over the experts, or independent sigmoids (normalised over the chosen k)
 SCORES = ("softmax", "sigmoid")
+
+
+#: what a router routes: single tokens ``(S, D)`` or whole images ``(B, T, D)``
+Level = Literal["token", "image"]
+LEVELS: tuple[Level, ...] = ("token", "image")
+
+
+@runtime_checkable
+class RouterLike(Protocol):
+    """The contract the MoE layer relies on (:class:`Router` and :class:`PooledRouter`):
+    ``router(x, key) -> RouterOutput``, its ``level``, ``num_experts``, ``k``,
+    ``needs_key`` and ``base``, the :class:`Router` that computes the gate (itself, or the one
+    a pooled router wraps)."""
+
+    level: Level
+    needs_key: bool
+
+    @property
+    def num_experts(self) -> int: ...
+
+    @property
+    def k(self) -> int: ...
+
+    @property
+    def base(self) -> nn.Module: ...
+
+    def __call__(self, x: Tensor, key: Tensor | None = None) -> RouterOutput: ...
 
 
 #: gate types by YAML name (``moe.router``), filled by :func:`register_router`
@@ -154,7 +185,7 @@ class Router(nn.Module):
         score: ``"softmax"`` or ``"sigmoid"``.
     """
 
-    level: str = "token"
+    level: Level = "token"
     needs_key: bool = False
 
     def __init__(
@@ -201,6 +232,11 @@ class Router(nn.Module):
         if balance == "loss_free":
             self.register_buffer("balance_bias", torch.zeros(num_experts))  # saved in checkpoints
             self.register_buffer("load_count", torch.zeros(num_experts), persistent=False)
+
+    @property
+    def base(self) -> Router:
+        """The router that computes the gate: this one."""
+        return self
 
     def compute_logits(self, x: Tensor, key: Tensor | None = None) -> Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -436,7 +472,7 @@ class PooledRouter(nn.Module):
     The pooled ``(B, D)`` vectors go through any token router (linear, cosine, L2).
     """
 
-    level = "image"
+    level: Level = "image"
     needs_key = False
 
     def __init__(self, router: Router, *, pool: str = "cls", token_index: int = 0) -> None:
@@ -454,6 +490,11 @@ class PooledRouter(nn.Module):
     @property
     def k(self) -> int:
         return self.router.k
+
+    @property
+    def base(self) -> Router:
+        """The token router that gates the pooled vectors."""
+        return self.router
 
     def forward(self, x: Tensor, key: Tensor | None = None) -> RouterOutput:
         if x.dim() != 3:
