@@ -111,7 +111,10 @@ class Experts(nn.Module):
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
         # expert parallelism: set by :func:`visionmoe.moe.parallel.shard_experts`; then this
         # rank holds experts ``shard.start .. shard.start + shard.local - 1`` of ``num_experts``
+        # and ``exchange(experts, x, rows, counts, impl)`` (a module-level function, so copies
+        # of the module share it) runs :meth:`forward_local` across the ranks
         self.shard = None
+        self.exchange = None
         self.reset_parameters()
 
     @property
@@ -182,15 +185,13 @@ class Experts(nn.Module):
 
         With expert parallelism (``self.shard`` set) ``counts`` still has all E entries: the
         rows are sent to the ranks holding their experts and the outputs come back in the
-        same order (:func:`visionmoe.moe.parallel.expert_parallel_forward`).
+        same order (``self.exchange``: :func:`visionmoe.moe.parallel.expert_parallel_forward`).
         """
         if len(counts) != self.num_experts:
             raise ValueError(f"counts must have {self.num_experts} entries, got {len(counts)}")
-        if self.shard is not None:
-            from .parallel import expert_parallel_forward
-
-            return expert_parallel_forward(self, x, rows, counts, impl)
-        return self._gathered_local(x, rows, counts, impl)
+        if self.exchange is not None:  # expert parallelism: the rows travel to their experts' ranks
+            return self.exchange(self, x, rows, counts, impl)
+        return self.forward_local(x, rows, counts, impl)
 
     def forward_combined(self, x: Tensor, rows: Tensor, counts: Tensor | list[int], weights: Tensor, *,
                          unique: bool = False, unit: int = 1, impl: str | None = None) -> Tensor:
@@ -228,7 +229,7 @@ class Experts(nn.Module):
         opts = FusedOptions(counts_list, self.act, unique, unit, self.recompute, threaded)
         return fused_experts(x, rows, w1, b1, w2, b2, weights, opts)
 
-    def _gathered_local(self, x: Tensor, rows: Tensor, counts: Tensor | list[int], impl: str | None) -> Tensor:
+    def forward_local(self, x: Tensor, rows: Tensor, counts: Tensor | list[int], impl: str | None = None) -> Tensor:
         """:meth:`forward_gathered` on the experts held here (``counts`` has one entry each)."""
         impl = impl or self.choose_impl(x)
         if impl == "fused":
@@ -244,7 +245,7 @@ class Experts(nn.Module):
             raise ValueError(f"counts must have {self.num_local_experts} entries, got {len(counts)}")
         impl = impl or self.choose_impl(x)
         if impl == "fused":
-            return self._gathered_local(x, torch.arange(x.shape[0], device=x.device), counts, impl="fused")
+            return self.forward_local(x, torch.arange(x.shape[0], device=x.device), counts, impl="fused")
         if impl == "grouped":
             if not self._aligned(x):
                 raise ValueError("impl='grouped' needs dim and hidden whose rows are multiples of 16 bytes")

@@ -158,7 +158,7 @@ def shard_experts(model: nn.Module, size: int, place: ExpertShard | None = None)
             p = getattr(m, pname)
             if p is not None:
                 setattr(m, pname, nn.Parameter(p.detach()[rows].clone(), requires_grad=p.requires_grad))
-        m.shard = sh
+        m.shard, m.exchange = sh, expert_parallel_forward
         n += 1
     return n
 
@@ -218,7 +218,7 @@ def expert_parallel_forward(experts: Experts, x: Tensor, rows: Tensor, counts: T
     order = (torch.repeat_interleave(starts - seg_offset, lens, output_size=total)
              + torch.arange(total)).to(x.device)  # (R,) row of xr for each expert-sorted slot
     local_counts = rc.sum(0).tolist()  # (L,)
-    ys_local = experts._gathered_local(xr, order, local_counts, impl)  # (R, D) sorted by local expert
+    ys_local = experts.forward_local(xr, order, local_counts, impl)  # (R, D) sorted by local expert
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(total, device=order.device)
     yr = ys_local.index_select(0, inverse)  # (R, D) back in received order
