@@ -115,6 +115,7 @@ class Experts(nn.Module):
         # of the module share it) runs :meth:`forward_local` across the ranks
         self.shard = None
         self.exchange = None
+        self.sent_bytes = 0  # bytes the exchange sent to other ranks (visionmoe.moe.parallel.sent_bytes)
         self.reset_parameters()
 
     @property

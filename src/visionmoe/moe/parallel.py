@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from .experts import Experts
 
-__all__ = ["TRAFFIC", "ExpertShard", "expert_parallel_groups", "shard_experts", "sharded_experts",
+__all__ = ["sent_bytes", "ExpertShard", "expert_parallel_groups", "shard_experts", "sharded_experts",
            "expert_parallel_forward", "gather_expert_state", "shard_expert_state", "gather_optimizer_state",
            "shard_optimizer_state", "reduce_gradients", "sharded_parameters"]
 
@@ -158,19 +158,21 @@ def shard_experts(model: nn.Module, size: int, place: ExpertShard | None = None)
             p = getattr(m, pname)
             if p is not None:
                 setattr(m, pname, nn.Parameter(p.detach()[rows].clone(), requires_grad=p.requires_grad))
-        m.shard, m.exchange = sh, expert_parallel_forward
+        m.shard, m.exchange, m.sent_bytes = sh, expert_parallel_forward, 0
         n += 1
     return n
 
 
-#: bytes this process has sent to other ranks through expert-parallel all-to-alls (rows and
-#: counts out, gradients back); benchmarks read the difference around a step
-TRAFFIC = {"bytes": 0}
+def sent_bytes(model: nn.Module) -> int:
+    """Bytes this process has sent to other ranks through the expert-parallel all-to-alls of
+    ``model`` (rows and counts out, gradients back), summed over its sharded layers; a
+    caller reads the difference around a step."""
+    return sum(m.sent_bytes for _, m in sharded_experts(model))
 
 
-def _exchange(out: Tensor, x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
+def _exchange(out: Tensor, x: Tensor, out_splits: list[int], in_splits: list[int], group, experts: Experts) -> Tensor:
     me = dist.get_rank(group)
-    TRAFFIC["bytes"] += (sum(in_splits) - in_splits[me]) * (x[0].numel() if len(x) else 0) * x.element_size()
+    experts.sent_bytes += (sum(in_splits) - in_splits[me]) * (x[0].numel() if len(x) else 0) * x.element_size()
     dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
     return out
 
@@ -179,19 +181,20 @@ class _AllToAll(torch.autograd.Function):
     """``all_to_all_single`` with uneven splits whose backward is the reverse exchange."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        return _exchange(x.new_empty((sum(out_splits),) + tuple(x.shape[1:])), x, out_splits, in_splits, group)
+    def forward(ctx, x: Tensor, out_splits: list[int], in_splits: list[int], group, experts: Experts) -> Tensor:
+        ctx.splits, ctx.group, ctx.experts = (out_splits, in_splits), group, experts
+        return _exchange(x.new_empty((sum(out_splits),) + tuple(x.shape[1:])), x, out_splits, in_splits, group,
+                         experts)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         out_splits, in_splits = ctx.splits
         back = grad.new_empty((sum(in_splits),) + tuple(grad.shape[1:]))
-        return _exchange(back, grad, in_splits, out_splits, ctx.group), None, None, None
+        return _exchange(back, grad, in_splits, out_splits, ctx.group, ctx.experts), None, None, None, None
 
 
-def _a2a(x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
-    return _AllToAll.apply(x, out_splits, in_splits, group)
+def _a2a(x: Tensor, out_splits: list[int], in_splits: list[int], group, experts: Experts) -> Tensor:
+    return _AllToAll.apply(x, out_splits, in_splits, group, experts)
 
 
 def expert_parallel_forward(experts: Experts, x: Tensor, rows: Tensor, counts: Tensor | list[int],
@@ -202,13 +205,13 @@ def expert_parallel_forward(experts: Experts, x: Tensor, rows: Tensor, counts: T
     sh = experts.shard
     group, P, L = sh.group, sh.size, sh.local
     counts = torch.as_tensor(counts, dtype=torch.int64).to(x.device)  # (E,) on x's device: NCCL needs CUDA
-    recv_counts = _exchange(torch.empty_like(counts), counts, [L] * P, [L] * P, group).cpu()  # (P*L,):
+    recv_counts = _exchange(torch.empty_like(counts), counts, [L] * P, [L] * P, group, experts).cpu()  # (P*L,):
     counts = counts.cpu()  # entry s*L + l of recv_counts = rows from rank s for local expert l
     send_splits = counts.view(P, L).sum(1).tolist()  # rows for each rank (sorted by expert = by rank)
     rc = recv_counts.view(P, L)
     recv_splits = rc.sum(1).tolist()
     xs = x.index_select(0, rows)  # (N, D)
-    xr = _a2a(xs, recv_splits, send_splits, group)  # (R, D) by source rank, then local expert
+    xr = _a2a(xs, recv_splits, send_splits, group, experts)  # (R, D) by source rank, then local expert
     # regroup by local expert: segment (s, l) starts at starts[s, l]; visit them l-major
     flat = rc.reshape(-1)
     starts = (flat.cumsum(0) - flat).view(P, L).t().reshape(-1)  # (L*P,)
@@ -222,7 +225,7 @@ def expert_parallel_forward(experts: Experts, x: Tensor, rows: Tensor, counts: T
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(total, device=order.device)
     yr = ys_local.index_select(0, inverse)  # (R, D) back in received order
-    return _a2a(yr, send_splits, recv_splits, group)  # (N, D) in the order of rows
+    return _a2a(yr, send_splits, recv_splits, group, experts)  # (N, D) in the order of rows
 
 
 def _gather_rows(t: Tensor, sh: ExpertShard) -> Tensor:

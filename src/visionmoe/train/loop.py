@@ -34,7 +34,7 @@ from ..data.streaming import (
 )
 from ..models import count_parameters
 from ..moe.layer import collect_aux_loss
-from ..moe.parallel import TRAFFIC, shard_experts
+from ..moe.parallel import sent_bytes, shard_experts
 from ..moe.placement import probed_layers
 from ..moe.routers import update_balance_biases
 from ..objectives import create_objective
@@ -376,9 +376,9 @@ class Trainer:
             task = bar.add_task("train", total=self.total_steps, completed=self.step, info="")
             for batch in loader if self.step < end else ():
                 batch = self.ctx.to_device(batch)
-                sent = TRAFFIC["bytes"]
+                sent = sent_bytes(self.model) if self.expert_parallel > 1 else 0
                 m = self.train_step(batch)
-                a2a_bytes += TRAFFIC["bytes"] - sent
+                a2a_bytes += sent_bytes(self.model) - sent if self.expert_parallel > 1 else 0
                 seen += len(batch[0]) * self.dist.world  # images of the global batch
                 ips = seen / (time.perf_counter() - t0)
                 acc = f" acc {m['acc']:.2f}" if "acc" in m else ""
