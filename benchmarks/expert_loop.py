@@ -29,7 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from timm.layers import Mlp
 
-    from visionmoe.bench import _layer_case, _moe, _run_rounds, _summarise, vit_cases
+    from visionmoe.bench.cases import layer_case as _layer_case
+    from visionmoe.bench.cases import moe_layer as _moe
+    from visionmoe.bench.cases import vit_cases
+    from visionmoe.bench.measure import run_rounds as _run_rounds
+    from visionmoe.bench.measure import summarise as _summarise
     from visionmoe.moe import native
 
     if native.load() is None:

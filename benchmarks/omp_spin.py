@@ -34,7 +34,9 @@ def child(rounds: int, vit: bool) -> dict:
     import torch
     from timm.layers import Mlp
 
-    from visionmoe.bench import _layer_case, _moe, vit_cases
+    from visionmoe.bench.cases import layer_case as _layer_case
+    from visionmoe.bench.cases import moe_layer as _moe
+    from visionmoe.bench.cases import vit_cases
 
     torch.set_num_threads(2)
     torch.manual_seed(0)

@@ -50,7 +50,8 @@ def test_fused_moe_activation_memory_against_dense_mlp():
 
 
 def test_paired_ratio_is_the_median_of_per_round_ratios():
-    from visionmoe.bench import Case, _summarise, paired_ratios
+    from visionmoe.bench.measure import Case, paired_ratios
+    from visionmoe.bench.measure import summarise as _summarise
 
     assert paired_ratios([2.0, 3.0], [1.0]) == []  # rounds differ: no pairing
     dense = Case("dense", "layer", make=lambda b: None)
@@ -70,7 +71,10 @@ def test_page_faults_count_fresh_memory(monkeypatch):
     """A call that fills a fresh 64 MiB tensor (above glibc's 32 MiB mmap ceiling, so it is
     new memory every call) touches 16,384 new 4 KiB pages; a call that reuses a buffer
     touches almost none."""
-    from visionmoe.bench import Case, _minor_faults, _run_rounds, _summarise
+    from visionmoe.bench.measure import Case
+    from visionmoe.bench.measure import minor_faults as _minor_faults
+    from visionmoe.bench.measure import run_rounds as _run_rounds
+    from visionmoe.bench.measure import summarise as _summarise
 
     from .test_runtime import thp_always
 
@@ -118,7 +122,7 @@ def test_memory_bandwidth_is_bytes_over_time(monkeypatch):
     """A fake clock where every pass over the buffer takes 1 ms: 4 MB / 1 ms = 4 GB/s."""
     import itertools
 
-    import visionmoe.bench as b
+    import visionmoe.bench.measure as b
 
     ticks = itertools.count()
     monkeypatch.setattr(b.time, "perf_counter", lambda: next(ticks) * 1e-3)
@@ -129,7 +133,7 @@ def test_split_gemm_ratio_times_the_expert_matmuls_on_one_thread(monkeypatch):
     """A fake clock that advances by the rows each matmul multiplies plus 8 per call: one
     GEMM of 64 rows costs 72, four of 16 rows cost 4 * 24 = 96, ratio 4/3; every matmul sees
     one thread, and the caller's count comes back."""
-    import visionmoe.bench as b
+    import visionmoe.bench.measure as b
 
     clock = [0.0]
     seen_threads = set()
@@ -159,7 +163,7 @@ def test_split_gemm_ratio_times_the_expert_matmuls_on_one_thread(monkeypatch):
 def test_bench_probes_reject_sizes_they_cannot_time(call, word):
     """More experts than rows (an empty GEMM per expert), no repeats or a buffer smaller than
     one float would divide by zero or time nothing: a ValueError that names the argument."""
-    import visionmoe.bench as b
+    import visionmoe.bench.measure as b
 
     with pytest.raises(ValueError, match=word):
         call(b)
@@ -170,7 +174,7 @@ def test_peer_cases_run_the_pure_python_peers_and_report_the_missing(monkeypatch
     forward + backward run at the bench's shapes; one that cannot import is reported, not fatal."""
     import sys
 
-    from visionmoe.bench import _peer_cases
+    from visionmoe.bench.cases import peer_cases as _peer_cases
 
     for mod in ("mixture_of_experts", "st_moe_pytorch", "soft_moe_pytorch"):
         pytest.importorskip(mod)

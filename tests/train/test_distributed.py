@@ -92,7 +92,7 @@ def test_single_process_helpers(monkeypatch):
 
 
 def test_data_parallel_benchmark_reports_throughput_and_volume(runs, tmp_path):
-    from visionmoe.train.distributed import benchmark_data_parallel
+    from visionmoe.bench import benchmark_data_parallel
 
     cfg, _ = runs
     rows = benchmark_data_parallel(str(cfg), nprocs=(1, 2), steps=4, threads=2, out=str(tmp_path))

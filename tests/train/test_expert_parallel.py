@@ -173,7 +173,7 @@ def test_shard_slices_and_state_round_trip():
 
 
 def test_expert_parallel_benchmark_measures_all_to_all(runs, tmp_path):
-    from visionmoe.train.distributed import benchmark_data_parallel
+    from visionmoe.bench import benchmark_data_parallel
 
     cfg, _ = runs
     rows = benchmark_data_parallel(str(cfg), nprocs=(1, 2), steps=4, threads=2, out=str(tmp_path),

@@ -358,7 +358,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.data_parallel:
-        from ..train.distributed import benchmark_data_parallel
+        from ..bench.data_parallel import benchmark_data_parallel
 
         benchmark_data_parallel(args.data_parallel, nprocs=tuple(args.procs), steps=args.steps, threads=args.threads,
                                 out=args.out, expert_parallel=args.expert_parallel)
@@ -371,7 +371,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_data(args: argparse.Namespace) -> int:
-    from ..bench_data import run_data_bench
+    from ..bench.data import run_data_bench
 
     root = args.root
     if root is None:

@@ -58,6 +58,11 @@ class SoftRouter(nn.Module):
     def k(self) -> int:  # every expert sees every image
         return self.num_experts
 
+    @property
+    def base(self) -> SoftRouter:
+        """The module holding the gate's parameters: this one (the router contract)."""
+        return self
+
     def forward(self, x: Tensor) -> Tensor:
         if self.normalize:
             x, phi = _normalize(x.float(), -1), _normalize(self.phi.float(), 0)

@@ -19,8 +19,8 @@ def loader_throughput(root: str | Path, *, size: int = 224, workers: int = 2, ba
                       batches: int = 20, augment: str = "rrc", channels: int = 3) -> dict[str, Any]:
     """Images/s of the training loader over ``batches`` batches after one warm-up batch (the
     workers' start-up is not counted)."""
-    from .data.preprocess import Preprocessing, resolve_normalization
-    from .data.streaming import StepBatchSampler, open_image_folder, train_loader, training_set
+    from ..data.preprocess import Preprocessing, resolve_normalization
+    from ..data.streaming import StepBatchSampler, open_image_folder, train_loader, training_set
 
     data = open_image_folder(root, test_fraction=0.0, channels=channels)
     mean, std = resolve_normalization("imagenet", channels)
@@ -41,7 +41,7 @@ def model_throughput(root: str | Path, model: str, *, size: int, batch_size: int
     """Training images/s of ``model`` on the same folder through the Trainer (loader included)."""
     import tempfile
 
-    from .train import Trainer, config_from_dict
+    from ..train import Trainer, config_from_dict
 
     cfg = config_from_dict({"model": {"name": model}, "data": {"name": "image_folder", "args": {
         "root": str(root), "test_fraction": 0.0}, "augment": "rrc", "resize": "crop", "normalize": "imagenet",
@@ -60,7 +60,7 @@ def model_throughput(root: str | Path, model: str, *, size: int, batch_size: int
 def _timed_steps(t, steps: int) -> float:
     """Seconds for ``steps`` training steps of a started Trainer, fed by its loader, after one
     untimed step that starts the loader's workers."""
-    from .data.streaming import train_loader
+    from ..data.streaming import train_loader
 
     loader = train_loader(t.train_set, t.sampler(t.step, t.step + steps + 1), workers=t.workers,
                           pin_memory=t.ctx.pin_memory)

@@ -1,0 +1,255 @@
+"""The cases ``visionmoe bench`` times: MoE layers (visionmoe's kernels and dispatchers, the
+naive loop, GShard's einsum, peer libraries), the dense MLP of equal FLOPs, the ViT-S/16
+training step, expert-count scaling; activation memory by saved-tensor hooks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.layers import Mlp
+from torch import Tensor, nn
+
+from ..moe import Experts, LinearRouter, MoE, MoEConfig, PooledRouter, SortedDispatcher, build_moe, native
+from ..moe.experts import grouped_mm_available
+from ..moe.reference import EinsumDispatcher, LoopDispatcher
+
+__all__ = ["Case", "activation_bytes", "layer_case", "moe_layer", "peer_cases", "layer_cases", "vit_cases",
+           "scaling_cases", "sync", "loss_of", "param_mb"]
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+def activation_bytes(fn: Callable[[], Tensor], module: nn.Module | None = None) -> int:
+    """Bytes of distinct tensor storages the autograd graph saves during ``fn()``, not
+    counting the storages of ``module``'s parameters (weights are not activations)."""
+    seen: dict[int, int] = {}
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()} if module is not None else set()
+
+    def pack(t: Tensor):
+        try:
+            st = t.untyped_storage()
+            if st.data_ptr() not in params:
+                seen[st.data_ptr()] = st.nbytes()
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+@dataclass
+class Case:
+    """One thing to time: ``make()`` returns a callable doing one forward (and backward)."""
+
+    name: str
+    group: str
+    make: Callable[[bool], Callable[[], Any]]
+    info: dict = field(default_factory=dict)
+    times: dict[str, list[float]] = field(default_factory=lambda: {"fwd": [], "fwdbwd": []})
+    faults: dict[str, list[float]] = field(default_factory=lambda: {"fwd": [], "fwdbwd": []})
+    memory: int | None = None
+    error: str | None = None
+
+def loss_of(out) -> Tensor:
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if hasattr(out, "outputs"):
+        out = out.outputs
+    return out.float().pow(2).mean()
+
+def layer_case(name: str, group: str, module: nn.Module, x: Tensor, aux: Callable[[], Tensor] | None = None,
+                **info) -> Case:
+    def make(backward: bool):
+        xx = x.detach().clone().requires_grad_(backward)
+
+        def step():
+            with torch.set_grad_enabled(backward):
+                out = module(xx)
+                if backward:
+                    loss = loss_of(out)
+                    if aux is not None:
+                        loss = loss + aux()
+                    loss.backward()
+                    module.zero_grad(set_to_none=True)
+                    xx.grad = None
+            return out
+
+        return step
+
+    case = Case(name, group, make, info)
+    try:
+        case.memory = activation_bytes(lambda: module(x.detach().clone().requires_grad_(True)), module)
+    except Exception as e:  # noqa: BLE001 - a peer that fails is reported, not fatal
+        case.error = f"{type(e).__name__}: {e}"
+    return case
+
+def moe_layer(dim: int, hidden: int, experts: int, k: int, dispatcher=None, impl: str = "auto", level: str = "token",
+         **experts_kw):
+    router = LinearRouter(dim, experts, k, aux_weights={"importance": 0.005})
+    if level == "image":
+        router = PooledRouter(router, pool="cls")
+    return MoE(router=router, experts=Experts(experts, dim, hidden, impl=impl, **experts_kw),
+               dispatcher=dispatcher or SortedDispatcher())
+
+def peer_cases(group: str, x: Tensor, dim: int, hidden: int, experts: int, k: int) -> tuple[list[Case], dict]:
+    """Cases for peer libraries; returns (cases, status by peer name)."""
+    cases, status = [], {}
+    # DeepSpeed (pip install --no-build-isolation deepspeed): dropless (drop_tokens=False)
+    try:
+        import torch.distributed as dist
+        from deepspeed.moe.layer import MoE as DSMoE
+
+        if not dist.is_initialized():  # a one-process group through a fresh file: no port to collide on
+            import tempfile
+
+            store = Path(tempfile.mkdtemp(prefix="visionmoe-bench-")) / "rendezvous"
+            dist.init_process_group("gloo", init_method=f"file://{store}", world_size=1, rank=0)
+        m = DSMoE(dim, Mlp(dim, hidden), num_experts=experts, k=k, drop_tokens=False)
+        cases.append(layer_case(f"deepspeed-k{k}", group, m, x, capacity="none (drop_tokens=False)"))
+        status["deepspeed"] = "ran (drop_tokens=False: dropless, equal FLOPs)"
+    except Exception as e:  # noqa: BLE001
+        status["deepspeed"] = f"unavailable: {type(e).__name__}: {str(e)[:120]}"
+    # lucidrains mixture-of-experts: top-2 only; its default train capacity factor 1.25
+    if k == 2:
+        try:
+            from mixture_of_experts import MoE as LMoE
+
+            m = LMoE(dim, num_experts=experts, hidden_dim=hidden, activation=nn.GELU, second_policy_train="all",
+                     second_policy_eval="all")
+            cases.append(layer_case("mixture-of-experts-k2", group, m, x, capacity="its default 1.25"))
+            status["mixture-of-experts"] = "ran (second_policy='all', its default capacity factor 1.25)"
+        except Exception as e:  # noqa: BLE001
+            status["mixture-of-experts"] = f"unavailable: {type(e).__name__}: {str(e)[:120]}"
+    # st-moe-pytorch: top-n gating; its default train capacity factor 1.25
+    try:
+        from st_moe_pytorch import MoE as STMoE
+
+        if k < 2:
+            raise ValueError("st-moe-pytorch needs gating_top_n >= 2")
+        m = STMoE(dim, num_experts=experts, expert_hidden_mult=hidden // dim, gating_top_n=k,
+                  threshold_train=0.0, threshold_eval=0.0)
+        cases.append(layer_case(f"st-moe-pytorch-k{k}", group, m, x, capacity="its default 1.25"))
+        status["st-moe-pytorch"] = "ran (threshold 0: always top-n, its default capacity factor 1.25)"
+    except Exception as e:  # noqa: BLE001
+        status["st-moe-pytorch"] = f"unavailable: {type(e).__name__}: {str(e)[:120]}"
+    # soft-moe-pytorch: Soft MoE (every token weighs into every slot, no top-k, nothing dropped);
+    # E experts x s slots per image with E*s <= tokens: about the dense MLP's expert FLOPs, so in
+    # the top-1 group, plus its dispatch and combine einsums over all (token, slot) pairs
+    if k == 1:
+        try:
+            from soft_moe_pytorch import SoftMoE
+
+            slots = x.shape[1] // experts
+            if slots < 1:
+                raise ValueError(f"{x.shape[1]} tokens give no slot per expert for {experts} experts")
+            m = SoftMoE(dim, num_experts=experts, num_slots=slots, expert_mult=hidden // dim, is_distributed=False)
+            cases.append(layer_case("soft-moe-pytorch", group, m, x, capacity=f"{slots} slots per expert"))
+            status["soft-moe-pytorch"] = (f"ran (Soft MoE, {experts} x {slots} slots per image: "
+                                          f"{experts * slots} of {x.shape[1]} tokens' expert FLOPs)")
+        except Exception as e:  # noqa: BLE001
+            status["soft-moe-pytorch"] = f"unavailable: {type(e).__name__}: {str(e)[:120]}"
+    for name, mod, why in (("tutel", "tutel", "not on PyPI"), ("fastmoe", "fmoe", "needs CUDA to build"),
+                           ("megablocks", "megablocks", "needs CUDA (Triton/stk kernels)")):
+        try:
+            __import__(mod)
+            status[name] = "importable (no CPU path benchmarked)"
+        except Exception:  # noqa: BLE001
+            status[name] = f"not installed ({why})"
+    return cases, status
+
+def layer_cases(*, batch: int, tokens: int, dim: int, hidden: int, experts: int, ks: tuple[int, ...],
+                peers: bool, label: str) -> tuple[list[Case], dict]:
+    x = torch.randn(batch, tokens, dim)
+    group = label
+    cases = [layer_case("dense", group, Mlp(dim, hidden), x)]
+    status: dict = {}
+    for k in ks:
+        ours = moe_layer(dim, hidden, experts, k)
+        cases.append(layer_case(f"visionmoe-k{k}", group, ours, x, aux=lambda m=ours: m.last.aux_loss, k=k))
+        variants = {"split": dict(impl="split"), "grouped": dict(impl="grouped")}
+        if k == 1:  # the fused kernel's options: experts one after another; activation recomputed;
+            # on the Python pool when the default runs them in the compiled loop (built, >= MIN_ROWS rows)
+            variants.update({"serial": dict(threads=False), "recompute": dict(recompute=True)})
+            if native.load() is not None:
+                variants["python"] = dict(threads="python")
+        for variant, kw in variants.items():
+            if variant == "grouped" and not grouped_mm_available(x.device):
+                continue
+            alt = moe_layer(dim, hidden, experts, k, **kw)
+            cases.append(layer_case(f"visionmoe-{variant}-k{k}", group, alt, x, aux=lambda m=alt: m.last.aux_loss,
+                                     k=k))
+        loop = moe_layer(dim, hidden, experts, k, dispatcher=LoopDispatcher())
+        cases.append(layer_case(f"naive-loop-k{k}", group, loop, x, k=k))
+        ein = moe_layer(dim, hidden, experts, k, dispatcher=EinsumDispatcher(capacity_factor=1.25))
+        cases.append(layer_case(f"gshard-einsum-k{k}", group, ein, x, k=k, capacity="1.25"))
+        if peers:
+            pc, st = peer_cases(group, x, dim, hidden, experts, k)
+            cases += pc
+            status.update(st)
+    if 1 in ks:
+        img = moe_layer(dim, hidden, experts, 1, level="image")
+        cases.append(layer_case("visionmoe-image-k1", group, img, x, k=1))
+        # the newer routing methods, at the cost of top-1: expert choice with capacity factor 1
+        # (each token one expert on average), Soft MoE with as many slots as tokens (vmoe's
+        # capacity factor 1: p = round(T / E) slots per expert), loss-free top-1
+        slots = max(1, round(tokens / experts))
+        for name, cfg in (("expert-choice-c1", dict(selection="expert_choice", capacity_factor=1.0)),
+                          ("soft-moe-c1", dict(router="soft", slots_per_expert=slots)),
+                          ("loss-free-k1", dict(balance="loss_free", aux_weights={}))):
+            layer = build_moe(dim, hidden, MoEConfig(num_experts=experts, top_k=1, noise_std=0.0, **cfg))
+            cases.append(layer_case(f"visionmoe-{name}", group, layer, x, aux=lambda m=layer: m.last.aux_loss, k=1))
+    return cases, status
+
+def vit_cases(*, batch: int, img_size: int, experts: int, threads: bool | str = True) -> list[Case]:
+    """A dense and an MoE (every-2, top-1) ViT-S/16 training step; ``threads``: the MoE
+    layers' ``Experts.threads`` (a :data:`~visionmoe.moe.experts.THREAD_MODES` value)."""
+    from ..models import create_model
+
+    x = torch.randn(batch, 3, img_size, img_size)
+    y = torch.randint(0, 1000, (batch,))
+    cases = []
+    for name, moe in (("vit-s16-dense", None), ("vit-s16-moe-every2-k1", dict(num_experts=experts, top_k=1,
+                                                                              placement="every_2"))):
+        model = create_model("vit_small_patch16_224", img_size=img_size, moe=moe)
+        for m in model.modules():
+            if isinstance(m, Experts):
+                m.threads = threads
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the Trainer (optim.fused)
+
+        def make(backward: bool, model=model, opt=opt):
+            def step():
+                model.train(backward)
+                with torch.set_grad_enabled(backward):
+                    out = model(x)
+                    if backward:
+                        loss = torch.nn.functional.cross_entropy(out, y) + model.moe_aux_loss()
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                return out
+
+            return step
+
+        cases.append(Case(name, "vit_step", make, {"batch": batch, "img_size": img_size}))
+    return cases
+
+def param_mb(module: nn.Module) -> float:
+    return sum(p.numel() * p.element_size() for p in module.parameters()) / 1e6
+
+def scaling_cases(*, batch: int, tokens: int, dim: int, hidden: int, experts_list: list[int]) -> list[Case]:
+    x = torch.randn(batch, tokens, dim)
+    dense = Mlp(dim, hidden)
+    cases = [layer_case("dense", "scaling", dense, x, param_mb=round(param_mb(dense), 3))]
+    for e in experts_list:
+        m = moe_layer(dim, hidden, e, 1)
+        cases.append(layer_case(f"visionmoe-E{e}-k1", "scaling", m, x, aux=lambda m=m: m.last.aux_loss, E=e, k=1,
+                                 param_mb=round(param_mb(m), 3)))
+    return cases

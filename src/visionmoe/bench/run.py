@@ -1,0 +1,194 @@
+"""``visionmoe bench``: MoE cost against the dense MLP of equal FLOPs, against the naive
+per-expert loop and GShard's one-hot einsum, and against peer libraries that import here.
+
+Everything runs in one process, in interleaved rounds (every case once per round, in a
+fresh shuffled order), so the ratios compare like with like on a noisy machine. Reported:
+median and interquartile range of the time per call, the ratio to dense (of the medians,
+and the median and IQR of the per-round ratios, which cancel slow drifts of the machine),
+tokens/s, minor page faults per call (4 KiB pages of fresh memory first touched: what
+a fresh allocation costs on top of its arithmetic), and activation memory (bytes the
+autograd graph saves for backward, measured with ``saved_tensors_hooks``).
+
+Run ``python -m visionmoe.bench --help`` or ``visionmoe bench --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..moe import native
+from ..runtime import allocator_state
+from .cases import Case, layer_cases, scaling_cases, vit_cases
+from .measure import add_traffic_estimate, memory_bandwidth, run_rounds, split_gemm_ratio, summarise
+
+__all__ = ["run_bench", "build_parser", "run_from_args", "main"]
+
+
+def run_bench(
+    *,
+    batch: int = 64,
+    tokens: int = 65,
+    dim: int = 384,
+    hidden: int = 1536,
+    experts: int = 8,
+    rounds: int = 7,
+    inner: int = 1,
+    threads: int = 2,
+    peers: bool = True,
+    vit: bool = True,
+    vit_batch: int = 8,
+    scaling: bool = True,
+    crmoe: bool = True,
+    out: str | Path = "runs/bench",
+    quick: bool = False,
+    progress: bool = True,
+    device: str = "cpu",
+) -> dict:
+    """Run the benchmark suites; write ``bench.json`` and ``bench.png`` to ``out``. ``device``:
+    where the cases are built and timed (``cuda``: the ``grouped`` kernel vs dense on a GPU,
+    synchronised around every timed call)."""
+    from ..train.context import resolve_device
+
+    dev = resolve_device(device)
+    with torch.device(dev):
+        return _run_bench(batch=batch, tokens=tokens, dim=dim, hidden=hidden, experts=experts, rounds=rounds,
+                          inner=inner, threads=threads, peers=peers, vit=vit, vit_batch=vit_batch, scaling=scaling,
+                          crmoe=crmoe, out=out, quick=quick, progress=progress, device=str(dev))
+
+def _run_bench(*, batch, tokens, dim, hidden, experts, rounds, inner, threads, peers, vit, vit_batch, scaling, crmoe,
+               out, quick, progress, device) -> dict:
+    if quick:
+        batch, tokens, dim, hidden, rounds, vit_batch = 4, 17, 32, 128, 2, 1
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    from rich.console import Console
+
+    console = Console(quiet=not progress)
+    results: dict[str, Any] = {"config": dict(batch=batch, tokens=tokens, dim=dim, hidden=hidden, experts=experts,
+                                              rounds=rounds, threads=threads, torch=torch.__version__, device=device,
+                                              allocator=allocator_state(), native=native.status()),
+                               "suites": {}}
+    suites: list[tuple[str, list[Case], int, tuple[str, ...]]] = []
+    cases, status = layer_cases(batch=batch, tokens=tokens, dim=dim, hidden=hidden, experts=experts, ks=(1, 2),
+                                peers=peers, label="layer")
+    results["peers"] = status
+    suites.append(("layer", cases, batch * tokens, ("fwd", "fwdbwd")))
+    if crmoe:
+        c2, _ = layer_cases(batch=batch, tokens=tokens, dim=dim, hidden=hidden // 2, experts=16, ks=(2,),
+                            peers=False, label="crmoe_shape")
+        suites.append(("crmoe_shape", c2, batch * tokens, ("fwdbwd",)))
+    if scaling:
+        suites.append(("scaling", scaling_cases(batch=batch, tokens=tokens, dim=dim, hidden=hidden,
+                                                experts_list=[4, 8, 16, 32, 64] if not quick else [2, 4]),
+                       batch * tokens, ("fwdbwd",)))
+    if vit:
+        size = 224 if not quick else 32
+        suites.append(("vit_step", vit_cases(batch=vit_batch, img_size=size, experts=experts), vit_batch,
+                       ("fwdbwd",)))
+    for name, cs, ntok, modes in suites:
+        console.print(f"[bold]bench[/] {name}: {len(cs)} cases x {rounds} rounds ({', '.join(modes)})")
+        run_rounds(cs, rounds if name != "vit_step" else max(2, rounds // 2), modes, inner)
+        results["suites"][name] = summarise(cs, ntok)
+        if name == "scaling":
+            results["bandwidth_gb_s"] = bw = memory_bandwidth(2**28 if not quick else 2**22)
+            add_traffic_estimate(results["suites"][name], bw)
+            for r in results["suites"][name]:
+                if "E" in r:
+                    r["split_gemm_ratio"] = round(split_gemm_ratio(batch * tokens, dim, hidden, r["E"]), 3)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(results, indent=2))
+    _plot(results, out / "bench.png")
+    _print_tables(results, console)
+    console.print(f"written {out / 'bench.json'} and {out / 'bench.png'}")
+    return results
+
+def _print_tables(results: dict, console) -> None:
+    from rich.table import Table
+
+    for suite, rows in results["suites"].items():
+        t = Table(title=f"{suite} (ratio = median time / dense's; paired = median of per-round ratios)")
+        cols = ["name", "fwd_ms", "fwd_ratio", "fwdbwd_ms", "fwdbwd_iqr_ms", "fwdbwd_ratio", "fwdbwd_paired_ratio",
+                "fwdbwd_paired_iqr", "fwdbwd_page_faults", "activation_ratio", "traffic_ratio",
+                "split_gemm_ratio"]
+        cols = [c for c in cols if any(c in r for r in rows)]
+        for c in cols:
+            t.add_column(c)
+        for r in rows:
+            t.add_row(*[str(r.get(c, r.get("error", "")[:40] if c == "fwdbwd_ms" else "")) for c in cols])
+        console.print(t)
+    if "bandwidth_gb_s" in results:
+        bw = results["bandwidth_gb_s"]
+        console.print(f"memory bandwidth: read {bw['read']} GB/s, write {bw['write']} GB/s (traffic_ratio: dense time "
+                      "+ the extra expert parameters read twice and their gradients written once, over dense time)")
+    for peer, st in results.get("peers", {}).items():
+        console.print(f"peer {peer}: {st}")
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["suites"].get("layer", []) if "fwdbwd_ratio" in r]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.5))
+    names = [r["name"] for r in rows]
+    # the median per-round ratio and its interquartile range (ratio of medians, no bar, if unpaired)
+    vals = [r.get("fwdbwd_paired_ratio", r["fwdbwd_ratio"]) for r in rows]
+    iqrs = [r.get("fwdbwd_paired_iqr", [v, v]) for r, v in zip(rows, vals)]
+    errs = [[max(v - lo, 0) for v, (lo, _) in zip(vals, iqrs)], [max(hi - v, 0) for v, (_, hi) in zip(vals, iqrs)]]
+    colors = ["tab:green" if n.startswith("visionmoe") else "tab:gray" if n == "dense" else "tab:orange"
+              for n in names]
+    ax.barh(names, vals, xerr=errs, color=colors, error_kw={"lw": 0.8, "capsize": 2})
+    ax.set_xscale("log")
+    for floor, label, dy in ((1.0, "top-1 floor", -0.9), (2.0, "top-2 floor", -0.9)):
+        ax.axvline(floor, ls="--", lw=1, color="k")
+        ax.text(floor * 1.02, dy, label, fontsize=8, va="bottom")
+    ax.set_xlim(0.6, max(vals) * 1.6)
+    for i, v in enumerate(vals):
+        ax.text(0.62, i, f"{v:.2f}x", va="center", fontsize=8, color="white", fontweight="bold")
+    cfg = results["config"]
+    ax.set_xlabel("forward+backward time / dense MLP's in the same round, median over rounds, log scale\n"
+                  "(lower is better; whiskers: interquartile range of the per-round ratios)")
+    ax.set_title(f"MoE layer cost, {cfg['batch']}x{cfg['tokens']} tokens, D={cfg['dim']}, H={cfg['hidden']}, "
+                 f"E={cfg['experts']}, {cfg['threads']} threads")
+    ax.set_ylim(len(rows) - 0.5, -1.2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(prog="visionmoe bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=65)
+    p.add_argument("--dim", type=int, default=384)
+    p.add_argument("--hidden", type=int, default=1536)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--inner", type=int, default=1, help="calls per timed sample")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-peers", action="store_true", help="skip peer libraries")
+    p.add_argument("--no-vit", action="store_true", help="skip the whole ViT-S/16 training step")
+    p.add_argument("--no-scaling", action="store_true", help="skip the E = 4..64 table")
+    p.add_argument("--no-crmoe", action="store_true", help="skip the CR-MoE shape (E=16, top-2, H=2D)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds (a smoke test, not a measurement)")
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N: time the layers on a GPU")
+    return p
+
+def run_from_args(args: argparse.Namespace) -> dict:
+    return run_bench(batch=args.batch, tokens=args.tokens, dim=args.dim, hidden=args.hidden, experts=args.experts,
+                     rounds=args.rounds, inner=args.inner, threads=args.threads, peers=not args.no_peers,
+                     vit=not args.no_vit, scaling=not args.no_scaling, crmoe=not args.no_crmoe, out=args.out,
+                     quick=args.quick, device=getattr(args, "device", "cpu"))
+
+def main(argv: list[str] | None = None) -> int:
+    run_from_args(build_parser().parse_args(argv))
+    return 0
