@@ -1,4 +1,4 @@
-"""Named model variants: a registry of arguments and one factory (DESIGN convention 7)."""
+"""Named model variants: a registry of arguments and one factory."""
 
 from __future__ import annotations
 

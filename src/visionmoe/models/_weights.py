@@ -1,4 +1,4 @@
-"""Checkpoint layouts as pure key mappings (DESIGN convention 8).
+"""Checkpoint layouts as pure key mappings.
 
 Every function maps a ``state_dict`` to a ``state_dict`` in timm's ViT layout
 (``cls_token``, ``pos_embed``, ``patch_embed.proj.*``, ``blocks.{i}.{norm1,attn,ls1,norm2,mlp,ls2}.*``,

@@ -2,7 +2,7 @@
 
 The ViT is timm's (PatchEmbed, Attention, Mlp, LayerScale, DropPath, and timm's
 state-dict keys); the MoE layers are injected as the ``mlp`` of the blocks a placement
-policy picks (DESIGN convention 1). The backbone itself knows nothing about routing:
+policy picks. The backbone itself knows nothing about routing:
 everything MoE-specific is read from its MoE layers' typed results.
 
 Axis legend: B images, T tokens (prefix + patches), D width, E experts, K top-k.

@@ -140,7 +140,7 @@ class Experts(nn.Module):
 
     def _params(self) -> tuple[tuple[Tensor, ...], ...]:
         # unbind once per forward: indexing w[e] per expert makes backward allocate E
-        # zero-filled full-size gradient buffers (REFERENCE_NOTES, dispatch cost).
+        # zero-filled full-size gradient buffers.
         w1, w2 = self.fc1_weight.unbind(0), self.fc2_weight.unbind(0)
         if self.fc1_bias is None:
             none = (None,) * self.num_local_experts
