@@ -22,7 +22,7 @@ from .train import Trainer, config_from_dict
 from .train.config import ConfigError, apply_overrides, parse_yaml_value
 
 __all__ = ["parse_grid", "load_variants", "flops_per_image", "inference_throughput", "run_sweep", "summarize_seeds",
-           "run_layer_scan"]
+           "paired_to_reference", "run_layer_scan"]
 
 
 def parse_grid(items: list[str]) -> dict[str, list]:
@@ -214,6 +214,39 @@ def summarize_seeds(rows: list[dict], seed_key: str = "run.seed") -> list[dict]:
     return out
 
 
+def paired_to_reference(rows: list[dict], metric: str = "test_acc", seed_key: str = "run.seed") -> dict[str, dict]:
+    """Per variant after the first (the reference, e.g. ``dense``), the seed-paired difference
+    of ``metric`` to the reference (:func:`visionmoe.eval.stats.paired_difference`: mean,
+    95 % t interval, verdict), at the same other grid values; seeds missing in either are
+    left out."""
+    from .eval.stats import paired_difference
+
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    ref, out = variants[0], {}
+    others = [k for k in rows[0] if k not in _METRICS and k not in ("variant", seed_key)]
+
+    def key(r):
+        return tuple(json.dumps(r.get(k)) for k in others), r.get(seed_key)
+
+    base = {key(r): r[metric] for r in rows if r["variant"] == ref}
+    for v in variants[1:]:
+        pairs = [(r[metric], base[key(r)]) for r in rows if r["variant"] == v and key(r) in base]
+        if pairs:
+            out[f"{v} - {ref}"] = paired_difference([a for a, _ in pairs], [b for _, b in pairs])
+    return out
+
+
+def _paired_lines(rows: list[dict]) -> list[str]:
+    from .eval.stats import format_difference
+
+    paired = paired_to_reference(rows)
+    if not paired:
+        return []
+    return ["", "Test accuracy, seed-paired difference to the first variant (95% t interval; *reproduced* / "
+            "*refuted* only where the interval excludes 0):", ""] + [f"- {k}: {format_difference(d)}"
+                                                                    for k, d in paired.items()]
+
+
 def _write(out: Path, rows: list[dict], pixels: float | None = None) -> None:
     import io
 
@@ -237,6 +270,8 @@ def _write(out: Path, rows: list[dict], pixels: float | None = None) -> None:
     else:
         lines = ["| " + " | ".join(keys) + " |", "|---" * len(keys) + "|"]
         lines += ["| " + " | ".join(_FMT.get(k, "{}").format(r[k]) for k in keys) + " |" for r in rows]
+    if "run.seed" in keys and "variant" in keys:
+        lines += _paired_lines(rows)
     if pixels is not None:
         lines += ["", f"raw pixels, linear probe on the same training images: {pixels:.4f}"]
     atomic_write_bytes(out / "sweep.md", ("\n".join(lines) + "\n").encode())

@@ -83,6 +83,8 @@ def test_sweep_of_routing_variants_over_seeds_resumes(tmp_path, capsys):
     from visionmoe._utils import fmt_mean_std, mean_std
 
     assert f"| dense | {fmt_mean_std(mean_std(dense), 4)} |" in table and "| seeds |" in table
+    top1 = [r["test_acc"] for r in rows2 if r["variant"] == "top1"]  # seed-paired to the first variant
+    assert f"- top1 - dense: {sum(a - b for a, b in zip(top1, dense)) / 2:+.3f} [" in table
     assert main([*base, "schedule.max_steps=3", *opts, "--grid", "run.seed=[0]", "--resume"]) == 2
     assert "trained with another config" in capsys.readouterr().err
 
