@@ -97,8 +97,20 @@ def load_variants(path: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def _digest(d: dict) -> str:
+    """A short hash of a point's config, leaving out the keys a resume may change (display,
+    threads, device: :data:`~visionmoe.train.persist.RESUME_SAFE_KEYS`)."""
     import hashlib
 
+    from .train.persist import RESUME_SAFE_KEYS
+
+    d = json.loads(json.dumps(d, default=str))
+    for key in RESUME_SAFE_KEYS:
+        *sections, last = key.split(".")
+        node = d
+        for sec in sections:
+            node = node.get(sec) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

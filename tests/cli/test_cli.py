@@ -74,7 +74,8 @@ def test_sweep_of_routing_variants_over_seeds_resumes(tmp_path, capsys):
     assert by["top2"]["gflops_per_image"] > by["top1"]["gflops_per_image"]
     (out / "variant-top1__seed-0").rename(tmp_path / "moved")  # kept on resume: not trained again
     capsys.readouterr()
-    assert main([*args, "--grid", "run.seed=[0, 1]", "--resume"]) == 0
+    assert main([*base, "schedule.max_steps=2", *opts[:-1], "--grid", "run.seed=[0, 1]", "--resume"]) == 0  # with
+    # progress shown this time: a display setting does not make a point another config
     rows2 = json.loads((out / "sweep.json").read_text())
     assert rows2[0] == rows[0] and len(rows2) == 14 and not (out / "variant-top1__seed-0").exists()
     table = (out / "sweep.md").read_text()
