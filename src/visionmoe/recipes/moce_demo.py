@@ -62,7 +62,14 @@ from .moce_pipeline import (
     subset,
     val_split,
 )
-from .moce_report import plot_routing, reconstruction, save_plots, summary_table, write_report
+from .moce_report import (
+    paired_comparisons,
+    plot_routing,
+    reconstruction,
+    save_plots,
+    summary_table,
+    write_report,
+)
 
 __all__ = ["MoCEDemoConfig", "run_moce_demo", "pixel_probe", "pretrain_dense", "progress_bar"]
 
@@ -242,29 +249,6 @@ def _write_results(out: Path, results: dict) -> None:
 
 #: the paper's claims (MoCE Table 2) and the baseline every pre-trained encoder should beat:
 #: (a, b) means "a is better than b"
-CLAIMS = (("MoCE", "MAE*"), ("MoCE", "TokenMoE"), ("MAE*", "random init"), ("TokenMoE", "random init"),
-          ("MoCE", "random init"))
-
-
-def paired_comparisons(runs: list[dict]) -> dict:
-    """Per task, the seed-paired fine-tuned accuracy differences of :data:`CLAIMS` with their 95%
-    intervals and verdicts (``reproduced`` / ``refuted`` / ``not resolved``)."""
-    from ..eval.stats import paired_difference
-
-    def col(run: dict, task: str, m: str):
-        return run["acc"][task].get(m, run.get("baselines", {}).get(task, {}).get(m))
-
-    out: dict = {}
-    for task in runs[0]["acc"]:
-        out[task] = {}
-        for a, b in CLAIMS:
-            va, vb = [col(r, task, a) for r in runs], [col(r, task, b) for r in runs]
-            if any(v is None for v in va + vb):
-                continue
-            out[task][f"{a} - {b}"] = paired_difference(va, vb)
-    return out
-
-
 def _run_seed(stages: Stages, c: MoCEDemoConfig, seed: int, mix, tasks: dict, out: Path,
               results: dict, *, first: bool, console, shared: dict) -> dict:
     pool = mix.as_splits("source")

@@ -21,7 +21,32 @@ from .common import logged_curve
 if TYPE_CHECKING:
     from .moce_demo import MoCEDemoConfig
 
-__all__ = ["reconstruction", "plot_routing", "save_plots", "summary_table", "method_table", "write_report"]
+__all__ = ["CLAIMS", "paired_comparisons", "reconstruction", "plot_routing", "save_plots", "summary_table",
+           "method_table", "write_report"]
+
+
+#: the demo's claims, ``(a, b)`` = "a beats b" in fine-tuned accuracy
+CLAIMS = (("MoCE", "MAE*"), ("MoCE", "TokenMoE"), ("MAE*", "random init"), ("TokenMoE", "random init"),
+          ("MoCE", "random init"))
+
+
+def paired_comparisons(runs: list[dict]) -> dict:
+    """Per task, the seed-paired fine-tuned accuracy differences of :data:`CLAIMS` with their 95%
+    intervals and verdicts (``reproduced`` / ``refuted`` / ``not resolved``)."""
+    from ..eval.stats import paired_difference
+
+    def col(run: dict, task: str, m: str):
+        return run["acc"][task].get(m, run.get("baselines", {}).get(task, {}).get(m))
+
+    out: dict = {}
+    for task in runs[0]["acc"]:
+        out[task] = {}
+        for a, b in CLAIMS:
+            va, vb = [col(r, task, a) for r in runs], [col(r, task, b) for r in runs]
+            if any(v is None for v in va + vb):
+                continue
+            out[task][f"{a} - {b}"] = paired_difference(va, vb)
+    return out
 
 
 @torch.no_grad()
