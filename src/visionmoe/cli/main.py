@@ -428,6 +428,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load checkpoints that have no checksum (saved before checksums); only for files you trust")
     sub = p.add_subparsers(dest="command", required=True)
 
+    _add_study_commands(sub)
+    _add_analysis_commands(sub)
+    _add_model_commands(sub)
+    _add_tool_commands(sub)
+    return p
+
+
+def _add_study_commands(sub) -> None:
+    """The subcommands of the studies: demo, moce-study, moce, crmoe, vimoe."""
     d = sub.add_parser(
         "demo", help="MoCE end to end on bundled real images: MAE, clustering, MoCE vs MAE* vs TokenMoE, transfer",
         description="MAE pre-training, balanced clustering, MoCE / MAE* / TokenMoE with equal extra compute, "
@@ -521,6 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     vm.add_argument("--no-progress", action="store_true")
     vm.set_defaults(fn=_cmd_vimoe)
 
+
+def _add_analysis_commands(sub) -> None:
+    """The subcommands of evaluation and design-space tools: probe, analyze, sweep, layer-scan."""
     pr = sub.add_parser("probe", help="evaluation protocols on a checkpoint: linear probe, k-NN, few-shot, "
                                       "semi-supervised, routing consistency")
     pr.add_argument("checkpoint")
@@ -570,6 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
     ls_.add_argument("--no-progress", action="store_true")
     ls_.set_defaults(fn=_cmd_layer_scan)
 
+
+def _add_model_commands(sub) -> None:
+    """The subcommands of models and checkpoints: list-models, train, eval, export, predict."""
     lm = sub.add_parser("list-models", help="list registered model variants")
     lm.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'vmoe*'")
     lm.set_defaults(fn=_cmd_list_models)
@@ -613,6 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--json", action="store_true", help="print JSON")
     pd.set_defaults(fn=_cmd_predict)
 
+
+def _add_tool_commands(sub) -> None:
+    """The subcommands of benchmarks, data, the native build, info."""
     from ..bench import build_parser as bench_parser
 
     b = bench_parser(sub.add_parser("bench", help="time MoE layers against dense, the naive loop and peers"))
@@ -657,7 +675,6 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="parameters (total and active) and MoE layout of a model or checkpoint")
     info.add_argument("model", help="a registered model name or a checkpoint file")
     info.set_defaults(fn=_cmd_info)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
