@@ -273,6 +273,63 @@ def _search_cost_lines(sel: dict) -> list[str]:
         lines.append(f"| {m} | {acc:.4f} | {sec:.2f} | {10 * sec:.0f} | {100 * sec:.0f} |")
     return [*lines, ""]
 
+def _seed_lines(r: dict) -> list[str]:
+    """The report's section for one seed: placement, reconstruction, selection, timings, PSNR,
+    routing collapse, plots, the selection methods and the SDR search when run."""
+    s = r["seed"]
+    lines: list[str] = []
+    lines += [f"## Seed {s}", "", f"Experts in blocks {r['blocks']} (MLP gradient norms under the MAE loss: "
+              + ", ".join(f"{v:.3g}" for v in r["grad_scores"]) + ").", "",
+              "Masked-patch reconstruction loss on held-out pool images after the extra steps (lower is "
+              "better): " + ", ".join(f"{k} {v:.4f}" for k, v in r["recon"].items()) + ".", "",
+              "Cluster chosen for each task (share of its images): "
+              + ", ".join(f"{t} -> {v['cluster']} ({v['share']:.0%})" for t, v in r["selection"].items()), "",
+              "Time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in r.get("timings_s", {}).items()), "",
+              *([f"MAE pre-training loss, mean of the first / last tenth of the logged steps: "
+                 f"{r['mae_loss']['first']:.4f} -> {r['mae_loss']['last']:.4f} "
+                 + ("(falls)." if r["mae_loss"]["falls"] else "(**does not fall**: not evidence of learning)."),
+                 ""] if "mae_loss" in r else []),
+              "Reconstruction PSNR (dB) on each task's test images (MoCE Fig. 3d; the predicted patches are "
+              "un-normalised with the true mean and std of each masked patch, which flatters the pictures and "
+              "compresses the gaps between methods): "
+              + "; ".join(f"{t}: " + ", ".join(f"{m} {v:.2f}" for m, v in d.items())
+                          for t, d in r.get("psnr", {}).items()), "",
+              "Masked-patch error in the normalised space the models are trained in (their MAE loss on each "
+              "task's test images; lower is better, the fairer comparison): "
+              + "; ".join(f"{t}: " + ", ".join(f"{m} {v:.4f}" for m, v in d.items())
+                          for t, d in r.get("recon_task", {}).items()), "",
+              "Routing collapse, the largest share of the pool's classes whose main expert is one "
+              "expert (1.0 = every class on the same expert): "
+              + "; ".join(f"{m} " + ", ".join(f"block {b} {v:.2f}" for b, v in d.items())
+                          for m, d in r.get("collapse", {}).items()), "",
+              f"![loss curves](seed{s}/mae_loss.png)", "", f"![reconstructions](seed{s}/reconstructions.png)", "",
+              f"![clusters](seed{s}/clusters.png)", "", f"![cluster to expert](seed{s}/cluster_expert.png)", "",
+              f"![routing by class](seed{s}/routing.png)", ""]
+    sel = r.get("selection_methods")
+    if sel:
+        lines += ["### Expert selection methods (MoCE Table 5)", "",
+                  f"Candidates: clusters {sel['candidates']} (one per distinct expert choice). "
+                  "Test accuracy of the dense model each method picks, after full fine-tuning:", "",
+                  "| task | largest cluster (MoCE) | k-NN | LogME | early-stop search | exhaustive best "
+                  "| exhaustive worst |", "|---|---|---|---|---|---|---|"]
+        for t, d in sel.items():
+            if t == "candidates":
+                continue
+            pk = d["picked"]
+            lines.append(f"| {t} | " + " | ".join(f"{pk[m]['test_acc']:.4f}" for m in pk)
+                         + f" | {d['exhaustive_best']:.4f} | {d['exhaustive_worst']:.4f} |")
+        lines += ["", *_search_cost_lines(sel)]
+    if r.get("sdr_search"):
+        lines += ["### SDR(ViT): brute-force subnet search (MoCE Table 3 baseline)", "",
+                  "| task | subnets searched | picked | validation accuracy of the pick | search seconds "
+                  "| MoCE selection seconds |", "|---|---|---|---|---|---|"]
+        for t, d in r["sdr_search"].items():
+            lines.append(f"| {t} | {len(d['val_acc'])} | {d['picked']} | {d['val_acc'][str(d['picked'])]:.4f} "
+                         f"| {d['seconds']:.1f} | {r['selection'][t].get('seconds', float('nan')):.2f} |")
+        lines.append("")
+    return lines
+
+
 def write_report(out: Path, res: dict) -> None:
     cfg = res["config"]
     n = len(res["runs"])
@@ -309,56 +366,7 @@ def write_report(out: Path, res: dict) -> None:
                   f"| TokenMoE | {p['tokenmoe_total']:,} | {sp.get('TokenMoE', float('nan')):.0f} |",
                   f"| MAE encoder (dense) | {p['mae']:,} | {sp.get('MAE encoder (dense)', float('nan')):.0f} |", ""]
     for r in res["runs"]:
-        s = r["seed"]
-        lines += [f"## Seed {s}", "", f"Experts in blocks {r['blocks']} (MLP gradient norms under the MAE loss: "
-                  + ", ".join(f"{v:.3g}" for v in r["grad_scores"]) + ").", "",
-                  "Masked-patch reconstruction loss on held-out pool images after the extra steps (lower is "
-                  "better): " + ", ".join(f"{k} {v:.4f}" for k, v in r["recon"].items()) + ".", "",
-                  "Cluster chosen for each task (share of its images): "
-                  + ", ".join(f"{t} -> {v['cluster']} ({v['share']:.0%})" for t, v in r["selection"].items()), "",
-                  "Time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in r.get("timings_s", {}).items()), "",
-                  *([f"MAE pre-training loss, mean of the first / last tenth of the logged steps: "
-                     f"{r['mae_loss']['first']:.4f} -> {r['mae_loss']['last']:.4f} "
-                     + ("(falls)." if r["mae_loss"]["falls"] else "(**does not fall**: not evidence of learning)."),
-                     ""] if "mae_loss" in r else []),
-                  "Reconstruction PSNR (dB) on each task's test images (MoCE Fig. 3d; the predicted patches are "
-                  "un-normalised with the true mean and std of each masked patch, which flatters the pictures and "
-                  "compresses the gaps between methods): "
-                  + "; ".join(f"{t}: " + ", ".join(f"{m} {v:.2f}" for m, v in d.items())
-                              for t, d in r.get("psnr", {}).items()), "",
-                  "Masked-patch error in the normalised space the models are trained in (their MAE loss on each "
-                  "task's test images; lower is better, the fairer comparison): "
-                  + "; ".join(f"{t}: " + ", ".join(f"{m} {v:.4f}" for m, v in d.items())
-                              for t, d in r.get("recon_task", {}).items()), "",
-                  "Routing collapse, the largest share of the pool's classes whose main expert is one "
-                  "expert (1.0 = every class on the same expert): "
-                  + "; ".join(f"{m} " + ", ".join(f"block {b} {v:.2f}" for b, v in d.items())
-                              for m, d in r.get("collapse", {}).items()), "",
-                  f"![loss curves](seed{s}/mae_loss.png)", "", f"![reconstructions](seed{s}/reconstructions.png)", "",
-                  f"![clusters](seed{s}/clusters.png)", "", f"![cluster to expert](seed{s}/cluster_expert.png)", "",
-                  f"![routing by class](seed{s}/routing.png)", ""]
-        sel = r.get("selection_methods")
-        if sel:
-            lines += ["### Expert selection methods (MoCE Table 5)", "",
-                      f"Candidates: clusters {sel['candidates']} (one per distinct expert choice). "
-                      "Test accuracy of the dense model each method picks, after full fine-tuning:", "",
-                      "| task | largest cluster (MoCE) | k-NN | LogME | early-stop search | exhaustive best "
-                      "| exhaustive worst |", "|---|---|---|---|---|---|---|"]
-            for t, d in sel.items():
-                if t == "candidates":
-                    continue
-                pk = d["picked"]
-                lines.append(f"| {t} | " + " | ".join(f"{pk[m]['test_acc']:.4f}" for m in pk)
-                             + f" | {d['exhaustive_best']:.4f} | {d['exhaustive_worst']:.4f} |")
-            lines += ["", *_search_cost_lines(sel)]
-        if r.get("sdr_search"):
-            lines += ["### SDR(ViT): brute-force subnet search (MoCE Table 3 baseline)", "",
-                      "| task | subnets searched | picked | validation accuracy of the pick | search seconds "
-                      "| MoCE selection seconds |", "|---|---|---|---|---|---|"]
-            for t, d in r["sdr_search"].items():
-                lines.append(f"| {t} | {len(d['val_acc'])} | {d['picked']} | {d['val_acc'][str(d['picked'])]:.4f} "
-                             f"| {d['seconds']:.1f} | {r['selection'][t].get('seconds', float('nan')):.2f} |")
-            lines.append("")
+        lines += _seed_lines(r)
     from .._utils import atomic_write_bytes
 
     atomic_write_bytes(out / "report.md", "\n".join(lines).encode())
