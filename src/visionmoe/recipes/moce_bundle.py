@@ -213,7 +213,7 @@ def deploy_bundle(bundle: str | Path | dict, x: Tensor, y: Tensor, *, out: str |
                  "channels": prep.channels, "augment": "none", "batch_size": 64},
         "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.05},
         "schedule": {"max_steps": 500, "warmup_epochs": 1.0, "min_lr": 0.0},
-        "run": {"label_smoothing": 0.1, "seed": seed, "out_dir": run_root, "name": f"{out.stem}finetune"},
+        "run": {"label_smoothing": 0.1, "seed": seed, "out_dir": run_root, "name": f"{out.stem}_finetune"},
     }
     import yaml
 
