@@ -7,7 +7,8 @@ import yaml
 from visionmoe.train import ConfigError, apply_overrides, config_from_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[2] / "configs"
-CONFIGS = sorted(p for p in ROOT.rglob("*.yaml") if p.parent.name != "moce")
+VARIANTS = sorted(ROOT.rglob("routing_methods*.yaml"))  # sweep variants files, not experiments
+CONFIGS = sorted(p for p in ROOT.rglob("*.yaml") if p.parent.name != "moce" and p not in VARIANTS)
 MOCE_CONFIGS = sorted((ROOT / "moce").glob("*.yaml"))
 
 
@@ -90,3 +91,17 @@ def test_unknown_objective_args_are_refused_early():
     with pytest.raises(ConfigError, match=r"objective_args.mask_ration"):
         config_from_dict({"objective": "mae", "objective_args": {"mask_ration": 0.5}})
     assert config_from_dict({"objective": "moco", "objective_args": {"ogar_weight": 0.1}}).objective == "moco"
+
+
+@pytest.mark.parametrize("path", VARIANTS, ids=lambda p: p.name)
+def test_every_variants_file_builds_on_its_base(path):
+    """Each named variant applied to the base config beside it gives a valid experiment."""
+    import json
+
+    from visionmoe.sweep import load_variants
+    from visionmoe.train import config_from_dict
+    from visionmoe.train.config import apply_overrides, load_yaml_dict
+
+    base = path.parent / ("fmnist_convnext_routing.yaml" if "convnext" in path.name else "fmnist_vit_routing.yaml")
+    for ov in load_variants(path).values():
+        config_from_dict(apply_overrides(load_yaml_dict(base), [f"{k}={json.dumps(v)}" for k, v in ov.items()]))
