@@ -258,3 +258,22 @@ def test_convnext_sweet_spot_placements_and_parameter_counts():
     assert round(counts["last_2"], 1) == 46.3 and round(counts["stage"], 1) == 47.4
     with pytest.raises(ValueError, match="this model has 4 stages"):
         create_model("convnext_cpu", moe=dict(placement="last_5"))
+
+
+def test_fine_grained_convnext_keeps_the_dense_active_width_in_every_stage():
+    """Fine-grained experts (expert_ratio 1: a quarter of the 4x MLP) with top-3 and a shared
+    expert of ratio 1 act on 3D + D = 4D hidden units per token in every stage, whatever its
+    width D: the dense MLP's. The per-stage widths are hand-set (32-256 in the CPU ConvNeXt)."""
+    from visionmoe.moe import moe_layers
+
+    m = create_model("convnext_moe_cpu", num_classes=10,
+                     moe=dict(placement="every_2", num_experts=32, top_k=3, expert_ratio=1.0,
+                              shared_expert=True, shared_ratio=1.0))
+    layers = moe_layers(m)
+    assert [layer.dim for _, layer in layers] == [32, 64, 128, 256]
+    for _, layer in layers:
+        assert layer.experts.hidden == layer.dim
+        assert layer.shared_expert.fc1.out_features == layer.dim
+        assert layer.experts.hidden * 3 + layer.shared_expert.fc1.out_features == 4 * layer.dim
+    with pytest.raises(ValueError, match="moe.shared_ratio must be > 0"):
+        create_model("convnext_moe_cpu", moe=dict(shared_expert=True, shared_ratio=0.0))

@@ -232,6 +232,27 @@ def test_several_shared_experts_upcycle_to_the_dense_function():
     torch.testing.assert_close(moe(x), dense(x), rtol=1e-5, atol=1e-5)
 
 
+def test_moeify_fine_grained_with_a_narrower_shared_expert_starts_it_fresh():
+    """A shared expert narrower than the dense MLP (``shared_ratio: 1`` = D units, the MLP has 4D)
+    cannot hold the dense weights: it starts fresh (it was a raw size-mismatch error), while a
+    shared expert of the dense width still equals the dense MLP."""
+    import timm
+
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3, depth=2).eval()
+    tokens = torch.randn(2, 17, 192)
+    want = m.blocks[1].mlp(tokens)
+    moeify(m, placement="last_1", num_experts=16, top_k=3, expert_ratio=1.0, shared_expert=True, shared_ratio=1.0)
+    layer = m.blocks[1].mlp
+    assert layer.experts.hidden == 192 and layer.shared_expert.fc1.weight.shape == (192, 192)
+    assert (layer.shared_expert(tokens) - want).abs().max() > 1e-2  # not the dense MLP: it cannot be
+    assert torch.isfinite(m(torch.randn(2, 3, 32, 32))).all()
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3, depth=2).eval()
+    moeify(m, placement="last_1", num_experts=16, top_k=3, expert_ratio=1.0, shared_expert=True, shared_ratio=4.0)
+    torch.testing.assert_close(m.blocks[1].mlp.shared_expert(tokens), want, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------ every kernel, export, compile
 @pytest.mark.parametrize("kind", ["expert_choice", "soft"])
 def test_new_layers_agree_across_expert_kernels(kind):

@@ -53,6 +53,8 @@ class MoEConfig:
         expert_hidden: hidden width of each expert (default: the dense MLP's).
         shared_expert: add an always-on shared expert (ViMoE).
         shared_hidden: hidden width of the shared expert (default: the dense MLP's).
+        shared_ratio: the shared expert's hidden width as a multiple of the layer's width
+            (used where ``shared_hidden`` is not set: one setting for stages of different width).
         aux_weights: auxiliary loss weights by name; default V-MoE's importance + load 0.005.
         expert_parallel: P, ranks that split the experts of every layer (E/P each, tokens
             exchanged by all-to-all; :mod:`visionmoe.moe.parallel`); 1 = every rank holds all.
@@ -97,6 +99,7 @@ class MoEConfig:
     expert_hidden: int | None = None
     shared_expert: bool = False
     shared_hidden: int | None = None
+    shared_ratio: float | None = None
     aux_weights: dict[str, float] = field(default_factory=lambda: {"importance": 0.005, "load": 0.005})
     expert_parallel: int = 1
     recompute_activation: bool = False
@@ -144,6 +147,8 @@ class MoEConfig:
             raise ValueError(f"moe.capacity_multiple_of must be >= 1, got {self.capacity_multiple_of}")
         if self.expert_ratio is not None and not self.expert_ratio > 0:
             raise ValueError(f"moe.expert_ratio must be > 0 (or null: the dense MLP's width), got {self.expert_ratio}")
+        if self.shared_ratio is not None and not self.shared_ratio > 0:
+            raise ValueError(f"moe.shared_ratio must be > 0 (or null: the dense MLP's width), got {self.shared_ratio}")
         if self.num_shared_experts < 1:
             raise ValueError(f"moe.num_shared_experts must be >= 1, got {self.num_shared_experts}")
         if self.balance_rate < 0:
@@ -226,7 +231,7 @@ def build_moe(
     if cfg.shared_expert:
         from timm.layers import GluMlp, Mlp
 
-        h = cfg.num_shared_experts * (cfg.shared_hidden or hidden)
+        h = cfg.num_shared_experts * shared_width(cfg, dim, hidden)
         shared = (GluMlp(dim, 2 * h, act_layer=_act_type(act_layer), bias=bias, drop=drop, gate_last=gate_last)
                   if gated else Mlp(dim, h, act_layer=_act_type(act_layer), bias=bias, drop=drop))
     if isinstance(router, SoftRouter):
@@ -244,6 +249,11 @@ def expert_width(cfg: MoEConfig, dim: int, hidden: int) -> int:
     """Each expert's hidden width in a layer of width ``dim`` replacing an MLP of ``hidden``
     units: ``expert_hidden``, else ``expert_ratio * dim``, else ``hidden``."""
     return cfg.expert_hidden or (round(cfg.expert_ratio * dim) if cfg.expert_ratio else hidden)
+
+
+def shared_width(cfg: MoEConfig, dim: int, hidden: int) -> int:
+    """One shared expert's hidden width: ``shared_hidden``, else ``shared_ratio * dim``, else ``hidden``."""
+    return cfg.shared_hidden or (round(cfg.shared_ratio * dim) if cfg.shared_ratio else hidden)
 
 
 def _act_type(act_layer):

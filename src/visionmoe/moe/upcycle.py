@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import MoEConfig, build_moe, expert_width
+from .config import MoEConfig, build_moe, expert_width, shared_width
 from .layer import MoE
 from .placement import resolve_placement
 
@@ -372,6 +372,8 @@ def moeify(
                                     num_shared=cfg.num_shared_experts, gated=shape["gated"])
         if expert_width(cfg, in_features, hidden) != hidden:  # experts of another width start fresh;
             up = {k: v for k, v in up.items() if k.startswith("shared_expert.")}  # the shared one is the MLP
+        if cfg.shared_expert and shared_width(cfg, in_features, hidden) != hidden:  # ... unless it is narrower too
+            up = {k: v for k, v in up.items() if not k.startswith("shared_expert.")}
         _, unexpected = layer.load_state_dict(up, strict=False)
         assert not unexpected, unexpected
         ref = next(dense.parameters())
