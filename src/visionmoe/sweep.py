@@ -98,20 +98,13 @@ def load_variants(path: str | Path) -> dict[str, dict[str, Any]]:
 
 def _digest(d: dict) -> str:
     """A short hash of a point's config, leaving out the keys a resume may change (display,
-    threads, device: :data:`~visionmoe.train.persist.RESUME_SAFE_KEYS`)."""
+    threads, device: :func:`~visionmoe.train.persist.resume_safe`), as a run's resume does."""
     import hashlib
 
-    from .train.persist import RESUME_SAFE_KEYS
+    from .train.persist import flat_config, resume_safe
 
-    d = json.loads(json.dumps(d, default=str))
-    for key in RESUME_SAFE_KEYS:
-        *sections, last = key.split(".")
-        node = d
-        for sec in sections:
-            node = node.get(sec) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(last, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    kept = {k: v for k, v in flat_config(json.loads(json.dumps(d, default=str))).items() if not resume_safe(k)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def run_sweep(base: dict, grid: dict[str, list], *, variants: dict[str, dict] | None = None,

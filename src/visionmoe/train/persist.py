@@ -94,26 +94,31 @@ RESUME_SAFE_KEYS = ("run.progress", "run.print_eval", "run.threads", "run.tensor
                     "data.eval_batch_size", "run.log_every", "moe.expert_parallel")
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+def flat_config(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A config dict as ``{dotted key: value}`` (a model's ``args`` / ``objective_args`` stay one value)."""
     if not isinstance(d, dict):
         return {prefix.rstrip("."): d}
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict) and v and k not in ("args", "objective_args"):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flat_config(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def resume_safe(key: str, allow: tuple[str, ...] = ()) -> bool:
+    """Whether a resume may change the dotted ``key`` unasked: one of :data:`RESUME_SAFE_KEYS` or
+    ``allow`` (a key or a section, e.g. ``schedule``)."""
+    return any(key == o or key.startswith(o + ".") for o in (*RESUME_SAFE_KEYS, *allow))
 
 
 def config_changes(stored: dict, current: dict, allow: tuple[str, ...] = ()) -> list[str]:
     """The dotted keys whose values differ between a checkpoint's config and the current one
     (keys only one of them has, e.g. from another visionmoe version, do not count), minus
     :data:`RESUME_SAFE_KEYS` and ``allow`` (a key or a section, e.g. ``schedule``)."""
-    a, b = _flat(stored), _flat(current)
-    ok = (*RESUME_SAFE_KEYS, *allow)
-    return sorted(k for k in a.keys() & b.keys()
-                  if a[k] != b[k] and not any(k == o or k.startswith(o + ".") for o in ok))
+    a, b = flat_config(stored), flat_config(current)
+    return sorted(k for k in a.keys() & b.keys() if a[k] != b[k] and not resume_safe(k, allow))
 
 
 def load_state(t: Trainer, path: str | Path, *, allow_changes: tuple[str, ...] | None = None) -> None:
@@ -125,7 +130,7 @@ def load_state(t: Trainer, path: str | Path, *, allow_changes: tuple[str, ...] |
     if allow_changes is not None:
         changed = config_changes(ck["state"].get("config") or {}, config_to_dict(t.cfg), allow_changes)
         if changed:
-            old, new = _flat(ck["state"]["config"]), _flat(config_to_dict(t.cfg))
+            old, new = flat_config(ck["state"]["config"]), flat_config(config_to_dict(t.cfg))
             what = "; ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed[:4])
             raise ValueError(f"the run in {t.run_dir} was started with another config ({what}); resume with the "
                              f"same config, or allow it with --allow-change {changed[0]}")
