@@ -116,13 +116,26 @@ def summary_table(res: dict):
     return t
 
 def save_plots(sd: Path, mae: Trainer, enc, moce, clustering, pool: TensorSplits, keys, c: MoCEDemoConfig,
-                tasks: dict) -> None:
+               tasks: dict) -> None:
+    """The demo's four figures in ``sd``: ``mae_loss.png``, ``reconstructions.png``,
+    ``clusters.png`` and ``cluster_expert.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # loss curves: MAE pre-training, then the three continuations with equal extra compute
+    for draw, name in ((lambda: _plot_losses(plt, sd, mae), "mae_loss.png"),
+                       (lambda: _plot_reconstructions(plt, mae, enc, pool), "reconstructions.png"),
+                       (lambda: _plot_clusters(plt, clustering, pool, keys, c), "clusters.png"),
+                       (lambda: _plot_cluster_experts(plt, moce, clustering, tasks), "cluster_expert.png")):
+        fig = draw()
+        fig.tight_layout()
+        fig.savefig(sd / name, dpi=100)
+        plt.close(fig)
+
+
+def _plot_losses(plt, sd: Path, mae: Trainer):
+    """MAE pre-training, then the three continuations with equal extra compute."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
     axes[0].plot(*logged_curve(mae.run_dir))
     axes[0].set_title("dense MAE pre-training", fontsize=9)
@@ -133,10 +146,11 @@ def save_plots(sd: Path, mae: Trainer, enc, moce, clustering, pool: TensorSplits
     for ax in axes:
         ax.set_xlabel("step")
         ax.set_ylabel("MAE loss")
-    fig.tight_layout()
-    fig.savefig(sd / "mae_loss.png", dpi=100)
-    plt.close(fig)
-    # reconstructions
+    return fig
+
+
+def _plot_reconstructions(plt, mae: Trainer, enc, pool: TensorSplits):
+    """Eight test images: the input, what the encoder sees, the reconstruction."""
     with torch.no_grad():
         enc.eval()
         x = pool.x_test[torch.randperm(len(pool.x_test), generator=torch.Generator().manual_seed(0))[:8]]
@@ -154,10 +168,11 @@ def save_plots(sd: Path, mae: Trainer, enc, moce, clustering, pool: TensorSplits
     axes[0, 0].set_title("input", fontsize=8, loc="left")
     axes[1, 0].set_title("visible 25%", fontsize=8, loc="left")
     axes[2, 0].set_title("reconstruction", fontsize=8, loc="left")
-    fig.tight_layout()
-    fig.savefig(sd / "reconstructions.png", dpi=100)
-    plt.close(fig)
-    # cluster sizes and example images
+    return fig
+
+
+def _plot_clusters(plt, clustering, pool: TensorSplits, keys, c: MoCEDemoConfig):
+    """Cluster sizes and ten example images of each of the first twelve clusters."""
     sizes = torch.bincount(keys, minlength=clustering.num_clusters)
     shown = min(12, clustering.num_clusters)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 1.6]})
@@ -173,10 +188,11 @@ def save_plots(sd: Path, mae: Trainer, enc, moce, clustering, pool: TensorSplits
     axes[1].imshow(torch.cat(grid, dim=0).numpy(), cmap="gray")
     axes[1].set_title(f"10 images from each of clusters 0-{shown - 1} (one row per cluster)", fontsize=9)
     axes[1].axis("off")
-    fig.tight_layout()
-    fig.savefig(sd / "clusters.png", dpi=100)
-    plt.close(fig)
-    # cluster -> expert gate matrix of each MoCE layer, and where each task's images fall
+    return fig
+
+
+def _plot_cluster_experts(plt, moce, clustering, tasks: dict):
+    """The cluster -> expert gate matrix of each MoCE layer, and where each task's images fall."""
     layers = moce.moe_layers()
     fig, axes = plt.subplots(1, len(layers) + 1, figsize=(4 * (len(layers) + 1), 4), squeeze=False)
     for ax, (blk, layer) in zip(axes[0], layers):
@@ -196,9 +212,8 @@ def save_plots(sd: Path, mae: Trainer, enc, moce, clustering, pool: TensorSplits
     ax.set_yticks(range(len(tasks)), list(tasks), fontsize=8)
     ax.set_xlabel("cluster")
     ax.set_title("share of each task's images per cluster", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(sd / "cluster_expert.png", dpi=100)
-    plt.close(fig)
+    return fig
+
 
 def _denorm(pred, x, p):
     """Undo the per-patch normalisation of the targets, using the input's patch statistics."""
