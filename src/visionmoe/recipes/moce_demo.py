@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ..analysis import class_expert_table, dominant_expert_share
 from ..data import TensorSplits, load_dataset, make_mixture
-from ..eval import extract_features, linear_probe
+from ..eval import extract_features
 from ..models import VisionTransformer, count_parameters
 from ..moe.placement import by_scores
 from ..moe.upcycle import upcycle_state_dict
@@ -55,6 +55,7 @@ from .moce_pipeline import (
     cluster_pool,
     continue_mae,
     finetune,
+    finetune_tasks,
     grad_scores,
     pixel_probe,
     pretrain_dense,
@@ -322,47 +323,9 @@ def _run_seed(stages: Stages, c: MoCEDemoConfig, seed: int, mix, tasks: dict, ou
               "MoCE": class_expert_table(moce, pool.x_test, fine_y, len(mix.classes), routing_key=keys_te)}
     run["collapse"] = {m: {str(b): dominant_expert_share(t) for b, t in tb.items()} for m, tb in tables.items()}
     # 6. transfer: pick each task's cluster, deploy a dense ViT, fine-tune; baselines fine-tune as is
-    backbones = {}
-    for name, task in tasks.items():
-        t0 = time.perf_counter()
-        sel = select_cluster(enc, clustering, task.x_train)
-        run["selection"][name] = {"cluster": sel.cluster, "share": sel.share, "histogram": sel.histogram.tolist(),
-                                  "seconds": time.perf_counter() - t0}
-        backbones[name] = {"MAE*": mae_star, "TokenMoE": token, "MoCE": deploy(moce, sel.cluster)}
-        if sdr is not None:
-            run.setdefault("sdr_search", {})[name] = pick = _sdr_search(stages, c, seed, sdr, sizes, task, sd, name)
-            backbones[name]["SDR"] = deploy(sdr, pick["picked"])
-    if first and len(c.finetune_lrs) > 1:  # small lr search on a validation split, reused for every seed
-        for name, task in tasks.items():
-            val = val_split(task, seed)
-            results["lr"][name] = {}
-            for method, bb in backbones[name].items():
-                accs = {lr: finetune(stages, bb, val, c, seed, sd / f"lr_{method}_{name}_{lr:g}", lr)
-                        for lr in c.finetune_lrs}
-                results["lr"][name][method] = {"chosen": max(accs, key=accs.get), "val_acc": accs}
-    for name, task in tasks.items():
-        run["acc"][name] = {}
-        run.setdefault("probe", {})[name] = {}
-        if c.baselines:  # the same images: raw pixels, and the same fine-tune from random initialisation
-            run.setdefault("baselines", {})[name] = {
-                "pixel probe": pixel_probe(task),
-                "random init": finetune(stages, VisionTransformer(**vit_args), task, c, seed, sd / f"ft_random_{name}",
-                                         c.finetune_lrs[0], pretrained=False)}
-        for method, bb in backbones[name].items():
-            ftr, fte = extract_features(bb, task.x_train), extract_features(bb, task.x_test)
-            run["probe"][name][method] = linear_probe(ftr, task.y_train, fte, task.y_test, num_classes=task.num_classes)
-            lr = results["lr"].get(name, {}).get(method, {}).get("chosen", c.finetune_lrs[0])
-            tag = {"MAE*": "mae", "TokenMoE": "tok", "MoCE": "moce", "SDR": "sdr"}[method]
-            run["acc"][name][method] = finetune(stages, bb, task, c, seed, sd / f"ft_{tag}_{name}", lr)
-        fmt = lambda d: ", ".join(f"{k} {v:.3f}" for k, v in d.items())  # noqa: E731
-        base = run.get("baselines", {}).get(name)
-        console.print(f"seed {seed} {name}: fine-tuned {fmt(run['acc'][name])}; linear probe {fmt(run['probe'][name])}"
-                      + (f"; baselines {fmt(base)}" if base else ""))
-        if base:
-            for method, acc in run["acc"][name].items():
-                if acc <= base["random init"]:
-                    console.print(f"[bold yellow]warning:[/] {name}: pre-trained {method} ({acc:.3f}) does not beat "
-                                  f"the same fine-tune from random initialisation ({base['random init']:.3f})")
+    backbones = _deploy_per_task(stages, c, seed, run, tasks, enc, clustering, sizes, sd,
+                                 {"MAE*": mae_star, "TokenMoE": token, "MoCE": moce, "SDR": sdr})
+    finetune_tasks(stages, c, seed, run, results, tasks, backbones, sd, vit_args, first=first, console=console)
     if first and c.compare_selection:
         lrs = {name: results["lr"].get(name, {}).get("MoCE", {}).get("chosen", c.finetune_lrs[0]) for name in tasks}
         run["selection_methods"] = _compare_selection(stages, c, seed, moce, sizes, tasks, run, sd, lrs)
@@ -375,6 +338,25 @@ def _run_seed(stages: Stages, c: MoCEDemoConfig, seed: int, mix, tasks: dict, ou
     save_plots(sd, mae, enc, moce, clustering, pool, keys_tr, c, tasks=run["selection"])
     plot_routing(sd / "routing.png", tables, mix)
     return run
+
+
+def _deploy_per_task(stages: Stages, c: MoCEDemoConfig, seed: int, run: dict, tasks: dict, enc, clustering,
+                     sizes: Tensor, sd: Path, models: dict) -> dict:
+    """Each task's backbone per method: MAE* and TokenMoE as they are, MoCE (and SDR) deployed as a
+    dense ViT from the cluster the task's images fall in (SDR: the subset its search picks)."""
+    backbones = {}
+    for name, task in tasks.items():
+        t0 = time.perf_counter()
+        sel = select_cluster(enc, clustering, task.x_train)
+        run["selection"][name] = {"cluster": sel.cluster, "share": sel.share, "histogram": sel.histogram.tolist(),
+                                  "seconds": time.perf_counter() - t0}
+        backbones[name] = {"MAE*": models["MAE*"], "TokenMoE": models["TokenMoE"],
+                           "MoCE": deploy(models["MoCE"], sel.cluster)}
+        if models["SDR"] is not None:
+            pick = _sdr_search(stages, c, seed, models["SDR"], sizes, task, sd, name)
+            run.setdefault("sdr_search", {})[name] = pick
+            backbones[name]["SDR"] = deploy(models["SDR"], pick["picked"])
+    return backbones
 
 
 def _sdr_search(stages: Stages, c: MoCEDemoConfig, seed: int, sdr: VisionTransformer, sizes: Tensor,

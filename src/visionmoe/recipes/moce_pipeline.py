@@ -159,3 +159,41 @@ def adapt_all(s: TensorSplits, size: int):
     from ..data import adapt
 
     return adapt(s.x_train, channels=1, size=size), s.y_train, adapt(s.x_test, channels=1, size=size), s.y_test
+
+
+def finetune_tasks(stages: Stages, c: MoCEDemoConfig, seed: int, run: dict, results: dict, tasks: dict,
+                   backbones: dict, sd: Path, vit_args: dict, *, first: bool, console) -> None:
+    """The lr search (first seed), then each task's fine-tune and linear probe of every backbone,
+    beside the pixel probe and the same fine-tune from random initialisation; warns when a
+    pre-trained backbone does not beat random initialisation."""
+    if first and len(c.finetune_lrs) > 1:  # small lr search on a validation split, reused for every seed
+        for name, task in tasks.items():
+            val = val_split(task, seed)
+            results["lr"][name] = {}
+            for method, bb in backbones[name].items():
+                accs = {lr: finetune(stages, bb, val, c, seed, sd / f"lr_{method}_{name}_{lr:g}", lr)
+                        for lr in c.finetune_lrs}
+                results["lr"][name][method] = {"chosen": max(accs, key=accs.get), "val_acc": accs}
+    for name, task in tasks.items():
+        run["acc"][name] = {}
+        run.setdefault("probe", {})[name] = {}
+        if c.baselines:  # the same images: raw pixels, and the same fine-tune from random initialisation
+            run.setdefault("baselines", {})[name] = {
+                "pixel probe": pixel_probe(task),
+                "random init": finetune(stages, VisionTransformer(**vit_args), task, c, seed, sd / f"ft_random_{name}",
+                                         c.finetune_lrs[0], pretrained=False)}
+        for method, bb in backbones[name].items():
+            ftr, fte = extract_features(bb, task.x_train), extract_features(bb, task.x_test)
+            run["probe"][name][method] = linear_probe(ftr, task.y_train, fte, task.y_test, num_classes=task.num_classes)
+            lr = results["lr"].get(name, {}).get(method, {}).get("chosen", c.finetune_lrs[0])
+            tag = {"MAE*": "mae", "TokenMoE": "tok", "MoCE": "moce", "SDR": "sdr"}[method]
+            run["acc"][name][method] = finetune(stages, bb, task, c, seed, sd / f"ft_{tag}_{name}", lr)
+        fmt = lambda d: ", ".join(f"{k} {v:.3f}" for k, v in d.items())  # noqa: E731
+        base = run.get("baselines", {}).get(name)
+        console.print(f"seed {seed} {name}: fine-tuned {fmt(run['acc'][name])}; linear probe {fmt(run['probe'][name])}"
+                      + (f"; baselines {fmt(base)}" if base else ""))
+        if base:
+            for method, acc in run["acc"][name].items():
+                if acc <= base["random init"]:
+                    console.print(f"[bold yellow]warning:[/] {name}: pre-trained {method} ({acc:.3f}) does not beat "
+                                  f"the same fine-tune from random initialisation ({base['random init']:.3f})")
