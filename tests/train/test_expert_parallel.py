@@ -172,6 +172,37 @@ def test_shard_slices_and_state_round_trip():
         del _GROUPS[-1]
 
 
+def test_sharding_replaces_the_experts_module_and_keeps_the_state_dict_keys():
+    """Expert parallelism is a module in place of the layer's Experts, not a patch of it: the
+    keys of the state dict stay, only the expert tensors' first dimension becomes E / P; the
+    other experts of the model are untouched and a second sharding is a no-op."""
+    from visionmoe.moe import Experts
+    from visionmoe.moe.parallel import ExpertParallel
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(build_moe(8, 16, MoEConfig(num_experts=4, top_k=1)),
+                                build_moe(8, 16, MoEConfig(num_experts=4, top_k=1)))
+    before = model.state_dict()
+    original = model[0].experts
+    _GROUPS[-2] = (None, None)
+    try:
+        assert shard_experts(model, 4, ExpertShard(rank=3, size=4, num_experts=0, key=-2)) == 2
+        assert shard_experts(model, 4, ExpertShard(rank=3, size=4, num_experts=0, key=-2)) == 0
+    finally:
+        del _GROUPS[-2]
+    assert type(original) is Experts and original.fc1_weight.shape[0] == 4  # the old module is not changed
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for layer in model:
+        assert isinstance(layer.experts, ExpertParallel) and layer.experts.fuses_combine is False
+        assert "holds=3..3" in repr(layer.experts)
+    for k, v in after.items():
+        want = before[k][3:4] if ".experts." in f".{k}" else before[k]
+        torch.testing.assert_close(v, want)
+    with pytest.raises(ValueError, match="split over ranks already"):
+        ExpertParallel(model[0].experts, model[0].experts.shard)
+
+
 def test_expert_parallel_benchmark_measures_all_to_all(runs, tmp_path):
     from visionmoe.bench import benchmark_data_parallel
 

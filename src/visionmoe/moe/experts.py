@@ -109,26 +109,19 @@ class Experts(nn.Module):
         act = act_layer() if isinstance(act_layer, type) else act_layer
         self.act = GLU(act, gate_last) if gated else act
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
-        # expert parallelism: set by :func:`visionmoe.moe.parallel.shard_experts`; then this
-        # rank holds experts ``shard.start .. shard.start + shard.local - 1`` of ``num_experts``
-        # and ``exchange(experts, x, rows, counts, impl)`` (a module-level function, so copies
-        # of the module share it) runs :meth:`forward_local` across the ranks
-        self.shard = None
-        self.exchange = None
-        self.sent_bytes = 0  # bytes the exchange sent to other ranks (visionmoe.moe.parallel.sent_bytes)
         self.reset_parameters()
+
+    #: whether :meth:`forward_combined` may run gather, experts and combine as one fused node
+    #: (not across ranks: :class:`~visionmoe.moe.parallel.ExpertParallel`)
+    fuses_combine = True
+    #: which experts this module holds when split over ranks (:class:`~visionmoe.moe.parallel.ExpertParallel`);
+    #: None: all of them
+    shard = None
 
     @property
     def num_local_experts(self) -> int:
         """Experts held here: E, or E / P with expert parallelism over P ranks."""
         return self.fc1_weight.shape[0]
-
-    def _check_whole(self, what: str) -> None:
-        if self.shard is not None:
-            raise RuntimeError(
-                f"{what} needs every expert, but this rank holds experts {self.shard.start}.."
-                f"{self.shard.start + self.shard.local - 1} of {self.num_experts} (expert parallelism); load the "
-                "layout-independent checkpoint into an unsharded model (visionmoe.train.load_trained_model)")
 
     def reset_parameters(self) -> None:
         """timm ViT init: truncated normal std 0.02 for weights, zero biases."""
@@ -149,7 +142,6 @@ class Experts(nn.Module):
 
     def expert(self, x: Tensor, e: int) -> Tensor:
         """Apply expert ``e`` to ``x: (..., D)``."""
-        self._check_whole("Experts.expert")
         b1 = None if self.fc1_bias is None else self.fc1_bias[e]
         b2 = None if self.fc2_bias is None else self.fc2_bias[e]
         h = self.drop(self.act(F.linear(x, self.fc1_weight[e], b1)))
@@ -184,14 +176,11 @@ class Experts(nn.Module):
         Returns:
             ``(N, D)`` expert outputs in sorted order.
 
-        With expert parallelism (``self.shard`` set) ``counts`` still has all E entries: the
-        rows are sent to the ranks holding their experts and the outputs come back in the
-        same order (``self.exchange``: :func:`visionmoe.moe.parallel.expert_parallel_forward`).
+        :class:`~visionmoe.moe.parallel.ExpertParallel` overrides it: the rows travel to the
+        ranks holding their experts and back.
         """
         if len(counts) != self.num_experts:
             raise ValueError(f"counts must have {self.num_experts} entries, got {len(counts)}")
-        if self.exchange is not None:  # expert parallelism: the rows travel to their experts' ranks
-            return self.exchange(self, x, rows, counts, impl)
         return self.forward_local(x, rows, counts, impl)
 
     def forward_combined(self, x: Tensor, rows: Tensor, counts: Tensor | list[int], weights: Tensor, *,
@@ -205,7 +194,7 @@ class Experts(nn.Module):
         :meth:`forward_gathered` on the token rows and scatter."""
         if len(counts) != self.num_experts:
             raise ValueError(f"counts must have {self.num_experts} entries, got {len(counts)}")
-        if self.shard is None and (impl or self.choose_impl(x)) == "fused":
+        if self.fuses_combine and (impl or self.choose_impl(x)) == "fused":
             return self._fused(x, rows, counts, weights.to(x.dtype), unique, unit)
         if unit > 1:  # the token rows of each image, in order
             rows = (rows[:, None] * unit + torch.arange(unit, device=rows.device)).reshape(-1)
@@ -261,6 +250,5 @@ class Experts(nn.Module):
                                self.drop)
 
     def extra_repr(self) -> str:
-        held = "" if self.shard is None else f", holds={self.shard.start}..{self.shard.start + self.shard.local - 1}"
-        return f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}{held}" + (
+        return f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}" + (
             ", gated" if self.gated else "")

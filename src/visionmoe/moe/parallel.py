@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from .experts import Experts
 
-__all__ = ["sent_bytes", "ExpertShard", "expert_parallel_groups", "shard_experts", "sharded_experts",
+__all__ = ["sent_bytes", "ExpertParallel", "ExpertShard", "expert_parallel_groups", "shard_experts", "sharded_experts",
            "expert_parallel_forward", "gather_expert_state", "shard_expert_state", "gather_optimizer_state",
            "shard_optimizer_state", "reduce_gradients", "sharded_parameters"]
 
@@ -119,10 +119,50 @@ def expert_parallel_groups(size: int) -> ExpertShard:
     return ExpertShard(rank=rank % size, size=size, num_experts=0, key=key)
 
 
-def sharded_experts(model: nn.Module) -> Iterator[tuple[str, Experts]]:
-    """``(name, module)`` of every :class:`Experts` of ``model`` that holds a shard."""
+class ExpertParallel(Experts):
+    """The experts of one MoE layer split over an expert-parallel group, in place of its
+    :class:`Experts` (``layer.experts = ExpertParallel(layer.experts, shard)``; megablocks'
+    switch of ``forward_fn``): this rank holds experts ``shard.start .. shard.start +
+    shard.local - 1`` of ``num_experts``, under the same parameter names (so state-dict keys
+    do not change), and :meth:`forward_gathered` runs :func:`expert_parallel_forward`.
+    ``sent_bytes`` counts what its all-to-alls sent to other ranks (read by :func:`sent_bytes`)."""
+
+    fuses_combine = False  # the combine runs after the rows come back from the other ranks
+
+    def __init__(self, experts: Experts, shard: ExpertShard):
+        nn.Module.__init__(self)
+        if isinstance(experts, ExpertParallel):
+            raise ValueError("these experts are split over ranks already")
+        for attr in ("impl", "recompute", "threads", "num_experts", "dim", "hidden", "gated", "act", "drop"):
+            setattr(self, attr, getattr(experts, attr))
+        rows = slice(shard.start, shard.start + shard.local)
+        for name, p in experts.named_parameters(recurse=False):  # in its order: optimizer states follow it
+            self.register_parameter(name, nn.Parameter(p.detach()[rows].clone(), requires_grad=p.requires_grad))
+        for name in _PARAMS:
+            if not hasattr(self, name):  # no biases
+                self.register_parameter(name, None)
+        self.shard, self.sent_bytes = shard, 0
+
+    def forward_gathered(self, x: Tensor, rows: Tensor, counts: Tensor | list[int], impl: str | None = None) -> Tensor:
+        """As :meth:`Experts.forward_gathered` (``counts`` has all E entries), across the group."""
+        if len(counts) != self.num_experts:
+            raise ValueError(f"counts must have {self.num_experts} entries, got {len(counts)}")
+        return expert_parallel_forward(self, x, rows, counts, impl)
+
+    def expert(self, x: Tensor, e: int) -> Tensor:
+        raise RuntimeError(
+            f"Experts.expert needs every expert, but this rank holds experts {self.shard.start}.."
+            f"{self.shard.start + self.shard.local - 1} of {self.num_experts} (expert parallelism); load the "
+            "layout-independent checkpoint into an unsharded model (visionmoe.train.load_trained_model)")
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", holds={self.shard.start}..{self.shard.start + self.shard.local - 1}"
+
+
+def sharded_experts(model: nn.Module) -> Iterator[tuple[str, ExpertParallel]]:
+    """``(name, module)`` of every :class:`ExpertParallel` of ``model``."""
     for name, m in model.named_modules():
-        if isinstance(m, Experts) and m.shard is not None:
+        if isinstance(m, ExpertParallel):
             yield name, m
 
 
@@ -132,10 +172,10 @@ def sharded_parameters(model: nn.Module) -> dict[int, ExpertShard]:
 
 
 def shard_experts(model: nn.Module, size: int, place: ExpertShard | None = None) -> int:
-    """Keep only this rank's E/P experts in every :class:`Experts` of ``model`` (built the
-    same on every rank, e.g. from the same seed, so the shards are slices of one model).
-    Returns the number of layers sharded. ``place`` defaults to
-    ``expert_parallel_groups(size)``."""
+    """Replace every :class:`Experts` of ``model`` by an :class:`ExpertParallel` holding this
+    rank's E/P experts (``model`` built the same on every rank, e.g. from the same seed, so
+    the shards are slices of one model). Returns the number of layers sharded. ``place``
+    defaults to ``expert_parallel_groups(size)``."""
     if size == 1:
         return 0
     from .soft import SoftMoE
@@ -145,22 +185,19 @@ def shard_experts(model: nn.Module, size: int, place: ExpertShard | None = None)
         raise ValueError(f"Soft MoE layers ({soft[0]}, ...) run every expert on every image's slots and do not "
                          "split over ranks: use moe.expert_parallel=1 (data parallelism) with router: soft")
     place = place or expert_parallel_groups(size)
-    n = 0
-    for name, m in model.named_modules():
-        if not isinstance(m, Experts) or m.shard is not None:
-            continue
+    todo = [(name, m) for name, m in model.named_modules()
+            if isinstance(m, Experts) and not isinstance(m, ExpertParallel)]
+    for name, m in todo:
         if m.num_experts % size:
             raise ValueError(f"{name}: {m.num_experts} experts cannot be split over moe.expert_parallel={size} "
                              "ranks; choose a divisor of moe.num_experts")
-        sh = ExpertShard(place.rank, size, m.num_experts, place.key)
-        rows = slice(sh.start, sh.start + sh.local)
-        for pname in _PARAMS:
-            p = getattr(m, pname)
-            if p is not None:
-                setattr(m, pname, nn.Parameter(p.detach()[rows].clone(), requires_grad=p.requires_grad))
-        m.shard, m.exchange, m.sent_bytes = sh, expert_parallel_forward, 0
-        n += 1
-    return n
+    for name, m in todo:
+        ep = ExpertParallel(m, ExpertShard(place.rank, size, m.num_experts, place.key))
+        if not name:
+            raise ValueError("shard_experts takes the model (or MoE layer) that holds the Experts, not the Experts")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, ep)
+    return len(todo)
 
 
 def sent_bytes(model: nn.Module) -> int:
@@ -170,7 +207,8 @@ def sent_bytes(model: nn.Module) -> int:
     return sum(m.sent_bytes for _, m in sharded_experts(model))
 
 
-def _exchange(out: Tensor, x: Tensor, out_splits: list[int], in_splits: list[int], group, experts: Experts) -> Tensor:
+def _exchange(out: Tensor, x: Tensor, out_splits: list[int], in_splits: list[int], group,
+              experts: ExpertParallel) -> Tensor:
     me = dist.get_rank(group)
     experts.sent_bytes += (sum(in_splits) - in_splits[me]) * (x[0].numel() if len(x) else 0) * x.element_size()
     dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
@@ -181,7 +219,7 @@ class _AllToAll(torch.autograd.Function):
     """``all_to_all_single`` with uneven splits whose backward is the reverse exchange."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, out_splits: list[int], in_splits: list[int], group, experts: Experts) -> Tensor:
+    def forward(ctx, x: Tensor, out_splits: list[int], in_splits: list[int], group, experts: ExpertParallel) -> Tensor:
         ctx.splits, ctx.group, ctx.experts = (out_splits, in_splits), group, experts
         return _exchange(x.new_empty((sum(out_splits),) + tuple(x.shape[1:])), x, out_splits, in_splits, group,
                          experts)
@@ -193,11 +231,11 @@ class _AllToAll(torch.autograd.Function):
         return _exchange(back, grad, in_splits, out_splits, ctx.group, ctx.experts), None, None, None, None
 
 
-def _a2a(x: Tensor, out_splits: list[int], in_splits: list[int], group, experts: Experts) -> Tensor:
+def _a2a(x: Tensor, out_splits: list[int], in_splits: list[int], group, experts: ExpertParallel) -> Tensor:
     return _AllToAll.apply(x, out_splits, in_splits, group, experts)
 
 
-def expert_parallel_forward(experts: Experts, x: Tensor, rows: Tensor, counts: Tensor | list[int],
+def expert_parallel_forward(experts: ExpertParallel, x: Tensor, rows: Tensor, counts: Tensor | list[int],
                             impl: str | None = None) -> Tensor:
     """:meth:`Experts.forward_gathered` across the expert-parallel group: ``x: (M, D)``,
     ``rows: (N,)`` sorted by expert, ``counts: (E,)`` rows per (global) expert -> ``(N, D)``
