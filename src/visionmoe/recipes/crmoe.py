@@ -275,11 +275,7 @@ def _aggregate(res: dict) -> None:
 
 
 def _report(out: Path, res: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """``report.md`` (and ``routing_consistency.png``) in ``out`` from the study's results."""
     from ..eval.stats import format_difference
 
     c, agg, px = res["config"], res["summary"], res["pixels"]
@@ -318,6 +314,21 @@ def _report(out: Path, res: dict) -> None:
               "|---" * (len(tasks) * len(c["shots"]) + 1) + "|"]
     lines += [f"| {v} | " + " | ".join(f(agg[v]["few_shot"][t][str(s)], 3) for t in tasks for s in c["shots"]) + " |"
               for v in (RANDOM, *methods)]
+    lines += _semi_table(res, agg, px, methods)
+    if res.get("paired"):
+        lines += ["", "## The paper's claims, seed-paired (95% t interval)", "",
+                  "`a - b` over seeds; *reproduced* only where the interval excludes 0 in the claimed direction "
+                  "(a better), *refuted* where it excludes 0 the other way.", "",
+                  "| claim | metric | difference |", "|---|---|---|"]
+        for claim, d in res["paired"].items():
+            lines += [f"| {claim} | {k} | {format_difference(v)} |" for k, v in d.items()]
+    lines += _consistency_section(out, {v: agg[v]["consistency"] for v in methods if agg[v]["consistency"]})
+    atomic_write_bytes(out / "report.md", ("\n".join(lines) + "\n").encode())
+
+
+def _semi_table(res: dict, agg: dict, px: dict, methods: list[str]) -> list[str]:
+    """The report's semi-supervised table (with the lr each seed chose), or nothing."""
+    c, f, lines = res["config"], fmt_mean_std, []
     semi_keys = list(next(iter(agg.values()))["semi"])
     if semi_keys:
         picked = {}
@@ -337,14 +348,17 @@ def _report(out: Path, res: dict) -> None:
                   for v in (RANDOM, *methods)]
         lines.append("| raw pixels | " + " | ".join(f"{px['semi'][k]['acc']:.3f}" if k in px["semi"] else "—"
                                                     for k in semi_keys) + " | |")
-    if res.get("paired"):
-        lines += ["", "## The paper's claims, seed-paired (95% t interval)", "",
-                  "`a - b` over seeds; *reproduced* only where the interval excludes 0 in the claimed direction "
-                  "(a better), *refuted* where it excludes 0 the other way.", "",
-                  "| claim | metric | difference |", "|---|---|---|"]
-        for claim, d in res["paired"].items():
-            lines += [f"| {claim} | {k} | {format_difference(v)} |" for k, v in d.items()]
-    moe = {v: agg[v]["consistency"] for v in methods if agg[v]["consistency"]}
+    return lines
+
+
+def _consistency_section(out: Path, moe: dict) -> list[str]:
+    """The routing-consistency table and bar chart (``routing_consistency.png``) of the MoE variants."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    f, lines = fmt_mean_std, []
     if moe:
         lines += ["", "## Routing consistency", "",
                   "Mean number of experts shared by the top-k sets of corresponding patches of two views "
@@ -367,4 +381,4 @@ def _report(out: Path, res: dict) -> None:
         fig.savefig(out / "routing_consistency.png", dpi=100)
         plt.close(fig)
         lines += ["", "![routing consistency](routing_consistency.png)"]
-    atomic_write_bytes(out / "report.md", ("\n".join(lines) + "\n").encode())
+    return lines
