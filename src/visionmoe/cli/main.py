@@ -436,7 +436,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_study_commands(sub) -> None:
-    """The subcommands of the studies: demo, moce-study, moce, crmoe, vimoe."""
+    """The subcommands of the studies: demo, moce-study, moce (:func:`_add_moce_commands`), crmoe, vimoe."""
+    _add_moce_commands(sub)
+    cr = sub.add_parser("crmoe", help="CR-MoE study: MoCo v3 dense / V-MoE / V-MoE+OGAR, evaluation protocols",
+                        description="MoCo v3 pre-training of a dense ViT, a V-MoE and a V-MoE with OGAR at equal "
+                                    "steps, 3 seeds, then linear probe, k-NN, few-shot, semi-supervised and routing "
+                                    "consistency; writes report.md (about 45-60 minutes on 2 idle CPU cores; "
+                                    "--quick about 1).")
+    cr.add_argument("overrides", nargs="*", help="settings as key=value, e.g. ogar_weight=0.01 steps=300")
+    cr.add_argument("--quick", action="store_true")
+    cr.add_argument("--out", default="runs/crmoe")
+    cr.add_argument("--resume", action="store_true",
+                    help="keep the runs an earlier call finished in --out (same settings; more seeds allowed)")
+    cr.add_argument("--no-progress", action="store_true")
+    cr.set_defaults(fn=_cmd_crmoe)
+
+    vm = sub.add_parser("vimoe", help="ViMoE study: upcycle a pre-trained dense ViT; stability with/without the "
+                                      "shared expert, token-routed segmentation vs dense (mIoU)",
+                        description="Pre-trains a dense ViT, upcycles it into MoEs and runs (1) MoE in every block "
+                                    "with CLS routing with and without the shared expert vs dense fine-tuning, (2) "
+                                    "token-routed MoE vs dense segmentation on fashion_scenes; 3 seeds; writes "
+                                    "report.md (about 7.5 minutes on 2 CPU cores; --quick about half a minute).")
+    vm.add_argument("overrides", nargs="*", help="settings as key=value, e.g. parts=[segmentation] seg_epochs=20")
+    vm.add_argument("--quick", action="store_true")
+    vm.add_argument("--out", default="runs/vimoe")
+    vm.add_argument("--no-progress", action="store_true")
+    vm.set_defaults(fn=_cmd_vimoe)
+
+
+def _add_moce_commands(sub) -> None:
+    """demo, moce-study and moce pretrain / deploy."""
     d = sub.add_parser(
         "demo", help="MoCE end to end on bundled real images: MAE, clustering, MoCE vs MAE* vs TokenMoE, transfer",
         description="MAE pre-training, balanced clustering, MoCE / MAE* / TokenMoE with equal extra compute, "
@@ -505,30 +534,6 @@ def _add_study_commands(sub) -> None:
     md.add_argument("-o", "--output", default="dense.safetensors", help="the dense checkpoint to write")
     md.add_argument("--no-progress", action="store_true", help="no progress bar")
     md.set_defaults(fn=_cmd_moce_deploy)
-
-    cr = sub.add_parser("crmoe", help="CR-MoE study: MoCo v3 dense / V-MoE / V-MoE+OGAR, evaluation protocols",
-                        description="MoCo v3 pre-training of a dense ViT, a V-MoE and a V-MoE with OGAR at equal "
-                                    "steps, 3 seeds, then linear probe, k-NN, few-shot, semi-supervised and routing "
-                                    "consistency; writes report.md (about 20 minutes; --quick about 1).")
-    cr.add_argument("overrides", nargs="*", help="settings as key=value, e.g. ogar_weight=0.01 steps=300")
-    cr.add_argument("--quick", action="store_true")
-    cr.add_argument("--out", default="runs/crmoe")
-    cr.add_argument("--resume", action="store_true",
-                    help="keep the runs an earlier call finished in --out (same settings; more seeds allowed)")
-    cr.add_argument("--no-progress", action="store_true")
-    cr.set_defaults(fn=_cmd_crmoe)
-
-    vm = sub.add_parser("vimoe", help="ViMoE study: upcycle a pre-trained dense ViT; stability with/without the "
-                                      "shared expert, token-routed segmentation vs dense (mIoU)",
-                        description="Pre-trains a dense ViT, upcycles it into MoEs and runs (1) MoE in every block "
-                                    "with CLS routing with and without the shared expert vs dense fine-tuning, (2) "
-                                    "token-routed MoE vs dense segmentation on fashion_scenes; 3 seeds; writes "
-                                    "report.md (about 7.5 minutes on 2 CPU cores; --quick about half a minute).")
-    vm.add_argument("overrides", nargs="*", help="settings as key=value, e.g. parts=[segmentation] seg_epochs=20")
-    vm.add_argument("--quick", action="store_true")
-    vm.add_argument("--out", default="runs/vimoe")
-    vm.add_argument("--no-progress", action="store_true")
-    vm.set_defaults(fn=_cmd_vimoe)
 
 
 def _add_analysis_commands(sub) -> None:
