@@ -187,14 +187,14 @@ def shard_experts(model: nn.Module, size: int, place: ExpertShard | None = None)
     place = place or expert_parallel_groups(size)
     todo = [(name, m) for name, m in model.named_modules()
             if isinstance(m, Experts) and not isinstance(m, ExpertParallel)]
-    for name, m in todo:
+    for name, m in todo:  # every check before the first replacement
+        if not name:
+            raise ValueError("shard_experts takes the model (or MoE layer) that holds the Experts, not the Experts")
         if m.num_experts % size:
             raise ValueError(f"{name}: {m.num_experts} experts cannot be split over moe.expert_parallel={size} "
                              "ranks; choose a divisor of moe.num_experts")
     for name, m in todo:
         ep = ExpertParallel(m, ExpertShard(place.rank, size, m.num_experts, place.key))
-        if not name:
-            raise ValueError("shard_experts takes the model (or MoE layer) that holds the Experts, not the Experts")
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, ep)
     return len(todo)
