@@ -21,6 +21,20 @@ def test_quick_bench_writes_json_and_plot(tmp_path):
     dense = next(r for r in res["suites"]["layer"] if r["name"] == "dense")
     assert dense["fwdbwd_ratio"] == 1.0 and dense["activation_ratio"] == 1.0 and dense["fwdbwd_paired_ratio"] == 1.0
     assert all("fwdbwd_ms" in r for r in data["suites"]["layer"] if "error" not in r)
+    # the recipes' shapes at one and two threads, and the exported models in onnxruntime
+    assert data["config"]["small_threads"] == [1, 2]
+    for t in (1, 2):
+        small = {r["name"]: r for r in data["suites"][f"small_t{t}"]}
+        assert {"dense", "visionmoe-E4-k1", "visionmoe-E4-k2", "visionmoe-E4-image-k1"} <= set(small)
+        vit = {r["name"]: r for r in data["suites"][f"tiny_vit_t{t}"]}
+        assert set(vit) == {"tiny-vit-dense", "tiny-vit-moe-E4-k1", "tiny-vit-moe-E4-k2", "tiny-vit-moe-E4-image-k1"}
+        assert all("fwd_ratio" in r and "fwdbwd_ratio" in r for r in vit.values())
+        if "export" not in data:  # onnxruntime installed
+            for b in (1, 32):
+                rows = {r["name"]: r for r in data["suites"][f"export_tiny-vit_b{b}_t{t}"]}
+                assert rows["tiny-vit-dense"]["fwd_ratio"] == 1.0
+                assert {"tiny-vit-moe-sparse", "tiny-vit-moe-sparse-cf1", "tiny-vit-moe-dense-experts"} <= set(rows)
+                assert all("error" not in r for r in rows.values())
 
 
 def test_activation_bytes_excludes_parameters_and_counts_saved_tensors():

@@ -35,16 +35,43 @@ def test_static_path_equals_dropless_dispatch(moe):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("moe", [{"eval_capacity_factor": 0.5},
+                                 {"routing": "cls", "top_k": 1, "eval_capacity_factor": 1.0},
+                                 {"selection": "expert_choice"},
+                                 {"shared_expert": True, "top_k": 1, "eval_capacity_factor": 0.7, "bpr": False}])
+def test_sparse_static_path_equals_eval_with_its_capacity(moe):
+    m = _moe(**moe)
+    x = torch.rand(9, 1, 8, 8)
+    with torch.no_grad():
+        ref = m(x)
+        with static_moe(m, "sparse"):
+            got = m(x)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+    if moe.get("eval_capacity_factor", 1) < 1:  # the capacity drops something: dropless differs
+        with torch.no_grad(), static_moe(m, "dense"):
+            assert (m(x) - ref).abs().max() > 1e-4
+
+
 def test_moe_exports_with_routing_and_matches_in_onnxruntime(tmp_path):
-    m = _moe(eval_capacity_factor=1.0)  # eval capacity is lifted: the export is dropless
+    m = _moe(eval_capacity_factor=0.5)  # the routed export keeps the eval capacity (it drops here)
     res = export_onnx(m, tmp_path / "moe.onnx")
-    assert res["kind"] == "moe" and res["max_abs_diff"] <= 1e-4 and res["input_shape"] == [1, 8, 8]
+    assert res["kind"] == "moe" and res["experts"] == "sparse" and res["max_abs_diff"] <= 1e-5
+    assert res["input_shape"] == [1, 8, 8]
     sess = ort.InferenceSession(str(tmp_path / "moe.onnx"))
-    for b in (1, 7):  # dynamic batch
-        out = sess.run(None, {"images": np.random.default_rng(b).random((b, 1, 8, 8), dtype=np.float32)})[0]
-        assert out.shape == (b, 10)
+    for b in (1, 7, 13):  # dynamic batch; the capacity is computed from the batch in the graph
+        x = np.random.default_rng(b).random((b, 1, 8, 8), dtype=np.float32)
+        out = sess.run(None, {"images": x})[0]
+        with torch.no_grad():
+            ref = m(torch.from_numpy(x)).numpy()
+        assert out.shape == (b, 10) and np.abs(out - ref).max() <= 1e-5
+    # the fallback: every expert on every token, dropless
+    res = export_onnx(m, tmp_path / "dense.onnx", experts="dense", dynamo=False)
+    assert res["experts"] == "dense" and res["max_abs_diff"] <= 1e-4
+    with pytest.raises(ValueError, match="experts must be one of"):
+        export_onnx(m, tmp_path / "x.onnx", experts="all")
     # the capacity setting is restored after export
-    assert all(layer.dispatcher.eval_capacity_factor == 1.0 for _, layer in moe_layers(m))
+    assert all(layer.dispatcher.eval_capacity_factor == 0.5 for _, layer in moe_layers(m))
+    assert all(layer.static is False for _, layer in moe_layers(m))
 
 
 def test_dense_and_dense_from_experts_export(tmp_path):
@@ -98,7 +125,10 @@ def test_cli_export_and_predict(tmp_path, capsys):
     t.fit()
     ck = str(t.latest_checkpoint())
     assert main(["export", ck, "-o", str(tmp_path / "m.onnx"), "--legacy"]) == 0
-    assert "onnxruntime matches PyTorch" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "onnxruntime matches PyTorch" in out and "moe, sparse experts" in out
+    assert main(["export", ck, "-o", str(tmp_path / "d.onnx"), "--legacy", "--dense-experts"]) == 0
+    assert "moe, dense experts" in capsys.readouterr().out
     d = load_dataset("digits")
     paths = []
     for i in range(4):

@@ -1,11 +1,14 @@
 """Ship a trained model: ONNX export (dense, dense extracted from MoE experts, MoE with its
 routing) checked in onnxruntime, and top-k prediction on image files with the experts used.
 
-MoE layers export through a static, dropless path (:meth:`visionmoe.moe.MoE._forward_static`):
-every expert runs on every token and a combine matrix that is zero off the router's top-k
-mixes them. The outputs equal dropless dispatch; the cost is E/K times the expert FLOPs,
-because ONNX has no data-dependent grouped matmul. A model whose routers need a cluster or
-task id (MoCE) is exported as the dense model its experts for one id form (``key=``).
+MoE layers export the routed computation by default (``experts="sparse"``,
+:meth:`visionmoe.moe.MoE._forward_static`): each expert gathers the tokens routed to it and
+kept by the eval capacity (``eval_capacity_factor``, with BPR), runs on them and adds its
+weighted output back (ONNX ``NonZero`` / ``Gather`` / ``ScatterND``, dynamic shapes), so the
+file does the expert FLOPs of dispatch and gives PyTorch's eval outputs. ``experts="dense"``
+is the fallback with static shapes: every expert on every token, mixed by a combine matrix
+that is zero off the top-k: dropless, E/K times the expert FLOPs. A model whose routers need a
+cluster or task id (MoCE) is exported as the dense model its experts for one id form (``key=``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from torch import Tensor, nn
 from ._utils import file_mode, temp_beside
 from .moe.layer import moe_layers
 
-__all__ = ["static_moe", "dropless", "export_onnx", "predict_images", "top_experts"]
+__all__ = ["EXPERTS", "static_moe", "dropless", "export_onnx", "check_onnx", "predict_images", "top_experts"]
 
 
 @contextlib.contextmanager
@@ -38,9 +41,16 @@ def _setting(objs: list, attr: str, value) -> Iterator[None]:
             setattr(o, attr, v)
 
 
-def static_moe(model: nn.Module) -> contextlib.AbstractContextManager:
-    """Switch every MoE layer of ``model`` to the static, export-friendly path (``with`` block)."""
-    return _setting([m for _, m in moe_layers(model)], "static", True)
+EXPERTS = ("sparse", "dense")
+
+
+def static_moe(model: nn.Module, experts: str = "dense") -> contextlib.AbstractContextManager:
+    """Switch every MoE layer of ``model`` to an export path (``with`` block): ``"sparse"``
+    (the routed computation, the eval capacity kept) or ``"dense"`` (every expert on every
+    token, static shapes, dropless)."""
+    if experts not in EXPERTS:
+        raise ValueError(f"experts must be one of {EXPERTS}, got {experts!r}")
+    return _setting([m for _, m in moe_layers(model)], "static", experts)
 
 
 def dropless(model: nn.Module) -> contextlib.AbstractContextManager:
@@ -70,14 +80,19 @@ def export_onnx(
     dynamo: bool = True,
     opset: int | None = None,
     metadata: dict[str, str] | None = None,
+    experts: str = "sparse",
 ) -> dict[str, Any]:
     """Write ``model`` as ONNX (input ``images (B, C, H, W)``, output ``logits``, dynamic
     batch) and, with ``check``, run it in onnxruntime on random images and compare with
-    PyTorch (dropless eval); raises ``ValueError`` beyond ``atol``.
+    PyTorch's eval (with its eval capacity for ``experts="sparse"``, dropless for
+    ``"dense"``); raises ``ValueError`` beyond ``atol``.
 
     Args:
         key: for models routed by cluster / task id (MoCE): export the dense ViT formed by
             the experts this id routes to (:meth:`VisionTransformer.extract_dense`).
+        experts: MoE layers: ``"sparse"`` (default; only the chosen experts run on each token,
+            ``eval_capacity_factor`` honoured) or ``"dense"`` (every expert on every token,
+            static shapes, dropless).
         dynamo: use the ``torch.export``-based exporter (default) or the older
             TorchScript-based one (faster to run, deprecated in recent PyTorch).
         metadata: strings stored in the file's ``metadata_props`` (the CLI writes the
@@ -85,8 +100,10 @@ def export_onnx(
             ``visionmoe.classes``), read back with ``onnx.load(path).metadata_props``.
 
     Returns ``{"path", "kind" ("dense" | "moe" | "dense-from-experts"), "max_abs_diff",
-    "input_shape"}``.
+    "input_shape", "experts"}``.
     """
+    if experts not in EXPERTS:
+        raise ValueError(f"experts must be one of {EXPERTS}, got {experts!r}")
     try:
         import onnx  # noqa: F401 - the exporter needs it
     except ImportError as e:
@@ -118,7 +135,7 @@ def export_onnx(
     if opset is not None:
         kwargs["opset_version"] = opset
     try:
-        with torch.no_grad(), static_moe(model), dropless(model):
+        with torch.no_grad(), static_moe(model, experts), _capacity(model, experts):
             torch.onnx.export(model, (example,), tmp, **kwargs)
         if not Path(tmp).stat().st_size:
             raise RuntimeError(f"the ONNX exporter wrote nothing to {tmp}")
@@ -133,22 +150,29 @@ def export_onnx(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    out: dict[str, Any] = {"path": str(path), "kind": kind, "input_shape": list(shape), "max_abs_diff": None}
+    out: dict[str, Any] = {"path": str(path), "kind": kind, "input_shape": list(shape), "max_abs_diff": None,
+                           "experts": experts if kind == "moe" else None}
     if check:
-        out["max_abs_diff"] = check_onnx(model, path, shape, atol=atol)
+        out["max_abs_diff"] = check_onnx(model, path, shape, atol=atol, capacity=experts == "sparse")
     return out
 
 
+def _capacity(model: nn.Module, experts: str) -> contextlib.AbstractContextManager:
+    """The sparse path keeps the eval capacity; the dense one is dropless."""
+    return contextlib.nullcontext() if experts == "sparse" else dropless(model)
+
+
 def check_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int], *, atol: float = 1e-4,
-               batch: int = 5) -> float:
-    """Largest absolute difference between onnxruntime and PyTorch (dropless eval) on a batch
-    of random images; ``ValueError`` if above ``atol``."""
+               batch: int = 5, capacity: bool = False) -> float:
+    """Largest absolute difference between onnxruntime and PyTorch's eval (dropless, or with
+    its eval capacity when ``capacity``) on a batch of random images; ``ValueError`` if above
+    ``atol``."""
     try:
         import onnxruntime as ort
     except ImportError as e:
         raise ImportError("checking an ONNX file needs onnxruntime: pip install 'visionmoe[export]'") from e
     x = torch.rand(batch, *input_shape, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad(), dropless(model):
+    with torch.no_grad(), _capacity(model, "sparse" if capacity else "dense"):
         ref = model.eval()(x).float()
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])

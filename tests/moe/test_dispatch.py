@@ -407,3 +407,29 @@ def test_recompute_saves_exactly_the_activation_less():
 
     assert build_moe(D, H, MoEConfig(recompute_activation=True)).experts.recompute
     assert not build_moe(D, H, MoEConfig()).experts.recompute
+
+
+@pytest.mark.parametrize("bpr", [True, False])
+def test_kept_assignments_equals_the_dispatcher(bpr):
+    """The tensor-only capacity of the sparse export keeps exactly what dispatch keeps:
+    random routings with tied gates, top-1/2/3, several factors, min_capacity, multiple_of,
+    and expert choice's ``chosen``."""
+    from visionmoe.moe import kept_assignments
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(120):
+        S = int(torch.randint(1, 40, (1,), generator=g))
+        E = int(torch.randint(2, 7, (1,), generator=g))
+        K = int(torch.randint(1, min(3, E) + 1, (1,), generator=g))
+        # few distinct logits: many ties in the BPR order
+        logits = torch.randint(0, 4, (S, E), generator=g).float()
+        probs = logits.softmax(-1)
+        route = route_from_probs(probs, k=K)
+        if trial % 4 == 3:  # a router that takes only some assignments
+            route.chosen = torch.rand(S, K, generator=g) < 0.7
+        cf = [0.3, 0.5, 1.0, 1.3, None][trial % 5]
+        mc, mult = [(1, 1), (3, 1), (1, 4)][trial % 3]
+        d = SortedDispatcher(capacity_factor=cf, bpr=bpr, min_capacity=mc, capacity_multiple_of=mult).train()
+        _, info = d(torch.randn(S, 3), route, Experts(E, 3, 4))
+        got = kept_assignments(route, cf, bpr=bpr, min_capacity=mc, multiple_of=mult)
+        assert torch.equal(got, info.kept), (trial, S, E, K, cf, mc, mult)

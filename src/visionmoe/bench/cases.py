@@ -15,10 +15,12 @@ from torch import Tensor, nn
 
 from ..moe import Experts, LinearRouter, MoE, MoEConfig, PooledRouter, SortedDispatcher, build_moe, native
 from ..moe.experts import grouped_mm_available
+from ..moe.layer import moe_layers
 from ..moe.reference import EinsumDispatcher, LoopDispatcher
 
 __all__ = ["Case", "activation_bytes", "layer_case", "moe_layer", "peer_cases", "layer_cases", "vit_cases",
-           "scaling_cases", "sync", "loss_of", "param_mb"]
+           "scaling_cases", "small_layer_cases", "tiny_vit", "tiny_vit_cases", "export_cases", "TINY_VIT", "sync",
+           "loss_of", "param_mb"]
 
 
 def sync() -> None:
@@ -208,6 +210,33 @@ def layer_cases(*, batch: int, tokens: int, dim: int, hidden: int, experts: int,
             cases.append(layer_case(f"visionmoe-{name}", group, layer, x, aux=lambda m=layer: m.last.aux_loss, k=1))
     return cases, status
 
+def _step_case(name: str, group: str, model: nn.Module, x: Tensor, y: Tensor, **info) -> Case:
+    """A training step (``fwdbwd``: forward, cross-entropy + MoE aux loss, backward, fused
+    AdamW step, as the Trainer) or an inference call (``fwd``: eval mode, no grad)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the Trainer (optim.fused)
+
+    def make(backward: bool):
+        def step():
+            model.train(backward)
+            with torch.set_grad_enabled(backward):
+                out = model(x)
+                if backward:
+                    loss = torch.nn.functional.cross_entropy(out, y) + model.moe_aux_loss()
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+            return out
+
+        return step
+
+    return Case(name, group, make, info)
+
+def _set_threads(model: nn.Module, threads: bool | str) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, Experts):
+            m.threads = threads
+    return model
+
 def vit_cases(*, batch: int, img_size: int, experts: int, threads: bool | str = True) -> list[Case]:
     """A dense and an MoE (every-2, top-1) ViT-S/16 training step; ``threads``: the MoE
     layers' ``Experts.threads`` (a :data:`~visionmoe.moe.experts.THREAD_MODES` value)."""
@@ -218,28 +247,101 @@ def vit_cases(*, batch: int, img_size: int, experts: int, threads: bool | str = 
     cases = []
     for name, moe in (("vit-s16-dense", None), ("vit-s16-moe-every2-k1", dict(num_experts=experts, top_k=1,
                                                                               placement="every_2"))):
-        model = create_model("vit_small_patch16_224", img_size=img_size, moe=moe)
-        for m in model.modules():
-            if isinstance(m, Experts):
-                m.threads = threads
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the Trainer (optim.fused)
-
-        def make(backward: bool, model=model, opt=opt):
-            def step():
-                model.train(backward)
-                with torch.set_grad_enabled(backward):
-                    out = model(x)
-                    if backward:
-                        loss = torch.nn.functional.cross_entropy(out, y) + model.moe_aux_loss()
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        opt.step()
-                return out
-
-            return step
-
-        cases.append(Case(name, "vit_step", make, {"batch": batch, "img_size": img_size}))
+        model = _set_threads(create_model("vit_small_patch16_224", img_size=img_size, moe=moe), threads)
+        cases.append(_step_case(name, "vit_step", model, x, y, batch=batch, img_size=img_size))
     return cases
+
+#: the recipes' small ViT (configs/supervised/fmnist_*.yaml, the CR-MoE CPU study): 28x28 grey
+#: images, patch 4 (T = 50 with the class token), width 64, depth 6, 4 heads
+TINY_VIT = {"img_size": 28, "patch_size": 4, "embed_dim": 64, "depth": 6, "num_heads": 4, "in_chans": 1,
+            "num_classes": 10}
+
+def tiny_vit(moe: dict | None = None, **kw) -> nn.Module:
+    """The recipes' small ViT, dense or with ``moe`` (e.g. ``{"num_experts": 4, "top_k": 1,
+    "placement": "last_2"}``)."""
+    from ..models import create_model
+
+    return create_model("vmoe_mini_patch4_28" if moe else "vit_mini_patch4_28", **{**TINY_VIT, **kw}, moe=moe)
+
+def tiny_vit_cases(*, batch: int = 128, experts: int = 4, quick: bool = False) -> list[Case]:
+    """The whole small-ViT training step (``fwdbwd``) and inference (``fwd``): dense, and MoE
+    in the last 2 blocks (E experts, top-1 token-level, top-2, image-level top-1), dropless
+    as the recipes."""
+    kw = dict(img_size=16, depth=2) if quick else {}
+    x = torch.randn(batch, 1, kw.get("img_size", 28), kw.get("img_size", 28))
+    y = torch.randint(0, 10, (batch,))
+    cases = [_step_case("tiny-vit-dense", "tiny_vit", tiny_vit(**kw), x, y, batch=batch)]
+    for name, extra in ((f"tiny-vit-moe-E{experts}-k1", {}), (f"tiny-vit-moe-E{experts}-k2", {"top_k": 2}),
+                        (f"tiny-vit-moe-E{experts}-image-k1", {"routing": "cls"})):
+        moe = {"num_experts": experts, "top_k": 1, "placement": "last_2", **extra}
+        cases.append(_step_case(name, "tiny_vit", tiny_vit(moe, **kw), x, y, batch=batch))
+    return cases
+
+def small_layer_cases(*, batch: int = 128, tokens: int = 50, dim: int = 64, hidden: int = 256,
+                      experts: tuple[int, ...] = (4, 16)) -> list[Case]:
+    """The MoE layer at the recipes' shapes (D = 64, T = 50, B = 128) against the dense MLP:
+    E experts, top-1 / top-2, token- and image-level."""
+    x = torch.randn(batch, tokens, dim)
+    cases = [layer_case("dense", "small", Mlp(dim, hidden), x)]
+    for e in experts:
+        for k, level in ((1, "token"), (2, "token"), (1, "image")):
+            m = moe_layer(dim, hidden, e, k, level=level)
+            name = f"visionmoe-E{e}-" + ("image-" if level == "image" else "") + f"k{k}"
+            cases.append(layer_case(name, "small", m, x, aux=lambda m=m: m.last.aux_loss, E=e, k=k))
+    return cases
+
+def _ort_case(name: str, group: str, sess, x, **info) -> Case:
+    def make(backward: bool):
+        return lambda: sess.run(None, {sess.get_inputs()[0].name: x})
+
+    return Case(name, group, make, info)
+
+def export_cases(*, batches: tuple[int, ...] = (1, 32), experts: int = 4, threads: int = 1, vit_s: bool = False,
+                 vit_s_batches: tuple[int, ...] = (1, 8), quick: bool = False,
+                 tmp: str | Path | None = None) -> dict[str, list[Case]]:
+    """onnxruntime inference of exported models, by batch size: the dense model, the MoE
+    model with its routed experts (``visionmoe export``'s default; dropless and with eval
+    capacity factor 1), and with every expert on every token (``--dense-experts``). The
+    small ViT (MoE in the last 2 blocks, E experts, top-1) at ``batches`` and, with ``vit_s``,
+    ViT-S/16 (every 2, 8 experts, top-1) at ``vit_s_batches``; ORT on ``threads`` intra-op
+    threads. Returns the cases by suite name (``export_<model>_b<batch>``), each with its own
+    dense model first."""
+    import tempfile
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from ..export import export_onnx
+    from ..models import create_model
+
+    tmp = Path(tmp or tempfile.mkdtemp(prefix="visionmoe-bench-onnx-"))
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    kw = dict(img_size=16, depth=2) if quick else {}
+    models = [("tiny-vit", tiny_vit(**kw), tiny_vit({"num_experts": experts, "top_k": 1, "placement": "last_2"},
+                                                    **kw), (1, kw.get("img_size", 28), kw.get("img_size", 28)))]
+    if vit_s:
+        size = 32 if quick else 224
+        models.append(("vit-s16", create_model("vit_small_patch16_224", img_size=size),
+                       create_model("vit_small_patch16_224", img_size=size,
+                                    moe=dict(num_experts=8, top_k=1, placement="every_2")), (3, size, size)))
+    out: dict[str, list[Case]] = {}
+    for label, dense, moe, shape in models:
+        dense, moe = dense.eval(), moe.eval()
+        sessions = []
+        for name, model, how, cf in (("dense", dense, "sparse", None), ("moe-sparse", moe, "sparse", None),
+                                     ("moe-sparse-cf1", moe, "sparse", 1.0), ("moe-dense-experts", moe, "dense", None)):
+            for _, layer in moe_layers(model):
+                layer.dispatcher.eval_capacity_factor = cf
+            path = tmp / f"{label}-{name}.onnx"
+            export_onnx(model, path, input_shape=shape, experts=how, check=False, dynamo=True)
+            sessions.append((f"{label}-{name}", ort.InferenceSession(str(path), opts,
+                                                                     providers=["CPUExecutionProvider"])))
+        for b in batches if label == "tiny-vit" else vit_s_batches:
+            x = np.random.default_rng(b).random((b, *shape), dtype=np.float32)
+            suite = f"export_{label}_b{b}"
+            out[suite] = [_ort_case(name, suite, sess, x, batch=b, ort_threads=threads) for name, sess in sessions]
+    return out
 
 def param_mb(module: nn.Module) -> float:
     return sum(p.numel() * p.element_size() for p in module.parameters()) / 1e6

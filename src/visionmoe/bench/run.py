@@ -23,10 +23,10 @@ import torch
 
 from ..moe import native
 from ..runtime import allocator_state
-from .cases import Case, layer_cases, scaling_cases, vit_cases
+from .cases import Case, export_cases, layer_cases, scaling_cases, small_layer_cases, tiny_vit_cases, vit_cases
 from .measure import add_traffic_estimate, memory_bandwidth, run_rounds, split_gemm_ratio, summarise
 
-__all__ = ["run_bench", "build_parser", "run_from_args", "main"]
+__all__ = ["run_bench", "background_load", "build_parser", "run_from_args", "main"]
 
 
 def run_bench(
@@ -44,6 +44,10 @@ def run_bench(
     vit_batch: int = 8,
     scaling: bool = True,
     crmoe: bool = True,
+    small: bool = True,
+    small_threads: tuple[int, ...] = (1, 2),
+    export: bool = True,
+    load: int = 0,
     out: str | Path = "runs/bench",
     quick: bool = False,
     progress: bool = True,
@@ -51,19 +55,50 @@ def run_bench(
 ) -> dict:
     """Run the benchmark suites; write ``bench.json`` and ``bench.png`` to ``out``. ``device``:
     where the cases are built and timed (``cuda``: the ``grouped`` kernel vs dense on a GPU,
-    synchronised around every timed call)."""
+    synchronised around every timed call).
+
+    ``small``: the recipes' shapes (the layer at D = 64, T = 50, B = 128 and the whole small
+    ViT's training step and inference) at each of ``small_threads``. ``export``: onnxruntime
+    inference of exported dense and MoE models (``visionmoe export``'s routed experts and
+    ``--dense-experts``). ``load``: that many busy processes run beside the bench (a
+    machine shared with other work: what oversubscribed threads cost)."""
     from ..train.context import resolve_device
 
     dev = resolve_device(device)
     with torch.device(dev):
         return _run_bench(batch=batch, tokens=tokens, dim=dim, hidden=hidden, experts=experts, rounds=rounds,
                           inner=inner, threads=threads, peers=peers, vit=vit, vit_batch=vit_batch, scaling=scaling,
-                          crmoe=crmoe, out=out, quick=quick, progress=progress, device=str(dev))
+                          crmoe=crmoe, small=small, small_threads=tuple(small_threads), export=export, load=load,
+                          out=out, quick=quick, progress=progress, device=str(dev))
 
 def _run_bench(*, batch, tokens, dim, hidden, experts, rounds, inner, threads, peers, vit, vit_batch, scaling, crmoe,
-               out, quick, progress, device) -> dict:
+               small, small_threads, export, load, out, quick, progress, device) -> dict:
     if quick:
         batch, tokens, dim, hidden, rounds, vit_batch = 4, 17, 32, 128, 2, 1
+    if load < 0 or threads < 1 or any(t < 1 for t in small_threads):
+        raise ValueError(f"bench needs load >= 0 and thread counts >= 1, got load={load}, threads={threads}, "
+                         f"small_threads={small_threads}")
+    busy = background_load(load)
+    try:
+        return _run_suites(batch=batch, tokens=tokens, dim=dim, hidden=hidden, experts=experts, rounds=rounds,
+                           inner=inner, threads=threads, peers=peers, vit=vit, vit_batch=vit_batch, scaling=scaling,
+                           crmoe=crmoe, small=small and device == "cpu", small_threads=small_threads,
+                           export=export and device == "cpu", load=load, out=out, quick=quick, progress=progress,
+                           device=device)
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+
+def background_load(n: int) -> list:
+    """Start ``n`` processes that spin on a core each (kill them when done)."""
+    import subprocess
+    import sys
+
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+def _run_suites(*, batch, tokens, dim, hidden, experts, rounds, inner, threads, peers, vit, vit_batch, scaling, crmoe,
+                small, small_threads, export, load, out, quick, progress, device) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     from rich.console import Console
@@ -71,28 +106,46 @@ def _run_bench(*, batch, tokens, dim, hidden, experts, rounds, inner, threads, p
     console = Console(quiet=not progress)
     results: dict[str, Any] = {"config": dict(batch=batch, tokens=tokens, dim=dim, hidden=hidden, experts=experts,
                                               rounds=rounds, threads=threads, torch=torch.__version__, device=device,
+                                              small_threads=list(small_threads) if small else [], load=load,
                                               allocator=allocator_state(), native=native.status()),
                                "suites": {}}
-    suites: list[tuple[str, list[Case], int, tuple[str, ...]]] = []
+    suites: list[tuple[str, list[Case], int, tuple[str, ...], int]] = []  # name, cases, units, modes, threads
     cases, status = layer_cases(batch=batch, tokens=tokens, dim=dim, hidden=hidden, experts=experts, ks=(1, 2),
                                 peers=peers, label="layer")
     results["peers"] = status
-    suites.append(("layer", cases, batch * tokens, ("fwd", "fwdbwd")))
+    suites.append(("layer", cases, batch * tokens, ("fwd", "fwdbwd"), threads))
     if crmoe:
         c2, _ = layer_cases(batch=batch, tokens=tokens, dim=dim, hidden=hidden // 2, experts=16, ks=(2,),
                             peers=False, label="crmoe_shape")
-        suites.append(("crmoe_shape", c2, batch * tokens, ("fwdbwd",)))
+        suites.append(("crmoe_shape", c2, batch * tokens, ("fwdbwd",), threads))
     if scaling:
         suites.append(("scaling", scaling_cases(batch=batch, tokens=tokens, dim=dim, hidden=hidden,
                                                 experts_list=[4, 8, 16, 32, 64] if not quick else [2, 4]),
-                       batch * tokens, ("fwdbwd",)))
+                       batch * tokens, ("fwdbwd",), threads))
     if vit:
         size = 224 if not quick else 32
         suites.append(("vit_step", vit_cases(batch=vit_batch, img_size=size, experts=experts), vit_batch,
-                       ("fwdbwd",)))
-    for name, cs, ntok, modes in suites:
-        console.print(f"[bold]bench[/] {name}: {len(cs)} cases x {rounds} rounds ({', '.join(modes)})")
+                       ("fwdbwd",), threads))
+    if small:
+        sb, st, sd = (16, 17, 32) if quick else (128, 50, 64)
+        for t in small_threads:
+            suites.append((f"small_t{t}", small_layer_cases(batch=sb, tokens=st, dim=sd, hidden=4 * sd,
+                                                            experts=(4,) if quick else (4, 16)),
+                           sb * st, ("fwd", "fwdbwd"), t))
+            suites.append((f"tiny_vit_t{t}", tiny_vit_cases(batch=sb, quick=quick), sb, ("fwd", "fwdbwd"), t))
+    if export:
+        try:
+            for t in small_threads if small else (threads,):
+                for name, cs in export_cases(threads=t, vit_s=vit, quick=quick).items():
+                    suites.append((f"{name}_t{t}", cs, cs[0].info["batch"], ("fwd",), t))
+        except ImportError as e:
+            results["export"] = f"skipped: {e} (pip install 'visionmoe[export]')"
+    for name, cs, ntok, modes, nthreads in suites:
+        console.print(f"[bold]bench[/] {name}: {len(cs)} cases x {rounds} rounds ({', '.join(modes)}, "
+                      f"{nthreads} thread{'s' if nthreads > 1 else ''})")
+        torch.set_num_threads(nthreads)
         run_rounds(cs, rounds if name != "vit_step" else max(2, rounds // 2), modes, inner)
+        torch.set_num_threads(threads)
         results["suites"][name] = summarise(cs, ntok)
         if name == "scaling":
             results["bandwidth_gb_s"] = bw = memory_bandwidth(2**28 if not quick else 2**22)
@@ -113,7 +166,8 @@ def _print_tables(results: dict, console) -> None:
 
     for suite, rows in results["suites"].items():
         t = Table(title=f"{suite} (ratio = median time / dense's; paired = median of per-round ratios)")
-        cols = ["name", "fwd_ms", "fwd_ratio", "fwdbwd_ms", "fwdbwd_iqr_ms", "fwdbwd_ratio", "fwdbwd_paired_ratio",
+        cols = ["name", "fwd_ms", "fwd_ratio", "fwd_paired_ratio", "fwdbwd_ms", "fwdbwd_iqr_ms", "fwdbwd_ratio",
+                "fwdbwd_paired_ratio",
                 "fwdbwd_paired_iqr", "fwdbwd_page_faults", "activation_ratio", "traffic_ratio",
                 "split_gemm_ratio"]
         cols = [c for c in cols if any(c in r for r in rows)]
@@ -126,6 +180,8 @@ def _print_tables(results: dict, console) -> None:
         bw = results["bandwidth_gb_s"]
         console.print(f"memory bandwidth: read {bw['read']} GB/s, write {bw['write']} GB/s (traffic_ratio: dense time "
                       "+ the extra expert parameters read twice and their gradients written once, over dense time)")
+    if "export" in results:
+        console.print(f"export rows {results['export']}")
     for peer, st in results.get("peers", {}).items():
         console.print(f"peer {peer}: {st}")
 
@@ -178,6 +234,13 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--no-vit", action="store_true", help="skip the whole ViT-S/16 training step")
     p.add_argument("--no-scaling", action="store_true", help="skip the E = 4..64 table")
     p.add_argument("--no-crmoe", action="store_true", help="skip the CR-MoE shape (E=16, top-2, H=2D)")
+    p.add_argument("--no-small", action="store_true",
+                   help="skip the recipes' shapes (the D=64 layer and the small ViT's train step and inference)")
+    p.add_argument("--small-threads", type=int, nargs="+", default=[1, 2], metavar="N",
+                   help="thread counts of the small suites and the export rows (default: 1 2)")
+    p.add_argument("--no-export", action="store_true", help="skip the onnxruntime rows of exported models")
+    p.add_argument("--load", type=int, default=0, metavar="N",
+                   help="run N busy processes beside the bench: a machine shared with other work")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds (a smoke test, not a measurement)")
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N: time the layers on a GPU")
@@ -186,7 +249,9 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
 def run_from_args(args: argparse.Namespace) -> dict:
     return run_bench(batch=args.batch, tokens=args.tokens, dim=args.dim, hidden=args.hidden, experts=args.experts,
                      rounds=args.rounds, inner=args.inner, threads=args.threads, peers=not args.no_peers,
-                     vit=not args.no_vit, scaling=not args.no_scaling, crmoe=not args.no_crmoe, out=args.out,
+                     vit=not args.no_vit, scaling=not args.no_scaling, crmoe=not args.no_crmoe,
+                     small=not args.no_small, small_threads=tuple(args.small_threads), export=not args.no_export,
+                     load=args.load, out=args.out,
                      quick=args.quick, device=getattr(args, "device", "cpu"))
 
 def main(argv: list[str] | None = None) -> int:

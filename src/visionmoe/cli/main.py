@@ -317,9 +317,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     prep = st.preprocess
     out = args.out or str(Path(args.checkpoint).with_suffix(".onnx"))
     res = export_onnx(model, out, input_shape=(prep.channels, prep.size, prep.size), key=args.key,
-                      check=not args.no_check, dynamo=not args.legacy, metadata=_onnx_metadata(st))
+                      check=not args.no_check, dynamo=not args.legacy, metadata=_onnx_metadata(st),
+                      experts="dense" if args.dense_experts else "sparse")
     diff = "" if res["max_abs_diff"] is None else f"; onnxruntime matches PyTorch within {res['max_abs_diff']:.2g}"
-    print(f"wrote {res['path']} ({res['kind']}, input {res['input_shape']}: {prep.describe()}){diff}")
+    kind = res["kind"] + (f", {res['experts']} experts" if res.get("experts") else "")
+    print(f"wrote {res['path']} ({kind}, input {res['input_shape']}: {prep.describe()}){diff}")
     return 0
 
 
@@ -621,6 +623,9 @@ def _add_model_commands(sub) -> None:
                     help="MoCE / task-routed models: export the dense ViT of this cluster or task id's experts")
     ex.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     ex.add_argument("--legacy", action="store_true", help="use the TorchScript-based exporter (faster, deprecated)")
+    ex.add_argument("--dense-experts", action="store_true",
+                    help="MoE: every expert on every token (static shapes, dropless, E/K times the expert FLOPs) "
+                         "instead of the routed computation with the eval capacity")
     ex.set_defaults(fn=_cmd_export)
 
     pd = sub.add_parser("predict", help="top-5 classes of image files with a trained checkpoint; --routing shows "

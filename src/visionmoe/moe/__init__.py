@@ -2,7 +2,7 @@
 
 from . import losses
 from .config import ROUTERS, ROUTINGS, MoEConfig, build_moe
-from .dispatch import DispatchInfo, SortedDispatcher, compute_capacity
+from .dispatch import DispatchInfo, SortedDispatcher, compute_capacity, kept_assignments
 from .experts import Experts
 from .layer import MoE, MoEResult, collect_aux_loss, collect_routing_stats, moe_layers, routing_key
 from .placement import list_placements, resolve_placement
@@ -39,6 +39,7 @@ __all__ = [
     "SortedDispatcher",
     "DispatchInfo",
     "compute_capacity",
+    "kept_assignments",
     "Router",
     "RouterOutput",
     "LinearRouter",

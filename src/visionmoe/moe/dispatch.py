@@ -23,12 +23,13 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .experts import Experts
 from .routers import RouterOutput
 
-__all__ = ["DispatchInfo", "SortedDispatcher", "compute_capacity"]
+__all__ = ["DispatchInfo", "SortedDispatcher", "compute_capacity", "kept_assignments"]
 
 
 def compute_capacity(num_units: int, k: int, num_experts: int, capacity_factor: float, min_capacity: int = 1,
@@ -39,6 +40,47 @@ def compute_capacity(num_units: int, k: int, num_experts: int, capacity_factor: 
         raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {capacity_factor}")
     c = max(min_capacity, math.ceil(k * num_units * capacity_factor / num_experts))
     return -(-c // multiple_of) * multiple_of
+
+
+def kept_assignments(route: RouterOutput, capacity_factor: float | None, *, bpr: bool = True, min_capacity: int = 1,
+                     multiple_of: int = 1) -> Tensor:
+    """``(S, K)`` bool: the (unit, choice) assignments :class:`SortedDispatcher` keeps in one
+    routing group, computed with tensor ops only (no host sync, no shape that depends on the
+    data), so that ``torch.export`` / ONNX keep the capacity as a computation on the batch.
+
+    Each expert takes its assignments in priority order (every first choice before any
+    second choice; within a choice, units by position or, with ``bpr``, by their largest
+    gate) until C = :func:`compute_capacity` is reached. ``capacity_factor=None``: all of
+    them (the router's ``chosen`` ones for expert choice)."""
+    taken = route.chosen if route.chosen is not None else torch.ones_like(route.indices, dtype=torch.bool)
+    if capacity_factor is None:
+        return taken
+    _check_factor("capacity_factor", capacity_factor)
+    num_units, k = route.indices.shape
+    num_experts = route.num_experts
+    # C from the batch as a tensor, with the same float64 operations as compute_capacity
+    n = torch.ones_like(route.indices[:, 0]).sum().to(torch.float64)
+    cap = torch.ceil(n * k * capacity_factor / num_experts).clamp_min(min_capacity)
+    cap = torch.ceil(cap / multiple_of) * multiple_of
+    if bpr:  # order[r]: the unit of rank r; rank[u]: the rank of unit u
+        top = route.probs.max(dim=-1).values
+        # ONNX has no stable sort, but its TopK breaks ties by the lower index: the same order
+        exporting = torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+        order = top.topk(num_units).indices if exporting else top.sort(descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(0, order, torch.arange(num_units, device=order.device))
+    onehot = F.one_hot(route.indices, num_experts) & taken[..., None]  # (S, K, E)
+    before = torch.zeros_like(onehot[0, 0])  # (E,) assignments each expert took in earlier choices
+    kept = []
+    for c in range(k):
+        sel = onehot[:, c]  # (S, E)
+        if bpr:
+            pos = sel[order].cumsum(0)[rank]  # 1-based position of each unit in its expert's run
+        else:
+            pos = sel.cumsum(0)
+        slot = ((pos - 1 + before) * sel).sum(-1)  # (S,) position in the chosen expert's run
+        kept.append(taken[:, c] & (slot < cap))
+        before = before + sel.sum(0)
+    return torch.stack(kept, dim=1)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .dispatch import SortedDispatcher
+from .dispatch import SortedDispatcher, kept_assignments
 from .experts import Experts
 from .routers import LEVELS, RouterLike, RouterOutput
 
@@ -119,9 +119,9 @@ class MoE(nn.Module):
         # True: ``last.extra["probs"]`` keeps the differentiable (S, E) gate probabilities
         # (for losses on the gates, e.g. CR-MoE's OGAR)
         self.keep_probs = False
-        # True: the static, export-friendly path (see :meth:`_forward_static`); set by
+        # "sparse" / "dense" (or True): the export paths (see :meth:`_forward_static`); set by
         # :func:`visionmoe.export.static_moe`
-        self.static = False
+        self.static: bool | str = False
 
     @property
     def num_experts(self) -> int:
@@ -162,17 +162,53 @@ class MoE(nn.Module):
         return y
 
     def _forward_static(self, x: Tensor, units: Tensor, route: RouterOutput) -> Tensor:
-        """Dropless MoE with static shapes, for ONNX / torch.export: every expert runs on
-        every unit and a ``(S, E)`` combine matrix (zero off the top-k) mixes the results.
-        The same outputs as dropless dispatch at E/K times the expert FLOPs; nothing is
-        recorded in ``last``."""
-        combine = torch.zeros_like(route.probs, dtype=units.dtype).scatter(
-            1, route.indices, route.weights.to(units.dtype))  # (S, E)
-        combine = combine.reshape(combine.shape + (1,) * (units.dim() - 1))  # (S, E, 1[, 1])
-        y = sum(combine[:, e] * self.experts.expert(units, e) for e in range(self.num_experts))
+        """The export path (ONNX / torch.export), chosen by ``self.static``; nothing is
+        recorded in ``last``.
+
+        ``"sparse"``: each expert runs only on the units routed to it and kept by the
+        dispatcher's capacity of the current mode (:func:`~visionmoe.moe.dispatch.kept_assignments`),
+        gathered by index (``nonzero`` / ``index_select`` / ``index_add``: dynamic shapes,
+        the expert FLOPs of dispatch). ``"dense"`` (or True): every expert runs on every unit
+        and a ``(S, E)`` combine matrix (zero off the top-k) mixes the results: static shapes,
+        dropless, E/K times the expert FLOPs."""
+        if self.static == "sparse":
+            y = self._sparse_experts(units, route)
+        else:
+            combine = torch.zeros_like(route.probs, dtype=units.dtype).scatter(
+                1, route.indices, route.weights.to(units.dtype))  # (S, E)
+            combine = combine.reshape(combine.shape + (1,) * (units.dim() - 1))  # (S, E, 1[, 1])
+            y = sum(combine[:, e] * self.experts.expert(units, e) for e in range(self.num_experts))
         y = y.reshape(x.shape)
         if self.shared_expert is not None:
             y = y + self.shared_expert(x)
+        return y
+
+    def _sparse_experts(self, units: Tensor, route: RouterOutput) -> Tensor:
+        d = self.dispatcher
+        if not isinstance(d, SortedDispatcher):
+            raise ValueError(f"sparse export needs the SortedDispatcher, not {type(d).__name__}; "
+                             "export with the dense experts path (static='dense')")
+        cf = d.capacity_factor if self.training else d.eval_capacity_factor
+        if cf is not None and d.group_size is not None:
+            raise ValueError("sparse export of a capacity within routing groups (moe.group_size) is not supported; "
+                             "export dropless (eval_capacity_factor None) or with the dense experts path")
+        kept = kept_assignments(route, cf, bpr=d.bpr, min_capacity=d.min_capacity,
+                                multiple_of=d.capacity_multiple_of)  # (S, K)
+        y = torch.zeros_like(units)
+        ones = (1,) * (units.dim() - 1)
+        weights = route.weights.to(units.dtype)
+        everything = cf is None and route.chosen is None  # then kept is all True: skip the mask
+        if route.k == 1:  # each unit in at most one expert: gather, run, put back; scale once at the end
+            choice = route.indices[:, 0] if everything else route.indices[:, 0].masked_fill(~kept[:, 0], -1)
+            for e in range(self.num_experts):
+                rows = (choice == e).nonzero().squeeze(1)  # the units expert e takes
+                y = y.index_add(0, rows, self.experts.expert(units.index_select(0, rows), e))
+            return y * weights[:, 0].reshape((-1, *ones))
+        for e in range(self.num_experts):  # a unit lists an expert at most once among its K choices
+            mine = route.indices == e if everything else (route.indices == e) & kept  # (S, K)
+            rows = mine.any(-1).nonzero().squeeze(1)
+            w = (weights * mine).sum(-1).index_select(0, rows).reshape((-1, *ones))
+            y = y.index_add(0, rows, w * self.experts.expert(units.index_select(0, rows), e))
         return y
 
     def _record(self, route: RouterOutput, info, units: Tensor) -> MoEResult:
