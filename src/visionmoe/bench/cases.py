@@ -314,7 +314,11 @@ def export_cases(*, batches: tuple[int, ...] = (1, 32), experts: int = 4, thread
     from ..export import export_onnx
     from ..models import create_model
 
-    tmp = Path(tmp or tempfile.mkdtemp(prefix="visionmoe-bench-onnx-"))
+    if tmp is None:  # the sessions hold the models in memory: the files can go when they are built
+        with tempfile.TemporaryDirectory(prefix="visionmoe-bench-onnx-") as d:
+            return export_cases(batches=batches, experts=experts, threads=threads, vit_s=vit_s,
+                                vit_s_batches=vit_s_batches, quick=quick, tmp=d)
+    tmp = Path(tmp)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     kw = dict(img_size=16, depth=2) if quick else {}
