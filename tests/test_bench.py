@@ -1,6 +1,7 @@
 """Smoke test of `visionmoe bench` (tiny shapes; no timing assertions)."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -23,6 +24,8 @@ def test_quick_bench_writes_json_and_plot(tmp_path):
     assert all("fwdbwd_ms" in r for r in data["suites"]["layer"] if "error" not in r)
     # the recipes' shapes at one and two threads, and the exported models in onnxruntime
     assert data["config"]["small_threads"] == [1, 2]
+    auto = data["config"]["auto_threads"]  # what run.threads=auto would pick beside the bench's load
+    assert auto["picked"] in (1, 2) and auto["others_busy_cores"] >= 0 or not os.path.exists("/proc/stat")
     for t in (1, 2):
         small = {r["name"]: r for r in data["suites"][f"small_t{t}"]}
         assert {"dense", "visionmoe-E4-k1", "visionmoe-E4-k2", "visionmoe-E4-image-k1"} <= set(small)

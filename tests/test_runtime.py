@@ -108,3 +108,84 @@ def test_bench_module_names_a_mistyped_env_value_in_one_line():
     assert "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines() == [res.stderr.strip()]  # one line
     assert "VISIONMOE_MALLOC='defualt'" in res.stderr
+
+
+# ---------------------------------------------------------------------------- run.threads: auto
+needs_proc_stat = pytest.mark.skipif(not pathlib.Path("/proc/stat").exists() or not hasattr(os, "sched_getaffinity"),
+                                     reason="needs Linux /proc/stat")
+
+
+def test_threads_for_counts_the_free_cores():
+    from visionmoe.runtime import threads_for
+
+    assert threads_for(0.0, cap=2, cores=2) == 2
+    assert threads_for(0.1, cap=2, cores=2) == 2  # a nearly idle machine keeps every core
+    assert threads_for(0.5, cap=2, cores=2) == 1  # half a core taken: its thread would wait at every op
+    assert threads_for(1.0, cap=2, cores=2) == 1
+    assert threads_for(3.0, cap=8, cores=8) == 5
+    assert threads_for(9.0, cap=8, cores=8) == 1  # never fewer than one
+    assert threads_for(0.0, cap=4, cores=16) == 4  # never more than the cap
+
+
+def test_others_busy_cores_subtracts_the_process_own_time():
+    from visionmoe.runtime import others_busy_cores
+
+    # 2 s of wall time: the cores were busy 3.0 s in all, 1.2 s of it this process's
+    assert others_busy_cores((10.0, 5.0, 100.0), (13.0, 6.2, 102.0)) == pytest.approx(0.9)
+    assert others_busy_cores((10.0, 5.0, 100.0), (10.5, 5.6, 101.0)) == 0.0  # clock granularity: not negative
+
+
+@needs_proc_stat
+def test_the_governor_leaves_cores_that_other_processes_keep_busy():
+    import time
+
+    import torch
+
+    from visionmoe import runtime
+
+    cores = len(os.sched_getaffinity(0))
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    before = torch.get_num_threads()
+    try:
+        time.sleep(0.5)
+        runtime._recent = None
+        gov = runtime.ThreadGovernor(cap=cores, window=0.5)
+        assert gov.start() == 1, gov.changes  # every core is taken by another process
+        assert torch.get_num_threads() == 1
+        assert gov.changes[0][0] >= cores - 0.7
+    finally:
+        for p in busy:
+            p.kill()
+        gov.stop()
+    assert torch.get_num_threads() == before
+
+
+@needs_proc_stat
+def test_training_under_load_runs_on_the_free_cores_and_puts_torchs_count_back():
+    """``run.threads: auto`` (the default) through the real Trainer: with every core taken by
+    another process, the steps run on one thread; afterwards torch has its count again."""
+    import time
+
+    import torch
+    from torch import nn
+
+    from visionmoe import runtime
+    from visionmoe.train import train_classifier
+
+    seen = []
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    model.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    x, y = torch.randn(32, 1, 4, 4), torch.arange(32) % 3
+    cores = len(os.sched_getaffinity(0))
+    torch.set_num_threads(min(2, cores))
+    before = torch.get_num_threads()
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    try:
+        time.sleep(0.5)
+        runtime._recent = None
+        train_classifier(model, x, y, epochs=2, batch_size=8, progress=False)
+    finally:
+        for p in busy:
+            p.kill()
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == before

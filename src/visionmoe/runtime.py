@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
+import time
 
-__all__ = ["tune_cpu_allocator", "allocator_state", "allocator_setting"]
+__all__ = ["tune_cpu_allocator", "allocator_state", "allocator_setting", "cpu_snapshot", "others_busy_cores",
+           "threads_for", "ThreadGovernor"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _OFF, _ON = ("default", "off", "0"), ("", "tuned", "on", "1")
@@ -73,3 +76,118 @@ def tune_cpu_allocator(trim_threshold: int = 2**31 - 1) -> bool:
 def allocator_state() -> str:
     """``"default"`` or what :func:`tune_cpu_allocator` set in this process (for reports)."""
     return _state
+
+
+# ---------------------------------------------------------------------------- threads under load
+# PyTorch's CPU ops split their work over OpenMP threads that meet at a barrier after each op.
+# When another process keeps one of the cores busy, the thread that shares its core gets a time
+# slice only now and then, and every op waits for it: on the project's 2-core machine, with one
+# busy process beside it, training at torch's default 2 threads ran ~10x slower than at one
+# (docs/performance.md, "Threads under load"). ``run.threads: auto`` (the default) measures how
+# busy the process's cores are with other work and uses only the free ones.
+
+
+def cpu_snapshot() -> tuple[float, float, float] | None:
+    """``(busy, own, wall)`` seconds now: CPU time spent busy on the cores this process may run on
+    (``/proc/stat``, every process), this process's own CPU time (all its threads) and a
+    monotonic clock; ``None`` where ``/proc/stat`` cannot be read (not Linux)."""
+    try:
+        cpus = os.sched_getaffinity(0)
+        with open("/proc/stat") as f:
+            lines = f.read().splitlines()
+    except (OSError, AttributeError):
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    busy = 0
+    for line in lines:
+        name, *vals = line.split()
+        if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cpus:
+            continue
+        v = [int(x) for x in vals[:8]]  # user nice system idle iowait irq softirq steal
+        busy += v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+    t = os.times()
+    return busy / tick, t.user + t.system, time.monotonic()
+
+
+def others_busy_cores(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
+    """How many of this process's cores other processes (and this one's children, such as
+    data-loader workers) kept busy on average between two :func:`cpu_snapshot` calls."""
+    wall = max(after[2] - before[2], 1e-6)
+    return max(0.0, ((after[0] - before[0]) - (after[1] - before[1])) / wall)
+
+
+def threads_for(others: float, cap: int, cores: int | None = None) -> int:
+    """The intra-op thread count for ``others`` busy cores: the free cores of this process's
+    ``cores`` (default: its CPU affinity), rounded down unless nearly free, within 1 .. ``cap``."""
+    cores = cores if cores is not None else len(os.sched_getaffinity(0))
+    return max(1, min(cap, int(cores - others + 0.3)))
+
+
+_recent: tuple[float, float, float] | None = None  # the process's latest snapshot (see ThreadGovernor.start)
+
+
+class ThreadGovernor:
+    """``run.threads: auto``: torch's intra-op threads follow the cores other processes leave free.
+
+    :meth:`start` samples the machine for ``window`` seconds and sets the thread count;
+    :meth:`update` (called once per training step, cheap) re-measures over the last
+    ``interval`` seconds and changes the count when the load changed. Never more than ``cap``
+    threads (default: torch's count when the governor is built, i.e. its default or the
+    user's ``torch.set_num_threads``). Where the load cannot be read it leaves torch alone."""
+
+    def __init__(self, cap: int | None = None, *, interval: float = 30.0, window: float = 0.2) -> None:
+        import torch
+
+        self.cap = cap or torch.get_num_threads()
+        self.interval, self.window = interval, window
+        self.threads: int | None = None
+        self._last: tuple[float, float, float] | None = None
+        self.changes: list[tuple[float, int]] = []  # (others' busy cores, threads) at each change
+        self._before = torch.get_num_threads()
+
+    def _apply(self, before, after) -> int | None:
+        import torch
+
+        others = others_busy_cores(before, after)
+        n = threads_for(others, self.cap)
+        if n != self.threads:
+            torch.set_num_threads(n)
+            self.threads = n
+            self.changes.append((round(others, 2), n))
+        self._last = after
+        global _recent
+        _recent = after
+        return n
+
+    def start(self) -> int | None:
+        """Measure (over the time since another governor of this process last measured, if that
+        was under a minute ago, else by sleeping ``window`` seconds) and set the threads;
+        ``None`` where the load cannot be read."""
+        b = cpu_snapshot()
+        if b is None:
+            return None
+        a = _recent if _recent is not None and self.window <= b[2] - _recent[2] <= 60 else None
+        if a is None:
+            a = b
+            time.sleep(self.window)
+            b = cpu_snapshot()
+        return self._apply(a, b) if b is not None else None
+
+    def stop(self) -> None:
+        """Put back the thread count torch had when the governor was built."""
+        import torch
+
+        if self.threads is not None:
+            torch.set_num_threads(self._before)
+
+    def update(self) -> int | None:
+        """Re-measure once ``interval`` seconds have passed since the last measurement."""
+        if self._last is None or time.monotonic() - self._last[2] < self.interval:
+            return self.threads
+        now = cpu_snapshot()
+        return self._apply(self._last, now) if now is not None else self.threads
+
+    def describe(self) -> str:
+        return (f"{self.threads} intra-op thread(s) of {self.cap} (run.threads=auto: the cores other processes "
+                f"leave free, re-checked every {self.interval:g} s)" if self.threads else
+                f"torch's default threads ({self.cap}; the machine's load cannot be read here)")

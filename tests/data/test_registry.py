@@ -71,7 +71,7 @@ def test_adapt_channels_and_size():
         adapt(torch.rand(1, 2, 4, 4), channels=3)
 
 
-@pytest.mark.parametrize("kind", ["basic", "flip", "rrc"])
+@pytest.mark.parametrize("kind", ["basic", "flip", "rrc", "shift"])
 def test_transforms_keep_labels_and_shapes(kind):
     d = load_dataset("digits")
     x = adapt(d.x_train[:16], size=16)
@@ -79,6 +79,27 @@ def test_transforms_keep_labels_and_shapes(kind):
     for i in range(16):
         img, label = ds[i]
         assert img.shape == (1, 16, 16) and label == d.y_train[i]
+
+
+def test_shift_gives_torchvisions_random_affine_images_for_the_same_seed():
+    """The fast ``shift`` transform draws and warps as ``v2.RandomAffine(10, (0.125, 0.125))``."""
+    from torchvision.transforms import v2
+
+    from visionmoe.data.transforms import ShiftRotate
+
+    d = load_dataset("digits")
+    x = adapt(d.x_train[:32], size=28)
+    ref, fast = v2.RandomAffine(degrees=10, translate=(0.125, 0.125)), build_train_transform("shift", 28)
+    assert isinstance(fast, ShiftRotate)
+    moved = 0
+    for i, img in enumerate(x):
+        torch.manual_seed(i)
+        a = ref(img)
+        torch.manual_seed(i)
+        b = fast(img)
+        assert torch.equal(a, b), i
+        moved += int(not torch.equal(b, img))
+    assert moved >= 30  # it does move the images
 
 
 def test_image_folder_reads_rgb_and_grey_and_skips_bad_files(tmp_path):

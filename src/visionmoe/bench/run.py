@@ -109,6 +109,13 @@ def _run_suites(*, batch, tokens, dim, hidden, experts, rounds, inner, threads, 
                                               small_threads=list(small_threads) if small else [], load=load,
                                               allocator=allocator_state(), native=native.status()),
                                "suites": {}}
+    from ..runtime import ThreadGovernor
+
+    gov = ThreadGovernor(cap=max(threads, *small_threads) if small else threads, window=0.5)
+    picked = gov.start()
+    gov.stop()
+    results["config"]["auto_threads"] = {"picked": picked, "others_busy_cores": gov.changes[0][0] if gov.changes
+                                         else None}
     suites: list[tuple[str, list[Case], int, tuple[str, ...], int]] = []  # name, cases, units, modes, threads
     cases, status = layer_cases(batch=batch, tokens=tokens, dim=dim, hidden=hidden, experts=experts, ks=(1, 2),
                                 peers=peers, label="layer")
@@ -180,6 +187,15 @@ def _print_tables(results: dict, console) -> None:
         bw = results["bandwidth_gb_s"]
         console.print(f"memory bandwidth: read {bw['read']} GB/s, write {bw['write']} GB/s (traffic_ratio: dense time "
                       "+ the extra expert parameters read twice and their gradients written once, over dense time)")
+    auto = results["config"].get("auto_threads") or {}
+    dense = {t: next((r.get("fwdbwd_ms") for r in rows if r["name"] == "tiny-vit-dense"), None)
+             for t, rows in ((s.removeprefix("tiny_vit_t"), rows) for s, rows in results["suites"].items()
+                             if s.startswith("tiny_vit_t"))}
+    if auto.get("picked"):
+        steps = ", ".join(f"{t} thread(s) {ms} ms" for t, ms in dense.items() if ms)
+        console.print(f"threads: other processes kept {auto['others_busy_cores']} core(s) busy at the start "
+                      f"(--load {results['config']['load']}); run.threads=auto would train on {auto['picked']}"
+                      + (f"; the small ViT's dense train step: {steps}" if steps else ""))
     if "export" in results:
         console.print(f"export rows {results['export']}")
     for peer, st in results.get("peers", {}).items():

@@ -46,6 +46,7 @@ from .moce_pipeline import (
     grad_scores,
     pretrain_dense,
     progress_bar,
+    task_augment,
     val_split,
 )
 
@@ -183,8 +184,8 @@ def deploy_bundle(bundle: str | Path | dict, x: Tensor, y: Tensor, *, out: str |
     scores: dict[int, float] = {}
     if select in ("knn", "logme"):
         scores = score_candidates(moce, cands, x, y, method=select, seed=seed)
-    elif select == "early-stop":
-        c = MoCEDemoConfig(**{k: v for k, v in meta["config"].items() if k in MoCEDemoConfig.__dataclass_fields__})
+    c = MoCEDemoConfig(**{k: v for k, v in meta["config"].items() if k in MoCEDemoConfig.__dataclass_fields__})
+    if select == "early-stop":
         n_classes = int(y.max()) + 1
         task = val_split(TensorSplits("task", x, y, x[:1], y[:1], [str(i) for i in range(n_classes)]), seed)
         with progress_bar(disable=not progress) as bar:
@@ -205,15 +206,21 @@ def deploy_bundle(bundle: str | Path | dict, x: Tensor, y: Tensor, *, out: str |
     save_model(out, dense, preprocessing=prep, classes=classes)
     train_yaml = out.with_name(out.stem + ".train.yaml")
     run_root = str(out.parent if ".." not in out.parent.parts else out.parent.resolve())  # run.out_dir refuses ".."
+    # the demo's fine-tuning protocol (the bundle's config); with finetune_augment: auto, shifts and
+    # small rotations, which keep the labels of most sets (data.augment=flip|basic where a mirror does too)
+    warmup = c.finetune_warmup * c.finetune_steps * c.finetune_batch_size / max(1, len(x))
     train_cfg = {
         "description": f"fine-tune the dense ViT deployed from {b['path']} (cluster {cluster})",
         # the ViT's shape (same keys as the checkpoint: token pooling); classes and channels from the data
         "model": {**vit_model_config(dense), "init": str(out)},
         "data": {**(data or {"name": "image_folder", "args": {"root": "DIR"}}), "img_size": prep.size,
-                 "channels": prep.channels, "augment": "none", "batch_size": 64},
-        "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.05},
-        "schedule": {"max_steps": 500, "warmup_epochs": 1.0, "min_lr": 0.0},
-        "run": {"label_smoothing": 0.1, "seed": seed, "out_dir": run_root, "name": f"{out.stem}_finetune"},
+                 "channels": prep.channels, "augment": task_augment(c.finetune_augment, "your folder"),
+                 "batch_size": c.finetune_batch_size},
+        "optim": {"name": c.finetune_optim, "lr": c.finetune_lrs[0], "weight_decay": c.finetune_weight_decay,
+                  "layer_decay": c.finetune_layer_decay},
+        "schedule": {"max_steps": c.finetune_steps, "warmup_epochs": round(warmup, 3), "min_lr": 0.0},
+        "run": {"label_smoothing": c.label_smoothing, "seed": seed, "out_dir": run_root,
+                "name": f"{out.stem}_finetune"},
     }
     import yaml
 

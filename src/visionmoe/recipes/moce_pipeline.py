@@ -24,7 +24,8 @@ from .common import curve_summary, logged_curve
 if TYPE_CHECKING:
     from .moce_demo import MoCEDemoConfig
 
-__all__ = ["train_config", "mae_kwargs", "progress_bar", "Stages", "subset", "val_split", "finetune",
+__all__ = ["train_config", "mae_kwargs", "progress_bar", "Stages", "subset", "val_split", "finetune", "TASK_AUGMENT",
+           "task_augment",
            "pixel_probe", "cluster_pool", "grad_scores", "continue_mae", "pretrain_dense", "adapt_all"]
 
 
@@ -95,6 +96,19 @@ def val_split(task: TensorSplits, seed: int, fraction: float = 0.2) -> TensorSpl
     return TensorSplits(task.name, task.x_train[tr], task.y_train[tr], task.x_train[val], task.y_train[val],
                         task.classes)
 
+#: ``finetune_augment: auto``: augmentation that keeps each bundled task's labels. Shifts of up
+#: to 1/8 and rotations of up to 10 degrees for digits (a mirror changes a digit) and, as the
+#: safe choice, for any other set; random crops with flips for clothes and textures.
+TASK_AUGMENT = {"mnist": "shift", "mnist5k": "shift", "digits": "shift", "fashion_mnist": "basic",
+                "textures": "basic"}
+
+
+def task_augment(setting: str, task: str) -> str:
+    """The augmentation a fine-tune of ``task`` uses: ``setting`` itself, or with ``auto`` the
+    task's entry of :data:`TASK_AUGMENT` (``shift`` for a set not in it)."""
+    return TASK_AUGMENT.get(task, "shift") if setting == "auto" else setting
+
+
 def finetune(stages: Stages, backbone: VisionTransformer, task: TensorSplits, c: MoCEDemoConfig, seed: int,
               run_dir: Path, lr: float, steps: int | None = None, pretrained: bool = True) -> float:
     """Fine-tune a copy of ``backbone`` with a new head on ``task`` with the demo's one protocol
@@ -106,7 +120,8 @@ def finetune(stages: Stages, backbone: VisionTransformer, task: TensorSplits, c:
     steps = steps or c.finetune_steps
     warmup = c.finetune_warmup * steps * c.finetune_batch_size / max(1, len(task.x_train))  # in epochs
     cfg = train_config("classification", steps, c.finetune_batch_size, lr, optim=c.finetune_optim, seed=seed,
-               wd=c.finetune_weight_decay, augment=c.finetune_augment, warmup_epochs=warmup,
+               wd=c.finetune_weight_decay, augment=task_augment(c.finetune_augment, task.name),
+               warmup_epochs=warmup,
                layer_decay=c.finetune_layer_decay if pretrained else None, label_smoothing=c.label_smoothing)
     return stages.train(model, task, cfg, run_dir, f"fine-tune {run_dir.name}")[1]["test_acc"]
 

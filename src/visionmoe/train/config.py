@@ -168,7 +168,9 @@ class RunConfig:
     tensorboard: bool = False
     progress: bool = True
     print_eval: bool = True  # a line per evaluation (recipes running many short stages switch it off)
-    threads: int | None = None
+    # torch's intra-op threads: auto (the cores other processes leave free, re-checked during
+    # training: on a shared machine torch's default can be ~10x slower), N, or null (torch's default)
+    threads: int | Literal["auto"] | None = "auto"
     # reliability: a step whose loss or gradient is NaN/Inf is skipped; more than this many
     # skipped steps stop the run with an error
     max_skipped_steps: int = 10
@@ -191,8 +193,8 @@ class RunConfig:
         if self.eval_every_epochs <= 0:
             raise ValueError(f"run.eval_every_epochs must be > 0 (e.g. 1e9 for only the final evaluation), got "
                              f"{self.eval_every_epochs}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"run.threads must be >= 1 or null (torch's default), got {self.threads}")
+        if isinstance(self.threads, int) and self.threads < 1:
+            raise ValueError(f"run.threads must be auto, >= 1 or null (torch's default), got {self.threads}")
         if not 0 <= self.label_smoothing < 1 or self.mixup < 0 or self.cutmix < 0:
             raise ValueError(f"run.label_smoothing must be in [0, 1) and run.mixup / run.cutmix >= 0, got "
                              f"{self.label_smoothing} / {self.mixup} / {self.cutmix}")

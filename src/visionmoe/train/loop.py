@@ -38,6 +38,7 @@ from ..moe.parallel import sent_bytes, shard_experts
 from ..moe.placement import probed_layers
 from ..moe.routers import update_balance_biases
 from ..objectives import create_objective
+from ..runtime import ThreadGovernor
 from .build import RunExistsError, TrainingDiverged, build_model, build_optimizer, cosine_lr, seed_everything
 from .checkpoint import verify_checkpoint
 from .config import ExperimentConfig, config_from_dict, config_to_dict
@@ -69,7 +70,7 @@ class Trainer:
                  model: nn.Module | None = None, objective: nn.Module | None = None) -> None:
         self.cfg = cfg if isinstance(cfg, ExperimentConfig) else config_from_dict(cfg)
         c = self.cfg
-        if c.run.threads:
+        if isinstance(c.run.threads, int):
             torch.set_num_threads(c.run.threads)
         seed_everything(c.run.seed, c.run.deterministic)
         self.ctx = RunContext.create(device=c.run.device, amp=c.run.amp, tf32=c.run.tf32)
@@ -357,11 +358,21 @@ class Trainer:
                 lock.release()
 
     def _fit(self, resume, stop_after, on_step, overwrite, allow_changes) -> dict[str, Any]:
+        self._start(resume, overwrite, allow_changes)
+        threads = ThreadGovernor() if self.cfg.run.threads == "auto" else None
+        try:
+            return self._loop(stop_after, on_step, threads)
+        finally:
+            if threads is not None:
+                threads.stop()
+
+    def _loop(self, stop_after, on_step, threads) -> dict[str, Any]:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         c = self.cfg
         main = self.dist.is_main
-        self._start(resume, overwrite, allow_changes)
+        if threads is not None:
+            threads.start()
         cols = [TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
         eval_every = max(1, round(c.run.eval_every_epochs * self.steps_per_epoch))
@@ -372,7 +383,7 @@ class Trainer:
                               pin_memory=self.ctx.pin_memory)
         with Progress(*cols, disable=not (c.run.progress and main)) as bar:
             if main and c.run.print_eval:
-                bar.console.print(self.describe())
+                bar.console.print(self.describe() + (f"; {threads.describe()}" if threads is not None else ""))
             task = bar.add_task("train", total=self.total_steps, completed=self.step, info="")
             for batch in loader if self.step < end else ():
                 batch = self.ctx.to_device(batch)
@@ -386,6 +397,8 @@ class Trainer:
                 if on_step is not None:
                     on_step(self.step, m)
                 self._after_step(m, bar, ips, t0)
+                if threads is not None:
+                    threads.update()
                 if self.step % eval_every == 0 or self.step == self.total_steps:
                     last_eval = self._evaluate_and_log(bar, t0)
                 if c.run.keep_checkpoints and (self.step % c.run.checkpoint_every == 0 or self.step == end):
