@@ -53,6 +53,14 @@ def test_tiny_moce_demo_end_to_end(tmp_path):
     assert run["recon_task"].keys() == run["psnr"].keys()
     assert all(0 < v < 10 for d in run["recon_task"].values() for v in d.values())  # normalised-space MSE
     assert all(0 < v <= 1 for d in run["collapse"].values() for v in d.values())
+    # finetune_augment: auto (the default): each task's fine-tunes, baseline included, augment as its table says
+    import yaml
+
+    for task, kind in (("digits", "shift"), ("mnist5k", "shift"), ("faces", "shift")):  # faces: not in the table
+        for tag in ("random", "mae", "moce"):
+            cfg = yaml.safe_load((tmp_path / "seed0" / f"ft_{tag}_{task}" / "config.yaml").read_text())
+            assert cfg["data"]["augment"] == kind, (task, tag)
+    assert "augmentation per task: digits shift" in report
     for png in ("mae_loss", "reconstructions", "clusters", "cluster_expert", "routing"):
         assert (tmp_path / "seed0" / f"{png}.png").stat().st_size > 0
     _every_checkpoint_loads(tmp_path)
@@ -71,6 +79,16 @@ def _every_checkpoint_loads(root):
             dense = model.extract_dense(key=0)
             assert not dense.is_moe and sum(p.numel() for p in dense.parameters()) < sum(
                 p.numel() for p in model.parameters())
+
+
+def test_task_augment_keeps_labels_per_task():
+    from visionmoe.recipes.moce_pipeline import TASK_AUGMENT, task_augment
+
+    assert task_augment("auto", "mnist5k") == "shift" and task_augment("auto", "digits") == "shift"  # no mirrors
+    assert task_augment("auto", "fashion_mnist") == "flip"  # a mirrored shirt is a shirt
+    assert task_augment("auto", "someone's folder") == "shift"  # unknown data: the label-safe choice
+    assert task_augment("none", "fashion_mnist") == "none" and task_augment("basic", "mnist5k") == "basic"
+    assert all(k != "basic" for t, k in TASK_AUGMENT.items() if "mnist" in t and "fashion" not in t)
 
 
 def test_demo_setting_errors_are_clear(capsys, tmp_path):

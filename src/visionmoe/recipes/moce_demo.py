@@ -99,8 +99,9 @@ class MoCEDemoConfig:
     learning-rate search on a validation split (first seed) for every task and method.
     Fine-tuning (every method and the random-initialisation baseline alike): ``finetune_optim``
     (a timm optimizer) with ``finetune_weight_decay``, linear warm-up over ``finetune_warmup`` of
-    the steps, cosine decay, ``label_smoothing``, augmentation ``finetune_augment`` (``none``,
-    ``shift``, ``basic``...) and, for pre-trained encoders only, layer-wise lr decay
+    the steps, cosine decay, ``label_smoothing``, augmentation ``finetune_augment`` (``auto``:
+    per task, :data:`~visionmoe.recipes.moce_pipeline.TASK_AUGMENT`; or one of ``none``,
+    ``shift``, ``flip``, ``basic``... for every task) and, for pre-trained encoders only, layer-wise lr decay
     ``finetune_layer_decay`` (timm's). ``baselines``: also report a linear probe on raw pixels
     and the same fine-tune from random initialisation.
     ``compare_selection`` adds the paper's other expert-selection methods (first seed).
@@ -121,7 +122,7 @@ class MoCEDemoConfig:
     mae_warmup: float = 0.5
     extra_steps: int = 150
     extra_lr_scale: float = 1.0
-    finetune_steps: int = 500
+    finetune_steps: int = 750
     finetune_batch_size: int = 64
     finetune_lrs: list[float] = field(default_factory=lambda: [3e-3])
     finetune_optim: str = "adamw"
@@ -129,7 +130,7 @@ class MoCEDemoConfig:
     finetune_layer_decay: float | None = None
     finetune_warmup: float = 0.1
     label_smoothing: float = 0.1
-    finetune_augment: str = "none"
+    finetune_augment: str = "auto"
     baselines: bool = True
     finetune_train_limit: int = 1000
     finetune_test_limit: int | None = 1000
@@ -165,7 +166,7 @@ class MoCEDemoConfig:
     def quick(cls) -> MoCEDemoConfig:
         """About three minutes: the demo's model, a shorter MAE, two tasks (MNIST and digits), one seed."""
         return cls(per_source=1000, mae_steps=1500, extra_steps=30, finetune_steps=300, num_clusters=8,
-                   tasks=["mnist5k", "digits"], seeds=[0])
+                   tasks=["mnist5k", "digits"], seeds=[0], finetune_augment="none")
 
     @classmethod
     def from_yaml(cls, path: str | Path | None = None, overrides: list[str] | None = None,

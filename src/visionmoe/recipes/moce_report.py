@@ -345,6 +345,16 @@ def _seed_lines(r: dict) -> list[str]:
     return lines
 
 
+def _augment_words(cfg: dict) -> str:
+    from .moce_pipeline import task_augment
+
+    setting = cfg.get("finetune_augment", "none")
+    if setting != "auto":
+        return setting
+    tasks = cfg.get("tasks") or [*cfg.get("sources", []), "digits"]
+    return "per task: " + ", ".join(f"{t} {task_augment(setting, t)}" for t in tasks)
+
+
 def write_report(out: Path, res: dict) -> None:
     cfg = res["config"]
     n = len(res["runs"])
@@ -356,7 +366,7 @@ def write_report(out: Path, res: dict) -> None:
              f"({cfg['num_experts']} experts, {cfg['num_clusters']} clusters); fine-tuning {cfg['finetune_steps']} "
              f"{cfg.get('finetune_optim', 'sgd')} steps (lr {cfg['finetune_lrs']}, layer decay "
              f"{cfg.get('finetune_layer_decay')} for pre-trained encoders, label smoothing "
-             f"{cfg.get('label_smoothing', 0)}, augmentation {cfg.get('finetune_augment', 'none')}) on up to "
+             f"{cfg.get('label_smoothing', 0)}, augmentation {_augment_words(cfg)}) on up to "
              f"{cfg['finetune_train_limit']} images per task; the baselines use the same images and the same "
              f"fine-tune. Seeds {[r['seed'] for r in res['runs']]}, {res['seconds'] / 60:.1f} min in total.", "",
              *method_table("Fine-tuned accuracy per downstream task" + (" (mean ± std over seeds)" if n > 1 else
