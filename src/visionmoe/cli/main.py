@@ -472,7 +472,7 @@ def _add_moce_commands(sub) -> None:
         "demo", help="MoCE end to end on bundled real images: MAE, clustering, MoCE vs MAE* vs TokenMoE, transfer",
         description="MAE pre-training, balanced clustering, MoCE / MAE* / TokenMoE with equal extra compute, "
                     "deployment and fine-tuning on several real tasks, 3 seeds; writes report.md with plots "
-                    "(about 22 minutes on 2 CPU cores; --quick about 3). --vmoe runs the one-minute V-MoE "
+                    "(about 45 minutes on 2 CPU cores; --quick about 3). --vmoe runs the one-minute V-MoE "
                     "digits demo instead.")
     d.add_argument("config", nargs="?", default=None,
                    help="optional YAML file of demo settings (configs/moce/*.yaml), e.g. an ablation")

@@ -77,7 +77,7 @@ __all__ = ["MoCEDemoConfig", "run_moce_demo", "pixel_probe", "pretrain_dense", "
 
 @dataclass
 class MoCEDemoConfig:
-    """Sizes and budgets of the demo (defaults: about 21 minutes on 2 CPU cores).
+    """Sizes and budgets of the demo (defaults: about 45 minutes on 2 CPU cores).
 
     ``shared_mae``: one dense MAE pre-training (with the first seed) for every seed; the seeds
     then vary the clustering, the extra steps, the fine-tuning and the random-init baseline
