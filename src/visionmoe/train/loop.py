@@ -359,7 +359,9 @@ class Trainer:
 
     def _fit(self, resume, stop_after, on_step, overwrite, allow_changes) -> dict[str, Any]:
         self._start(resume, overwrite, allow_changes)
-        threads = ThreadGovernor() if self.cfg.run.threads == "auto" else None
+        # run.deterministic: the thread count stays torch's, so a resumed session cannot differ
+        # from the first in how its ops split their sums
+        threads = ThreadGovernor() if self.cfg.run.threads == "auto" and not self.cfg.run.deterministic else None
         try:
             return self._loop(stop_after, on_step, threads)
         finally:
