@@ -189,3 +189,37 @@ def test_training_under_load_runs_on_the_free_cores_and_puts_torchs_count_back()
             p.kill()
     assert seen and set(seen) == {1}
     assert torch.get_num_threads() == before
+
+
+@needs_proc_stat
+def test_deterministic_runs_keep_torchs_thread_count_under_load(tmp_path):
+    """Exact resume must not depend on the load: with run.deterministic the count stays torch's."""
+    import time
+
+    import torch
+    from torch import nn
+
+    from visionmoe import runtime
+    from visionmoe.data import TensorSplits
+    from visionmoe.train import Trainer, config_from_dict
+
+    seen = []
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    model.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    x, y = torch.randn(32, 1, 4, 4), torch.arange(32) % 3
+    cores = len(os.sched_getaffinity(0))
+    torch.set_num_threads(min(2, cores))
+    before = torch.get_num_threads()
+    cfg = config_from_dict({"data": {"name": "tensors", "augment": "none", "batch_size": 8},
+                            "schedule": {"max_steps": 4}, "run": {"deterministic": True, "progress": False,
+                                                                  "keep_checkpoints": 0, "device": "cpu"}})
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    try:
+        time.sleep(0.5)
+        runtime._recent = None
+        data = TensorSplits("t", x, y, x[:8], y[:8], ["a", "b", "c"])
+        Trainer(cfg, data=data, model=model, run_dir=tmp_path / "run").fit()
+    finally:
+        for p in busy:
+            p.kill()
+    assert seen and set(seen) == {before}
