@@ -99,3 +99,34 @@ def test_distillation_loss_hand_computed():
 def test_losses_reject_wrong_rank():
     with pytest.raises(ValueError, match=r"\(S, E\)"):
         L.importance_loss(torch.zeros(3))
+
+
+def _break_files(layer, x):
+    import torch._dynamo as dynamo
+
+    from visionmoe.moe.layer import collect_aux_loss
+
+    dynamo.reset()
+    e = dynamo.explain(lambda x: layer(x).sum() + collect_aux_loss(layer))(x)
+    return {b.user_stack[-1].filename.rsplit("/", 1)[-1] for b in e.break_reasons if b.user_stack}
+
+
+def test_expert_counts_is_bincount_with_a_static_shape_and_no_graph_break():
+    import torch
+
+    from visionmoe.moe import MoEConfig, build_moe
+    from visionmoe.moe import losses as L
+
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 5, (7, 3), generator=g)
+    assert torch.equal(L.expert_counts(idx, 8), torch.bincount(idx.reshape(-1), minlength=8))
+    assert L.expert_counts(idx, 8)[5:].sum() == 0 and L.expert_counts(idx[:0], 3).tolist() == [0, 0, 0]
+    assert torch.equal(L.expert_counts(torch.tensor([2, 2, 0]), 3), torch.tensor([1, 0, 2]))  # by hand
+    # in a training MoE layer with the GShard loss and capacity, neither the losses nor the router
+    # break the compiled graph any more (the per-expert matmuls' sizes still do, in experts.py)
+    torch.manual_seed(0)
+    layer = build_moe(16, 32, MoEConfig(num_experts=4, top_k=2, capacity_factor=1.25, aux_weights={"gshard": 0.01}))
+    layer.train()
+    x = torch.randn(2, 5, 16)
+    files = _break_files(layer, x)
+    assert "losses.py" not in files and "gating.py" not in files, files

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .experts import Experts
+from .losses import expert_counts
 from .routers import RouterOutput
 
 __all__ = ["DispatchInfo", "SortedDispatcher", "compute_capacity", "kept_assignments"]
@@ -184,9 +185,9 @@ class SortedDispatcher(nn.Module):
         if route.chosen is not None:  # the router took only some assignments (expert choice)
             taken = route.chosen.t().reshape(-1)  # (K*S,)
             perm = perm[taken[perm]]  # still grouped by expert, in priority order
-            counts = torch.bincount(flat_e[taken], minlength=num_experts)
+            counts = expert_counts(flat_e[taken], num_experts)
         else:
-            counts = torch.bincount(flat_e, minlength=num_experts)  # (E,)
+            counts = expert_counts(flat_e, num_experts)  # (E,)
 
         if capacity is None or (gs is None and capacity >= n_assign):
             kept_perm, kept_counts = perm, counts
@@ -198,11 +199,11 @@ class SortedDispatcher(nn.Module):
         else:  # capacity per (expert, group) run; the last group, if smaller, has its own C
             sizes = [gs] * (n_groups - 1) + [num_units - gs * (n_groups - 1)]
             caps = torch.tensor([self.capacity(n, k, num_experts) for n in sizes], device=device)
-            run_counts = torch.bincount(run[perm], minlength=num_experts * n_groups)
+            run_counts = expert_counts(run[perm], num_experts * n_groups)
             starts = run_counts.cumsum(0) - run_counts
             slot = torch.arange(perm.numel(), device=device) - starts[run[perm]]
             kept_perm = perm[slot < caps[run[perm] % n_groups]]
-            kept_counts = torch.bincount(flat_e[kept_perm], minlength=num_experts)
+            kept_counts = expert_counts(flat_e[kept_perm], num_experts)
 
         unit = kept_perm % num_units  # (N,)
         w = route.weights.t().reshape(-1)[kept_perm].to(x.dtype)  # (N,)

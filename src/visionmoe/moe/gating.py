@@ -233,7 +233,7 @@ class Router(nn.Module):
             weights = scores.gather(-1, indices)
             if self.training:
                 with torch.no_grad():
-                    self.load_count += torch.bincount(indices.reshape(-1), minlength=num_experts).to(self.load_count)
+                    self.load_count += L.expert_counts(indices, num_experts).to(self.load_count)
         else:
             weights, indices = scores.topk(self.k, dim=-1)  # (S, K)
         if self.score == "sigmoid" and self.k > 1:  # DeepSeek-V3: sigmoid scores normalised over the chosen k
