@@ -33,3 +33,52 @@ def test_torch_compile_matches_eager():
     m.train()
     compiled(x).sum().backward()
     assert m.blocks[1].mlp.experts.fc1_weight.grad is not None
+
+
+def _graph_breaks(model, x):
+    import torch._dynamo as dynamo
+
+    from visionmoe.moe import collect_aux_loss
+
+    dynamo.reset()
+    return dynamo.explain(lambda x: model(x).sum() + collect_aux_loss(model))(x).graph_break_count
+
+
+@pytest.mark.parametrize("moe", [dict(num_experts=4, top_k=1, placement="last_2"),
+                                 dict(num_experts=4, top_k=2, placement="last_2", capacity_factor=1.25,
+                                      aux_weights={"gshard": 0.01})], ids=["dropless", "capacity-gshard"])
+def test_a_training_moe_vit_traces_in_one_graph_under_compile_settings(moe):
+    from visionmoe.models import VisionTransformer
+    from visionmoe.moe import compile_settings
+
+    torch.manual_seed(0)
+    m = VisionTransformer(img_size=28, in_chans=1, num_classes=10, patch_size=7, embed_dim=32, depth=3, num_heads=2,
+                          moe=moe).train()
+    x = torch.randn(4, 1, 28, 28)
+    assert _graph_breaks(m, x) > 0  # plain torch.compile: the per-expert sizes break the graph
+    with compile_settings():
+        assert _graph_breaks(m, x) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cf", [None, 1.25], ids=["dropless", "capacity"])
+def test_fullgraph_compiled_moe_layer_matches_eager_forward_and_backward(cf):
+    import copy
+
+    from visionmoe.moe import MoEConfig, build_moe, compile_settings
+
+    torch.manual_seed(0)
+    layer = build_moe(16, 32, MoEConfig(num_experts=4, top_k=2, capacity_factor=cf, noise_std=0.0,
+                                        aux_weights={"gshard": 0.01})).train()
+    ref = copy.deepcopy(layer)
+    x = torch.randn(2, 5, 16)
+    compiled = torch.compile(layer, fullgraph=True)  # raises on any graph break
+    with compile_settings():
+        y = compiled(x)
+    y.pow(2).sum().backward()
+    y_ref = ref(x)
+    y_ref.pow(2).sum().backward()
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    for p, q in zip(layer.parameters(), ref.parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)

@@ -4,7 +4,16 @@ from . import losses
 from .config import ROUTERS, ROUTINGS, MoEConfig, build_moe
 from .dispatch import DispatchInfo, SortedDispatcher, compute_capacity, kept_assignments
 from .experts import Experts
-from .layer import MoE, MoEResult, collect_aux_loss, collect_routing_stats, moe_layers, routing_key
+from .layer import (
+    COMPILE_SETTINGS,
+    MoE,
+    MoEResult,
+    collect_aux_loss,
+    collect_routing_stats,
+    compile_settings,
+    moe_layers,
+    routing_key,
+)
 from .placement import list_placements, resolve_placement
 from .routers import (
     ClusterRouter,
@@ -54,6 +63,8 @@ __all__ = [
     "moe_layers",
     "collect_aux_loss",
     "collect_routing_stats",
+    "compile_settings",
+    "COMPILE_SETTINGS",
     "routing_key",
     "resolve_placement",
     "list_placements",

@@ -269,3 +269,24 @@ def routing_key(model: nn.Module, key: Tensor | None):
     finally:
         for m, k in zip(layers, old):
             m.route_key = k
+
+
+#: what torch.compile needs to trace a MoE layer in one graph: the per-expert row counts become
+#: unbacked sizes (``.tolist()``) and the kept-assignment mask a data-dependent shape, instead of
+#: graph breaks
+COMPILE_SETTINGS = {"capture_scalar_outputs": True, "capture_dynamic_output_shape_ops": True}
+
+
+def compile_settings():
+    """A context manager under which ``torch.compile`` traces MoE layers without graph breaks
+    (:data:`COMPILE_SETTINGS`, patched into ``torch._dynamo.config`` only while it is open).
+    Compilation is lazy, so call the compiled model inside it::
+
+        compiled = torch.compile(model, fullgraph=True)
+        with compile_settings():
+            loss = compiled(x).sum()
+
+    The Trainer does this itself with ``run.compile: true``."""
+    import torch._dynamo
+
+    return torch._dynamo.config.patch(**COMPILE_SETTINGS)

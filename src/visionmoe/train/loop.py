@@ -6,6 +6,7 @@ Axis legend: B images in a batch, C channels, H/W image size.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -33,7 +34,7 @@ from ..data.streaming import (
     training_set,
 )
 from ..models import count_parameters
-from ..moe.layer import collect_aux_loss
+from ..moe.layer import collect_aux_loss, compile_settings, moe_layers
 from ..moe.parallel import sent_bytes, shard_experts
 from ..moe.placement import probed_layers
 from ..moe.routers import update_balance_biases
@@ -125,6 +126,9 @@ class Trainer:
 
             self.ema = ModelEmaV3(self.model, decay=c.run.ema_decay)
         self.train_model = torch.compile(self.model) if c.run.compile else self.model
+        # compiled MoE layers trace in one graph under these dynamo settings (not graph breaks)
+        self._compiling = (compile_settings if c.run.compile and any(True for _ in moe_layers(self.model))
+                           else contextlib.nullcontext)
         self.step = 0
         self.skipped_steps = 0  # steps whose loss or gradient was not finite (not applied)
         self.monitor = RoutingMonitor(c.run.collapse_share, c.run.collapse_steps, c.run.dead_expert_steps)
@@ -227,7 +231,7 @@ class Trainer:
         lr = self.lr_at(self.step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
-        with self.ctx.autocast():
+        with self.ctx.autocast(), self._compiling():
             out = self.objective(self.train_model, batch)
             aux = self.aux_loss()
         loss = out["loss"] + aux
