@@ -82,3 +82,29 @@ def test_fullgraph_compiled_moe_layer_matches_eager_forward_and_backward(cf):
     for p, q in zip(layer.parameters(), ref.parameters()):
         if q.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_trainer_with_run_compile_trains_a_moe_vit_as_eager(tmp_path):
+    """run.compile: true on a MoE model (compiled under compile_settings) logs the eager run's losses."""
+    import json
+
+    from visionmoe.data import load_dataset
+    from visionmoe.train import Trainer, config_from_dict
+
+    data = load_dataset("digits")
+    losses = {}
+    for compiled in (False, True):
+        cfg = config_from_dict({
+            "model": {"name": "vmoe_nano_patch4_32", "args": {"depth": 2, "img_size": 8, "patch_size": 4}},
+            "data": {"name": "digits", "augment": "none", "batch_size": 16, "img_size": 8},
+            "moe": {"num_experts": 4, "top_k": 1, "noise_std": 0.0},
+            "schedule": {"max_steps": 3}, "optim": {"fused": False},
+            "run": {"compile": compiled, "progress": False, "log_every": 1, "keep_checkpoints": 0, "device": "cpu",
+                    "threads": 1}})
+        t = Trainer(cfg, data=data, run_dir=tmp_path / str(compiled))
+        t.fit()
+        rows = [json.loads(ln) for ln in (t.run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses[compiled] = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses[True]) == 3
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-5)
