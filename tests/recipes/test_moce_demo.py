@@ -94,3 +94,6 @@ def test_task_augment_keeps_labels_per_task():
 def test_demo_setting_errors_are_clear(capsys, tmp_path):
     assert main(["demo", "--out", str(tmp_path), "num_expert=8"]) == 2
     assert "Did you mean 'num_experts'" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path), "finetune_augment=shfit"]) == 2  # refused before any training
+    err = capsys.readouterr().err
+    assert "finetune_augment='shfit'" in err and "auto" in err and "Traceback" not in err

@@ -157,6 +157,10 @@ class MoCEDemoConfig:
             raise ValueError("seeds must list at least one seed")
         if not self.finetune_lrs:
             raise ValueError("finetune_lrs must list at least one learning rate")
+        kinds = ("auto", "none", "basic", "flip", "shift", "rrc")
+        if self.finetune_augment not in kinds:
+            raise ValueError(f"finetune_augment={self.finetune_augment!r} is not an augmentation: use one of "
+                             f"{', '.join(kinds)} (auto: per task, shifts for digits, flips for clothes)")
 
     @property
     def task_names(self) -> list[str]:
