@@ -160,19 +160,17 @@ def test_the_governor_leaves_cores_that_other_processes_keep_busy():
     assert torch.get_num_threads() == before
 
 
-@needs_proc_stat
-def test_training_under_load_runs_on_the_free_cores_and_puts_torchs_count_back():
-    """``run.threads: auto`` (the default) through the real Trainer: with every core taken by
-    another process, the steps run on one thread; afterwards torch has its count again."""
+def _train_with_every_core_busy(train) -> tuple[list[int], int]:
+    """``train(model, x, y)`` on a tiny model while one busy process per core runs beside it;
+    returns the thread counts its forward passes saw and torch's count before it."""
     import time
 
     import torch
     from torch import nn
 
     from visionmoe import runtime
-    from visionmoe.train import train_classifier
 
-    seen = []
+    seen: list[int] = []
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
     model.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
     x, y = torch.randn(32, 1, 4, 4), torch.arange(32) % 3
@@ -182,11 +180,24 @@ def test_training_under_load_runs_on_the_free_cores_and_puts_torchs_count_back()
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
     try:
         time.sleep(0.5)
-        runtime._recent = None
-        train_classifier(model, x, y, epochs=2, batch_size=8, progress=False)
+        runtime._recent = None  # no earlier measurement of this process: measure anew
+        train(model, x, y)
     finally:
         for p in busy:
             p.kill()
+    return seen, before
+
+
+@needs_proc_stat
+def test_training_under_load_runs_on_the_free_cores_and_puts_torchs_count_back():
+    """``run.threads: auto`` (the default) through the real Trainer: with every core taken by
+    another process, the steps run on one thread; afterwards torch has its count again."""
+    import torch
+
+    from visionmoe.train import train_classifier
+
+    seen, before = _train_with_every_core_busy(
+        lambda model, x, y: train_classifier(model, x, y, epochs=2, batch_size=8, progress=False))
     assert seen and set(seen) == {1}
     assert torch.get_num_threads() == before
 
@@ -194,32 +205,16 @@ def test_training_under_load_runs_on_the_free_cores_and_puts_torchs_count_back()
 @needs_proc_stat
 def test_deterministic_runs_keep_torchs_thread_count_under_load(tmp_path):
     """Exact resume must not depend on the load: with run.deterministic the count stays torch's."""
-    import time
-
-    import torch
-    from torch import nn
-
-    from visionmoe import runtime
     from visionmoe.data import TensorSplits
     from visionmoe.train import Trainer, config_from_dict
 
-    seen = []
-    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
-    model.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
-    x, y = torch.randn(32, 1, 4, 4), torch.arange(32) % 3
-    cores = len(os.sched_getaffinity(0))
-    torch.set_num_threads(min(2, cores))
-    before = torch.get_num_threads()
     cfg = config_from_dict({"data": {"name": "tensors", "augment": "none", "batch_size": 8},
                             "schedule": {"max_steps": 4}, "run": {"deterministic": True, "progress": False,
                                                                   "keep_checkpoints": 0, "device": "cpu"}})
-    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
-    try:
-        time.sleep(0.5)
-        runtime._recent = None
+
+    def train(model, x, y):
         data = TensorSplits("t", x, y, x[:8], y[:8], ["a", "b", "c"])
         Trainer(cfg, data=data, model=model, run_dir=tmp_path / "run").fit()
-    finally:
-        for p in busy:
-            p.kill()
+
+    seen, before = _train_with_every_core_busy(train)
     assert seen and set(seen) == {before}
