@@ -142,9 +142,10 @@ def test_the_governor_leaves_cores_that_other_processes_keep_busy():
     import torch
 
     from visionmoe import runtime
+    from visionmoe.bench.run import background_load, stop_load
 
     cores = len(os.sched_getaffinity(0))
-    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    busy = background_load(cores)  # not this process's children: another program's load
     before = torch.get_num_threads()
     try:
         time.sleep(0.5)
@@ -154,8 +155,7 @@ def test_the_governor_leaves_cores_that_other_processes_keep_busy():
         assert torch.get_num_threads() == 1
         assert gov.changes[0][0] >= cores - 0.7
     finally:
-        for p in busy:
-            p.kill()
+        stop_load(busy)
         gov.stop()
     assert torch.get_num_threads() == before
 
@@ -169,6 +169,7 @@ def _train_with_every_core_busy(train) -> tuple[list[int], int]:
     from torch import nn
 
     from visionmoe import runtime
+    from visionmoe.bench.run import background_load, stop_load
 
     seen: list[int] = []
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
@@ -177,14 +178,13 @@ def _train_with_every_core_busy(train) -> tuple[list[int], int]:
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(min(2, cores))
     before = torch.get_num_threads()
-    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    busy = background_load(cores)  # not this process's children: another program's load
     try:
         time.sleep(0.5)
         runtime._recent = None  # no earlier measurement of this process: measure anew
         train(model, x, y)
     finally:
-        for p in busy:
-            p.kill()
+        stop_load(busy)
     return seen, before
 
 
@@ -218,3 +218,23 @@ def test_deterministic_runs_keep_torchs_thread_count_under_load(tmp_path):
 
     seen, before = _train_with_every_core_busy(train)
     assert seen and set(seen) == {before}
+
+
+@needs_proc_stat
+def test_the_process_children_count_as_its_own_work():
+    """Data-loader workers are the run's own load: a busy child does not make auto drop threads."""
+    import time
+
+    from visionmoe.runtime import cpu_snapshot, others_busy_cores
+
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        a = cpu_snapshot()
+        time.sleep(1.0)
+        b = cpu_snapshot()
+        assert b[1] - a[1] > 0.5  # the child's CPU time is in this process's own time
+        assert others_busy_cores(a, b) < 0.5
+    finally:
+        child.kill()
+        child.wait()

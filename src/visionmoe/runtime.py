@@ -89,8 +89,9 @@ def allocator_state() -> str:
 
 def cpu_snapshot() -> tuple[float, float, float] | None:
     """``(busy, own, wall)`` seconds now: CPU time spent busy on the cores this process may run on
-    (``/proc/stat``, every process), this process's own CPU time (all its threads) and a
-    monotonic clock; ``None`` where ``/proc/stat`` cannot be read (not Linux)."""
+    (``/proc/stat``, every process), this process's own CPU time (all its threads, and its
+    children's: data-loader workers are the run's own load) and a monotonic clock; ``None``
+    where ``/proc/stat`` cannot be read (not Linux)."""
     try:
         cpus = os.sched_getaffinity(0)
         with open("/proc/stat") as f:
@@ -106,11 +107,29 @@ def cpu_snapshot() -> tuple[float, float, float] | None:
         v = [int(x) for x in vals[:8]]  # user nice system idle iowait irq softirq steal
         busy += v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
     t = os.times()
-    return busy / tick, t.user + t.system, time.monotonic()
+    own = t.user + t.system + t.children_user + t.children_system + _live_children_seconds(tick)
+    return busy / tick, own, time.monotonic()
+
+
+def _live_children_seconds(tick: int) -> float:
+    """CPU seconds of this process's running children (data-loader workers): the run's own work,
+    not another process's (a child that exits moves into ``os.times().children_*``)."""
+    me, total = os.getpid(), 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid ...
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == me:
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
 
 
 def others_busy_cores(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
-    """How many of this process's cores other processes (and this one's children, such as
+    """How many of this process's cores other processes (not this one's children, such as
     data-loader workers) kept busy on average between two :func:`cpu_snapshot` calls."""
     wall = max(after[2] - before[2], 1e-6)
     return max(0.0, ((after[0] - before[0]) - (after[1] - before[1])) / wall)

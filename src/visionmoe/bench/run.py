@@ -26,7 +26,7 @@ from ..runtime import allocator_state
 from .cases import Case, export_cases, layer_cases, scaling_cases, small_layer_cases, tiny_vit_cases, vit_cases
 from .measure import add_traffic_estimate, memory_bandwidth, run_rounds, split_gemm_ratio, summarise
 
-__all__ = ["run_bench", "background_load", "build_parser", "run_from_args", "main"]
+__all__ = ["run_bench", "background_load", "stop_load", "build_parser", "run_from_args", "main"]
 
 
 def run_bench(
@@ -86,16 +86,30 @@ def _run_bench(*, batch, tokens, dim, hidden, experts, rounds, inner, threads, p
                            export=export and device == "cpu", load=load, out=out, quick=quick, progress=progress,
                            device=device)
     finally:
-        for p in busy:
-            p.kill()
-            p.wait()
+        stop_load(busy)
 
-def background_load(n: int) -> list:
-    """Start ``n`` processes that spin on a core each (kill them when done)."""
+def background_load(n: int) -> list[int]:
+    """Start ``n`` processes that spin on a core each and return their pids (end them with
+    :func:`stop_load`). They are started through a shell that exits at once, so they are not
+    this process's children: ``run.threads: auto`` counts its children (data-loader workers)
+    as the run's own work, and these stand for another program on the machine."""
     import subprocess
     import sys
 
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    cmd = f"'{sys.executable}' -c 'while True: pass' >/dev/null 2>&1 & echo $!"
+    return [int(subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, check=True).stdout)
+            for _ in range(n)]
+
+def stop_load(pids: list[int]) -> None:
+    """Kill the processes :func:`background_load` started."""
+    import os
+    import signal
+
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 def _run_suites(*, batch, tokens, dim, hidden, experts, rounds, inner, threads, peers, vit, vit_batch, scaling, crmoe,
                 small, small_threads, export, load, out, quick, progress, device) -> dict:
