@@ -24,3 +24,13 @@ def reference_moe(x, route, experts, kept=None):
             e = int(route.indices[s, k])
             y[s] = y[s] + route.weights[s, k] * experts.expert(x[s], e)
     return y
+
+
+def explain_training(model, x):
+    """``torch._dynamo.explain`` of a training forward: the model's output sum plus its MoE aux loss."""
+    import torch._dynamo as dynamo
+
+    from visionmoe.moe import collect_aux_loss
+
+    dynamo.reset()
+    return dynamo.explain(lambda x: model(x).sum() + collect_aux_loss(model))(x)

@@ -36,12 +36,9 @@ def test_torch_compile_matches_eager():
 
 
 def _graph_breaks(model, x):
-    import torch._dynamo as dynamo
+    from .helpers import explain_training
 
-    from visionmoe.moe import collect_aux_loss
-
-    dynamo.reset()
-    return dynamo.explain(lambda x: model(x).sum() + collect_aux_loss(model))(x).graph_break_count
+    return explain_training(model, x).graph_break_count
 
 
 @pytest.mark.parametrize("moe", [dict(num_experts=4, top_k=1, placement="last_2"),

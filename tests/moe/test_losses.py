@@ -102,13 +102,10 @@ def test_losses_reject_wrong_rank():
 
 
 def _break_files(layer, x):
-    import torch._dynamo as dynamo
+    from .helpers import explain_training
 
-    from visionmoe.moe.layer import collect_aux_loss
-
-    dynamo.reset()
-    e = dynamo.explain(lambda x: layer(x).sum() + collect_aux_loss(layer))(x)
-    return {b.user_stack[-1].filename.rsplit("/", 1)[-1] for b in e.break_reasons if b.user_stack}
+    return {b.user_stack[-1].filename.rsplit("/", 1)[-1] for b in explain_training(layer, x).break_reasons
+            if b.user_stack}
 
 
 def test_expert_counts_is_bincount_with_a_static_shape_and_no_graph_break():

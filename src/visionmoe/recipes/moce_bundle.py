@@ -43,6 +43,7 @@ from .moce_pipeline import (
     cluster_pool,
     continue_mae,
     finetune,
+    finetune_warmup_epochs,
     grad_scores,
     pretrain_dense,
     progress_bar,
@@ -208,7 +209,7 @@ def deploy_bundle(bundle: str | Path | dict, x: Tensor, y: Tensor, *, out: str |
     run_root = str(out.parent if ".." not in out.parent.parts else out.parent.resolve())  # run.out_dir refuses ".."
     # the demo's fine-tuning protocol (the bundle's config); with finetune_augment: auto, shifts and
     # small rotations, which keep the labels of most sets (data.augment=flip|basic where a mirror does too)
-    warmup = c.finetune_warmup * c.finetune_steps * c.finetune_batch_size / max(1, len(x))
+    warmup = finetune_warmup_epochs(c, c.finetune_steps, len(x))
     train_cfg = {
         "description": f"fine-tune the dense ViT deployed from {b['path']} (cluster {cluster})",
         # the ViT's shape (same keys as the checkpoint: token pooling); classes and channels from the data

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .moce_demo import MoCEDemoConfig
 
 __all__ = ["train_config", "mae_kwargs", "progress_bar", "Stages", "subset", "val_split", "finetune", "TASK_AUGMENT",
-           "task_augment",
+           "task_augment", "finetune_warmup_epochs",
            "pixel_probe", "cluster_pool", "grad_scores", "continue_mae", "pretrain_dense", "adapt_all"]
 
 
@@ -112,6 +112,11 @@ def task_augment(setting: str, task: str) -> str:
     return TASK_AUGMENT.get(task, "shift") if setting == "auto" else setting
 
 
+def finetune_warmup_epochs(c: MoCEDemoConfig, steps: int, num_images: int) -> float:
+    """The fine-tune's warm-up (``finetune_warmup`` of its ``steps``) in epochs of ``num_images``."""
+    return c.finetune_warmup * steps * c.finetune_batch_size / max(1, num_images)
+
+
 def finetune(stages: Stages, backbone: VisionTransformer, task: TensorSplits, c: MoCEDemoConfig, seed: int,
               run_dir: Path, lr: float, steps: int | None = None, pretrained: bool = True) -> float:
     """Fine-tune a copy of ``backbone`` with a new head on ``task`` with the demo's one protocol
@@ -121,7 +126,7 @@ def finetune(stages: Stages, backbone: VisionTransformer, task: TensorSplits, c:
     model.reset_classifier(task.num_classes, global_pool="avg")
     model.head.reset_parameters()
     steps = steps or c.finetune_steps
-    warmup = c.finetune_warmup * steps * c.finetune_batch_size / max(1, len(task.x_train))  # in epochs
+    warmup = finetune_warmup_epochs(c, steps, len(task.x_train))
     cfg = train_config("classification", steps, c.finetune_batch_size, lr, optim=c.finetune_optim, seed=seed,
                wd=c.finetune_weight_decay, augment=task_augment(c.finetune_augment, task.name),
                warmup_epochs=warmup,
