@@ -4,15 +4,15 @@ differences (outputs, input gradients, replicated and expert gradients) as JSON.
 
 import copy
 import json
-import os
 import sys
+import weakref
 
 import torch
 import torch.distributed as dist
 
 from visionmoe.models import create_model
 from visionmoe.moe import MoEConfig, build_moe
-from visionmoe.moe.parallel import gather_expert_state, reduce_gradients, shard_experts, sharded_parameters
+from visionmoe.moe.parallel import _GROUPS, gather_expert_state, reduce_gradients, shard_experts, sharded_parameters
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -109,14 +109,12 @@ dist.all_gather_object(gathered, results)
 if rank == 0:
     with open(out_path, "w") as f:
         json.dump(gathered, f, indent=2)
+# destroy_process_group must free every group (and join its gloo worker threads) now: a group
+# kept alive to the interpreter's teardown aborted ranks at exit ("terminate called without an
+# active exception") when a worker thread dropped a finished collective's tensors while Python
+# was finalising. visionmoe holds groups by weak reference only (moe.parallel._GROUPS).
+groups = [weakref.ref(dist.group.WORLD)] + [ref for pair in _GROUPS.values() for ref in pair if ref is not None]
 dist.destroy_process_group()
-# Skip the interpreter's teardown: a rank sometimes aborts there ("terminate called without an
-# active exception", SIGABRT) after all its work was done and written, which failed the test
-# (1 in 85 repeated runs of this script without this line on 2 cores, 2026-12-02). Not yet
-# fixed at the root: after destroy_process_group the gloo group object stays alive until the
-# teardown in any process that imported torch._dynamo, torchvision or timm (a reference held
-# outside Python; not visionmoe's), so its threads meet the interpreter's finalisation.
-# Nothing is left to clean up that the process exit does not.
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(0)
+alive = sum(ref() is not None for ref in groups)
+if alive:
+    sys.exit(f"rank {rank}: {alive} of {len(groups)} process groups outlived destroy_process_group")

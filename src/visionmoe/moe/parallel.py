@@ -35,7 +35,8 @@ rows out of a full tensor on load, so a checkpoint moves between 1, P and M rank
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import weakref
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -50,8 +51,28 @@ __all__ = ["sent_bytes", "ExpertParallel", "ExpertShard", "expert_parallel_group
 
 _PARAMS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
 # process groups by key; kept out of the modules so that ``copy.deepcopy`` (EMA, MoCo's
-# momentum encoder) copies a plain key, not a process group handle
-_GROUPS: dict[int, tuple[object, object]] = {}
+# momentum encoder) copies a plain key, not a process group handle. Weak references:
+# torch.distributed owns its groups, and ``destroy_process_group`` must free them (and join
+# their gloo worker threads) then, not at the interpreter's teardown, where a worker that
+# still drops a finished collective's tensors needs the GIL, finds the interpreter
+# finalising and aborts the process ("terminate called without an active exception").
+# Nothing here holds a group strongly: not the modules, not an autograd context.
+_GROUPS: dict[int, tuple[Callable[[], object] | None, Callable[[], object] | None]] = {}
+
+
+def _group_ref(group) -> Callable[[], object] | None:
+    return None if group is None else weakref.ref(group)
+
+
+def _group(key: int, which: int):
+    ref = _GROUPS[key][which]
+    if ref is None:
+        return None
+    group = ref()
+    if group is None:
+        raise RuntimeError("the process group of these expert-parallel layers was destroyed "
+                           "(dist.destroy_process_group); after init_process_group, shard a new model")
+    return group
 
 
 @dataclass(frozen=True)
@@ -81,12 +102,12 @@ class ExpertShard:
     @property
     def group(self):
         """The expert-parallel process group (ranks that split the experts)."""
-        return _GROUPS[self.key][0]
+        return _group(self.key, 0)
 
     @property
     def replica_group(self):
         """The ranks that hold the same experts (None when there is only this one)."""
-        return _GROUPS[self.key][1]
+        return _group(self.key, 1)
 
 
 def expert_parallel_groups(size: int) -> ExpertShard:
@@ -115,7 +136,7 @@ def expert_parallel_groups(size: int) -> ExpertShard:
             grp = dist.new_group(ranks)
             if rank in ranks:
                 rep_group = grp
-    _GROUPS[key] = (ep_group, rep_group)
+    _GROUPS[key] = (_group_ref(ep_group), _group_ref(rep_group))
     return ExpertShard(rank=rank % size, size=size, num_experts=0, key=key)
 
 
@@ -216,23 +237,26 @@ def _exchange(out: Tensor, x: Tensor, out_splits: list[int], in_splits: list[int
 
 
 class _AllToAll(torch.autograd.Function):
-    """``all_to_all_single`` with uneven splits whose backward is the reverse exchange."""
+    """``all_to_all_single`` with uneven splits whose backward is the reverse exchange, over
+    ``experts.shard.group``. The context keeps the shard's key, not the group: the gloo work
+    of the exchange keeps its output, the output keeps this node, and a group on the node
+    would close a cycle through C++ that keeps the group alive after destroy_process_group."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, out_splits: list[int], in_splits: list[int], group, experts: ExpertParallel) -> Tensor:
-        ctx.splits, ctx.group, ctx.experts = (out_splits, in_splits), group, experts
-        return _exchange(x.new_empty((sum(out_splits),) + tuple(x.shape[1:])), x, out_splits, in_splits, group,
-                         experts)
+    def forward(ctx, x: Tensor, out_splits: list[int], in_splits: list[int], experts: ExpertParallel) -> Tensor:
+        ctx.splits, ctx.experts = (out_splits, in_splits), experts
+        return _exchange(x.new_empty((sum(out_splits),) + tuple(x.shape[1:])), x, out_splits, in_splits,
+                         experts.shard.group, experts)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         out_splits, in_splits = ctx.splits
         back = grad.new_empty((sum(in_splits),) + tuple(grad.shape[1:]))
-        return _exchange(back, grad, in_splits, out_splits, ctx.group, ctx.experts), None, None, None, None
+        return _exchange(back, grad, in_splits, out_splits, ctx.experts.shard.group, ctx.experts), None, None, None
 
 
-def _a2a(x: Tensor, out_splits: list[int], in_splits: list[int], group, experts: ExpertParallel) -> Tensor:
-    return _AllToAll.apply(x, out_splits, in_splits, group, experts)
+def _a2a(x: Tensor, out_splits: list[int], in_splits: list[int], experts: ExpertParallel) -> Tensor:
+    return _AllToAll.apply(x, out_splits, in_splits, experts)
 
 
 def expert_parallel_forward(experts: ExpertParallel, x: Tensor, rows: Tensor, counts: Tensor | list[int],
@@ -249,7 +273,7 @@ def expert_parallel_forward(experts: ExpertParallel, x: Tensor, rows: Tensor, co
     rc = recv_counts.view(P, L)
     recv_splits = rc.sum(1).tolist()
     xs = x.index_select(0, rows)  # (N, D)
-    xr = _a2a(xs, recv_splits, send_splits, group, experts)  # (R, D) by source rank, then local expert
+    xr = _a2a(xs, recv_splits, send_splits, experts)  # (R, D) by source rank, then local expert
     # regroup by local expert: segment (s, l) starts at starts[s, l]; visit them l-major
     flat = rc.reshape(-1)
     starts = (flat.cumsum(0) - flat).view(P, L).t().reshape(-1)  # (L*P,)
@@ -263,7 +287,7 @@ def expert_parallel_forward(experts: ExpertParallel, x: Tensor, rows: Tensor, co
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(total, device=order.device)
     yr = ys_local.index_select(0, inverse)  # (R, D) back in received order
-    return _a2a(yr, send_splits, recv_splits, group, experts)  # (N, D) in the order of rows
+    return _a2a(yr, send_splits, recv_splits, experts)  # (N, D) in the order of rows
 
 
 def _gather_rows(t: Tensor, sh: ExpertShard) -> Tensor:
@@ -364,7 +388,7 @@ def reduce_gradients(params: list[Tensor], sharded: Mapping[int, ExpertShard], w
         if id(p) in sharded:
             by_group.setdefault(sharded[id(p)].key, []).append(p)
     for key, ps in by_group.items():
-        rep = _GROUPS[key][1]  # None: no other rank holds these experts, nothing to sum
+        rep = _group(key, 1)  # None: no other rank holds these experts, nothing to sum
         for p, g in zip(ps, all_reduce(ps, rep) if rep is not None else _local(ps, world)):
             p.grad = g
 
