@@ -252,7 +252,7 @@ def _paired_lines(rows: list[dict]) -> list[str]:
                                                                     for k, d in paired.items()]
 
 
-def _write(out: Path, rows: list[dict], pixels: float | None = None) -> None:
+def _write(out: Path, rows: list[dict], pixels: float | None = None, extra: list[str] | None = None) -> None:
     import io
 
     from ._utils import atomic_write_bytes, fmt_mean_std
@@ -277,39 +277,73 @@ def _write(out: Path, rows: list[dict], pixels: float | None = None) -> None:
         lines += ["| " + " | ".join(_FMT.get(k, "{}").format(r[k]) for k in keys) + " |" for r in rows]
     if "run.seed" in keys and "variant" in keys:
         lines += _paired_lines(rows)
+    lines += extra or []
     if pixels is not None:
         lines += ["", f"raw pixels, linear probe on the same training images: {pixels:.4f}"]
     atomic_write_bytes(out / "sweep.md", ("\n".join(lines) + "\n").encode())
 
 
+def _scan_paired_lines(rows: list[dict], shared: tuple[bool, ...]) -> list[str]:
+    """Seed-paired test-accuracy differences of the layer scan: MoE in the last L blocks minus
+    the dense model (L = 0), and with minus without the shared expert at every L >= 1."""
+    from .eval.stats import format_difference, paired_difference
+
+    acc = {(r["layers"], r["moe.shared_expert"], r["run.seed"]): r["test_acc"] for r in rows}
+    seeds = sorted({k[2] for k in acc})
+    depth = max(k[0] for k in acc)
+
+    def diff(a: tuple, b: tuple) -> str:
+        pairs = [(acc[a + (sd,)], acc[b + (sd,)]) for sd in seeds if a + (sd,) in acc and b + (sd,) in acc]
+        return format_difference(paired_difference([x for x, _ in pairs], [y for _, y in pairs]))
+
+    lines = ["", "Test accuracy, seed-paired differences (95% t interval; *reproduced* only where the interval "
+             "excludes 0 in the direction named first, *refuted* the other way):", ""]
+    for n in range(1, depth + 1):
+        for s in shared:
+            lines.append(f"- L={n}, {'with' if s else 'without'} shared expert - dense: {diff((n, s), (0, s))}")
+        if len(shared) == 2:
+            lines.append(f"- L={n}, with - without shared expert: {diff((n, True), (n, False))}")
+    return lines
+
+
 def run_layer_scan(base: dict, depth: int, *, shared: tuple[bool, ...] = (False, True),
-                   out: str | Path = "runs/scan", progress: bool = True, resume: bool = False) -> list[dict]:
+                   seeds: list[int] | None = None, out: str | Path = "runs/scan", progress: bool = True,
+                   resume: bool = False) -> list[dict]:
     """ViMoE's layer scan: MoE in the last L blocks for L = 0..depth, with and without the shared
     expert; adds the routing degree ``C(N, k)^L`` to every row and plots accuracy and degree
-    against L (``layer_scan.png``)."""
+    against L (``layer_scan.png``). ``seeds``: train every point once per seed (``run.seed``);
+    ``sweep.md`` then has mean ± std per point and the seed-paired differences to the dense
+    model and between with and without the shared expert, the plot mean ± std."""
     from .analysis import routing_degree
 
     moe = base.get("moe", {})
     grid = {"moe.placement": [f"last_{n}" for n in range(depth + 1)], "moe.shared_expert": list(shared)}
+    if seeds:
+        grid["run.seed"] = list(dict.fromkeys(seeds))
     rows = run_sweep(base, grid, out=out, progress=progress, resume=resume)
     e, k = moe.get("num_experts", 8), moe.get("top_k", 1)
     for r in rows:
         r["layers"] = int(r["moe.placement"].split("_")[1])
         r["routing_degree"] = routing_degree(e, k, r["layers"])
-    _write(Path(out), rows, pixel_baseline(base, Path(out)))
+    extra = _scan_paired_lines(rows, shared) if seeds and len(grid["run.seed"]) > 1 else None
+    _write(Path(out), rows, pixel_baseline(base, Path(out)), extra)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ._utils import mean_std
+
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    for s in shared:
-        pts = sorted((r["layers"], r["test_acc"]) for r in rows if r["moe.shared_expert"] == s)
-        ax.plot(*zip(*pts), marker="o", label="with shared expert" if s else "without shared expert")
-    ax.set_xlabel("MoE in the last L blocks")
-    ax.set_ylabel("test accuracy")
-    ax2 = ax.twinx()
     ls = list(range(depth + 1))
+    for s in shared:
+        stats = [mean_std([r["test_acc"] for r in rows if r["moe.shared_expert"] == s and r["layers"] == n])
+                 for n in ls]
+        ax.errorbar(ls, [d["mean"] for d in stats], yerr=[d["std"] or 0.0 for d in stats], marker="o", capsize=3,
+                    label="with shared expert" if s else "without shared expert")
+    ax.set_xlabel("MoE in the last L blocks")
+    ax.set_ylabel("test accuracy" + (f" (mean ± std, {len(grid['run.seed'])} seeds)" if seeds else ""))
+    ax2 = ax.twinx()
     ax2.semilogy(ls, [routing_degree(e, k, n) for n in ls], color="gray", ls="--", label="routing degree")
     ax2.set_ylabel(f"routing degree C({e},{k})^L")
     ax.legend(fontsize=8, loc="lower left")

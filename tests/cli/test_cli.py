@@ -102,6 +102,24 @@ def test_layer_scan_plots_accuracy_and_routing_degree(tmp_path):
     assert (out / "layer_scan.png").stat().st_size > 0
 
 
+def test_layer_scan_over_seeds_reports_paired_differences(tmp_path):
+    out = tmp_path / "scan"
+    assert main(["layer-scan", "model.name=vmoe_nano_patch4_32", "data.name=digits", "data.augment=none",
+                 "model.args={img_size: 8, patch_size: 2, embed_dim: 24, depth: 1}", "moe.num_experts=4",
+                 "schedule.max_steps=3", "--out", str(out), "--no-progress", "--seeds", "0", "1"]) == 0
+    rows = json.loads((out / "sweep.json").read_text())
+    assert sorted((r["layers"], r["moe.shared_expert"], r["run.seed"]) for r in rows) == [
+        (n, s, sd) for n in range(2) for s in (False, True) for sd in (0, 1)]
+    acc = {(r["layers"], r["moe.shared_expert"], r["run.seed"]): r["test_acc"] for r in rows}
+    table = (out / "sweep.md").read_text()
+    assert "| 2 |" in table  # two seeds per point
+    # by hand: the mean over seeds of (with shared expert - without) at L=1
+    d = [acc[1, True, sd] - acc[1, False, sd] for sd in (0, 1)]
+    assert f"- L=1, with - without shared expert: {sum(d) / 2:+.3f} [" in table
+    d = [acc[1, False, sd] - acc[0, False, sd] for sd in (0, 1)]
+    assert f"- L=1, without shared expert - dense: {sum(d) / 2:+.3f} [" in table
+
+
 def test_sweep_and_scan_refuse_missing_or_bad_config_files(tmp_path, capsys):
     assert main(["sweep", str(tmp_path / "nope.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -194,7 +194,8 @@ def _cmd_layer_scan(args: argparse.Namespace) -> int:
 
         depth = len(build_model(config_from_dict(base), num_classes=2, in_chans=1).blocks)
     shared = {"both": (False, True), "yes": (True,), "no": (False,)}[args.shared]
-    run_layer_scan(base, depth, shared=shared, out=args.out, progress=not args.no_progress, resume=args.resume)
+    run_layer_scan(base, depth, shared=shared, seeds=args.seeds, out=args.out, progress=not args.no_progress,
+                   resume=args.resume)
     print((Path(args.out) / "sweep.md").read_text())
     return 0
 
@@ -584,6 +585,9 @@ def _add_analysis_commands(sub) -> None:
     ls_.add_argument("overrides", nargs="*")
     ls_.add_argument("--depth", type=int, default=None, help="largest L (default: the model's depth)")
     ls_.add_argument("--shared", choices=["both", "yes", "no"], default="both")
+    ls_.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                     help="train every point once per seed (run.seed); the report gets mean ± std and seed-paired "
+                          "differences with 95%% intervals")
     ls_.add_argument("--out", default="runs/layer_scan")
     ls_.add_argument("--resume", action="store_true", help="keep the points an earlier call finished in --out")
     ls_.add_argument("--no-progress", action="store_true")
