@@ -172,6 +172,29 @@ def test_shard_slices_and_state_round_trip():
         del _GROUPS[-1]
 
 
+def test_groups_are_held_weakly_and_a_destroyed_one_is_named():
+    """visionmoe must not keep a process group alive past destroy_process_group (its gloo
+    threads would meet the interpreter's teardown and abort the process): _GROUPS holds weak
+    references, and a layer whose group is gone says so instead of failing inside torch."""
+    import gc
+    import weakref
+
+    class Group:  # stands in for a ProcessGroup
+        pass
+
+    g = Group()
+    _GROUPS[-3] = (weakref.ref(g), None)
+    try:
+        sh = ExpertShard(rank=0, size=2, num_experts=4, key=-3)
+        assert sh.group is g and sh.replica_group is None
+        del g
+        gc.collect()
+        with pytest.raises(RuntimeError, match="process group of these expert-parallel layers was destroyed"):
+            _ = sh.group
+    finally:
+        del _GROUPS[-3]
+
+
 def test_sharding_replaces_the_experts_module_and_keeps_the_state_dict_keys():
     """Expert parallelism is a module in place of the layer's Experts, not a patch of it: the
     keys of the state dict stay, only the expert tensors' first dimension becomes E / P; the
