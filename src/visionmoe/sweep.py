@@ -339,7 +339,7 @@ def run_layer_scan(base: dict, depth: int, *, shared: tuple[bool, ...] = (False,
     for s in shared:
         stats = [mean_std([r["test_acc"] for r in rows if r["moe.shared_expert"] == s and r["layers"] == n])
                  for n in ls]
-        ax.errorbar(ls, [d["mean"] for d in stats], yerr=[d["std"] or 0.0 for d in stats], marker="o", capsize=3,
+        ax.errorbar(ls, [d["mean"] for d in stats], yerr=[d["std"] for d in stats], marker="o", capsize=3,
                     label="with shared expert" if s else "without shared expert")
     ax.set_xlabel("MoE in the last L blocks")
     ax.set_ylabel("test accuracy" + (f" (mean ± std, {len(grid['run.seed'])} seeds)" if seeds else ""))

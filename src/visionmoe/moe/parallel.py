@@ -238,9 +238,10 @@ def _exchange(out: Tensor, x: Tensor, out_splits: list[int], in_splits: list[int
 
 class _AllToAll(torch.autograd.Function):
     """``all_to_all_single`` with uneven splits whose backward is the reverse exchange, over
-    ``experts.shard.group``. The context keeps the shard's key, not the group: the gloo work
-    of the exchange keeps its output, the output keeps this node, and a group on the node
-    would close a cycle through C++ that keeps the group alive after destroy_process_group."""
+    ``experts.shard.group``. The context keeps the layer (whose shard looks its group up), not
+    the group: the gloo work of the exchange keeps its output, the output keeps this node, and
+    a group on the node would close a cycle through C++ that keeps the group alive after
+    destroy_process_group."""
 
     @staticmethod
     def forward(ctx, x: Tensor, out_splits: list[int], in_splits: list[int], experts: ExpertParallel) -> Tensor:
