@@ -45,7 +45,7 @@ SEG_CLAIMS = (("moe_token", "dense", 1, "token-routed MoE - dense"),
 
 @dataclass
 class ViMoEStudyConfig:
-    """Defaults: about 25 minutes on 2 CPU cores. ``parts`` picks ``stability`` and/or
+    """Defaults: an estimated ~25 minutes on 2 CPU cores (5 seeds). ``parts`` picks ``stability`` and/or
     ``segmentation``; the dense ViT is pre-trained once (classification on
     ``pretrain_data``) and upcycled for every run."""
 
