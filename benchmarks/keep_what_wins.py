@@ -45,7 +45,7 @@ def threads_part(rounds: int) -> dict:
     import torch
     from timm.layers import Mlp
 
-    from visionmoe.bench.cases import _step_case, layer_case, moe_layer, tiny_vit, vit_cases
+    from visionmoe.bench.cases import _set_threads, _step_case, layer_case, moe_layer, tiny_vit, vit_cases
     from visionmoe.bench.measure import run_rounds
     from visionmoe.moe import native
 
@@ -71,10 +71,7 @@ def threads_part(rounds: int) -> dict:
     x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
     tiny = [_step_case("small ViT dense", "small ViT step", tiny_vit(), x, y)]
     for mode, tag in MODES:
-        model = tiny_vit({"num_experts": 4, "top_k": 1, "placement": "last_2"})
-        for m in model.modules():
-            if hasattr(m, "threads") and hasattr(m, "fc1_weight"):
-                m.threads = mode
+        model = _set_threads(tiny_vit({"num_experts": 4, "top_k": 1, "placement": "last_2"}), mode)
         tiny.append(_step_case(f"small ViT MoE E=4 top-1 {tag}", "small ViT step", model, x, y))
     suites["small ViT step"] = tiny
     vit = vit_cases(batch=8, img_size=224, experts=8, threads=False)
@@ -91,6 +88,7 @@ def threads_part(rounds: int) -> dict:
     for label, cs in suites.items():
         times = {c.name: c.times["fwdbwd"] for c in cs}
         rows = out[label] = {}
+        dense = next(v for k, v in times.items() if k.endswith("dense"))
         for name, ts in times.items():
             if not name.endswith(" serial"):
                 continue
@@ -99,7 +97,6 @@ def threads_part(rounds: int) -> dict:
                 t = times[f"{base} {tag}"]
                 per = [a / b for a, b in zip(t, ts)]
                 q = _quartiles(per)
-                dense = next(v for k, v in times.items() if k.endswith("dense"))
                 rows[f"{base} {tag}"] = {"ms": round(statistics.median(t) * 1e3, 2),
                                          "vs_serial": round(statistics.median(per), 3),
                                          "vs_serial_iqr": [round(q[0], 3), round(q[2], 3)],
