@@ -17,6 +17,6 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ constraints.txt -nt
     touch "$STAMP"
 fi
 # The compiled CPU expert loop (used by default for experts of >= 256 rows; needs a C++ compiler).
-.venv/bin/visionmoe build-native || echo "[setup] warning: the compiled expert loop was not built (the experts run on the Python thread pool)"
+.venv/bin/visionmoe build-native || echo "[setup] warning: the compiled expert loop was not built (the experts run one after another)"
 # Real images that ship in Debian: Fashion-MNIST (used by the data sets; optional).
 bash scripts/fetch_data.sh || echo "[setup] warning: Fashion-MNIST package not fetched; fashion_mnist data set unavailable"

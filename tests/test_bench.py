@@ -221,22 +221,22 @@ def test_peer_cases_run_the_pure_python_peers_and_report_the_missing(monkeypatch
 def test_vit_cases_set_the_moe_layers_thread_mode(monkeypatch):
     """vit_cases(threads=...) is what the MoE ViT step's expert loops run with."""
     import visionmoe.moe.experts as ex
+    import visionmoe.moe.kernels.fused as fused
     from visionmoe.bench import vit_cases
-    from visionmoe.moe.kernels import THREADS
 
     seen = []
-    run = THREADS.run
+    plan = fused.native_plan
     monkeypatch.setattr(ex, "MIN_THREADED_WORK", 0)
 
-    def spy(counts, fn, threaded):
+    def spy(counts, threaded, gelu):
         seen.append(threaded)
-        return run(counts, fn, threaded)
+        return plan(counts, threaded, gelu)
 
-    monkeypatch.setattr(THREADS, "run", spy)
-    dense, moe = vit_cases(batch=2, img_size=32, experts=2, threads="python")
+    monkeypatch.setattr(fused, "native_plan", spy)
+    dense, moe = vit_cases(batch=2, img_size=32, experts=2, threads=False)  # the default is True
     assert dense.name == "vit-s16-dense" and moe.name == "vit-s16-moe-every2-k1"
     moe.make(True)()
-    assert seen and set(seen) == {"python"}  # forward and backward of every MoE block
+    assert seen and set(seen) == {False}  # every MoE block's forward
 
 
 def test_bench_data_times_the_loader_and_a_training_step(tmp_path, capsys):

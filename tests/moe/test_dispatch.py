@@ -148,18 +148,16 @@ def test_dispatch_invariants(s, e, cf, bpr, data):
 def _impls():
     from visionmoe.moe.experts import grouped_mm_available
 
-    return (["split", "fused", "fused-serial", "fused-python", "fused-recompute"]
+    return (["split", "fused", "fused-serial", "fused-recompute"]
             + (["grouped"] if grouped_mm_available() else []))
 
 
 def _experts_kwargs(impl: str) -> dict:
-    """``Experts`` arguments of a kernel variant: the fused kernel with its experts run in
-    parallel threads (the CPU default: the compiled loop when it is built), on the Python
-    thread pool, one after another, or recomputing the activation."""
+    """``Experts`` arguments of a kernel variant: the fused kernel with its default threads
+    (the compiled loop when it is built and the experts are large, else serial), one after
+    another, or recomputing the activation."""
     if impl == "fused-serial":
         return dict(impl="fused", threads=False)
-    if impl == "fused-python":
-        return dict(impl="fused", threads="python")
     if impl == "fused-recompute":
         return dict(impl="fused", recompute=True)
     return dict(impl=impl)
@@ -314,71 +312,33 @@ def test_fused_kernel_generic_activation_matches_split():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_expert_threads_run_every_expert_once_and_restore_the_thread_count(expert_threads):
-    """The thread runner calls each expert exactly once on its rows, deals the experts
-    largest first to the least loaded thread, runs ops single-threaded meanwhile, and
-    restores ``torch.get_num_threads()`` even when an expert raises (the error reaches the
-    caller, from the calling thread or a worker)."""
+def test_serial_loop_runs_every_expert_once_in_order_and_the_deal_balances_the_threads():
+    """The serial loop calls each expert once, in order, on its rows and on this thread; the
+    compiled loop's plan deals the experts largest first onto the least loaded thread."""
     import threading
 
-    from visionmoe.moe.kernels import THREADS as _THREADS
+    from visionmoe.moe.kernels.threads import deal, run_serial
 
     counts = [5, 0, 9, 3, 7, 1]
-    seen, lock = [], threading.Lock()
-
-    def fn(e, start, end):
-        with lock:
-            seen.append((e, start, end, threading.get_ident(), torch.get_num_threads()))
-
-    _THREADS.run(counts, fn, threaded=True)
+    seen = []
+    run_serial(counts, lambda e, start, end: seen.append((e, start, end, threading.get_ident())))
     starts = [0, 5, 5, 14, 17, 24]
-    assert sorted(s[:3] for s in seen) == [(e, starts[e], starts[e] + c) for e, c in enumerate(counts)]
-    assert {s[4] for s in seen} == {1}  # single-threaded ops inside
-    by_thread: dict[int, int] = {}
-    for _e, start, end, tid, _ in seen:
-        by_thread[tid] = by_thread.get(tid, 0) + end - start
-    assert sorted(by_thread.values()) == [12, 13]  # 9+3+0 | 7+5+1 (largest first, least loaded)
-    assert torch.get_num_threads() == 2
-    for bad in (9, 7):  # 9 runs in the calling thread, 7 in the worker
-
-        def boom(e, start, end, bad=bad):
-            if end - start == bad:
-                raise RuntimeError(f"expert {e} failed")
-
-        with pytest.raises(RuntimeError, match="expert"):
-            _THREADS.run(counts, boom, threaded=True)
-        assert torch.get_num_threads() == 2
-    seen.clear()
-    _THREADS.run(counts, fn, threaded=False)  # serial: in order, on this thread, threads untouched
-    assert [s[0] for s in seen] == list(range(6)) and {s[3] for s in seen} == {threading.get_ident()}
-    assert {s[4] for s in seen} == {2}
+    assert [s[:3] for s in seen] == [(e, starts[e], starts[e] + c) for e, c in enumerate(counts)]
+    assert {s[3] for s in seen} == {threading.get_ident()}
+    groups = deal(counts, 2)
+    assert groups == [[2, 3, 5], [4, 0, 1]]  # 9 -> 0, 7 -> 1, 5 -> 1, 3 -> 0, 1 -> 0 (a tie: the first), 0 -> 1
+    assert sorted(sum(counts[e] for e in g) for g in groups) == [12, 13]
 
 
-def test_fused_kernel_threads_use_both_threads_and_keep_modes(expert_threads):
-    """A forward on the Python thread pool really spreads the experts over two threads (each leaves its own
-    scratch buffers, all freed by clear_scratch), and works under no_grad and
-    inference_mode (thread-local modes reach the workers) with the serial results."""
-    import threading
-
-    from visionmoe.moe.kernels import SCRATCH as _SCRATCH
-    from visionmoe.moe.kernels import clear_scratch
-
-    torch.manual_seed(0)
-    x, rows, counts = torch.randn(40, 8), torch.randperm(40), [10, 12, 0, 18]
-    par = Experts(4, 8, 16, impl="fused", recompute=True, threads="python")
-    ser = Experts(4, 8, 16, impl="fused", threads=False)
-    ser.load_state_dict(par.state_dict())
-    clear_scratch()
-    ref = ser.forward_gathered(x, rows, counts)
-    y = par.forward_gathered(x, rows, counts)  # recompute: the activation goes to scratch
-    assert len({key[0] for key in _SCRATCH.bufs}) == 2 and threading.get_ident() in {k[0] for k in _SCRATCH.bufs}
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
-    with torch.no_grad():
-        torch.testing.assert_close(par.forward_gathered(x, rows, counts), ref.detach(), rtol=1e-5, atol=1e-6)
-    with torch.inference_mode():
-        torch.testing.assert_close(par.forward_gathered(x, rows, counts), ref.detach(), rtol=1e-5, atol=1e-6)
-    clear_scratch()
-    assert not _SCRATCH.bufs
+def test_the_removed_python_pool_is_refused_with_the_reason_and_the_fix():
+    with pytest.raises(ValueError, match="threads='python'.*removed.*threads=True"):
+        Experts(4, 8, 16, threads="python")
+    e = Experts(4, 8, 16, impl="fused")
+    e.threads = "python"  # the attribute can be changed: checked when the kernel runs
+    with pytest.raises(ValueError, match="removed"):
+        e.forward_gathered(torch.randn(6, 8), torch.arange(6), [2, 2, 1, 1])
+    with pytest.raises(ValueError, match="must be one of"):
+        Experts(4, 8, 16, threads="omp")
 
 
 def test_recompute_saves_exactly_the_activation_less():

@@ -1,5 +1,5 @@
 """The compiled CPU expert loop (visionmoe.moe.native, csrc/experts_cpu.cpp): same results
-as the Python thread pool and the serial loop, used when the switch and the experts' size
+as the serial loop, used when the switch and the experts' size
 say so, clear errors."""
 
 import itertools
@@ -59,10 +59,10 @@ class _Spy:
     *itertools.product([False, True], [True, False], ["none", "tanh"], [True], [1, 5]),
     (False, True, "none", False, 1), (True, False, "tanh", False, 1),
 ])
-def test_compiled_loop_matches_python_threads_and_serial(module, two_threads, monkeypatch, recompute, bias,
+def test_compiled_loop_matches_the_serial_loop(module, two_threads, monkeypatch, recompute, bias,
                                                          approximate, combined, unit):
     """Outputs and every gradient (input, combine weights, weights, biases) of the compiled
-    loop equal the Python pool's and the serial loop's, with an expert that gets no rows
+    loop equal the serial loop's, with an expert that gets no rows
     (zero gradients), whole images (unit = 5), recomputed activations, tanh GELU, no bias;
     and the compiled loop really ran (forward and backward)."""
     spy = _Spy(module)
@@ -72,7 +72,7 @@ def test_compiled_loop_matches_python_threads_and_serial(module, two_threads, mo
     x0, rows, w0 = torch.randn(units * unit, D), torch.randperm(units)[:30], torch.rand(30)
     counts = [c * unit for c in (10, 12, 0, 8)]
     res = {}
-    for mode in ("native", "python", False):
+    for mode in ("native", False):
         e = Experts(4, D, H, impl="fused", recompute=recompute, bias=bias,
                     act_layer=torch.nn.GELU(approximate=approximate), threads=mode)
         torch.manual_seed(1)
@@ -90,18 +90,17 @@ def test_compiled_loop_matches_python_threads_and_serial(module, two_threads, mo
         res[mode] = [y, x.grad, w.grad, *[p.grad for p in e.parameters()]]
         if mode == "native":
             assert spy.calls == ["experts_forward", "experts_backward"]
-    for mode in ("python", False):
-        for a, b in zip(res["native"], res[mode]):
-            if a is None:
-                assert b is None
-            else:
-                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=str(mode))
+    for a, b in zip(res["native"], res[False]):
+        if a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert torch.equal(res["native"][3][2], torch.zeros(H, D))  # expert 2 had no rows
 
 
 def test_threads_true_picks_the_loop_by_expert_size_and_the_switch_overrides(module, two_threads, monkeypatch):
     """threads=True layers run in the compiled loop when their experts with rows average at
-    least MIN_ROWS rows (the default mode, auto), on the Python pool below that; mode 1
+    least MIN_ROWS rows (the default mode, auto), serially below that; mode 1
     always, 0 never (same numbers every way); another value is refused with the settings
     named. The program takes the mode from VISIONMOE_NATIVE (test_build_native_command_*)."""
     spy = _Spy(module)

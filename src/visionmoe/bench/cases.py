@@ -13,7 +13,7 @@ import torch
 from timm.layers import Mlp
 from torch import Tensor, nn
 
-from ..moe import Experts, LinearRouter, MoE, MoEConfig, PooledRouter, SortedDispatcher, build_moe, native
+from ..moe import Experts, LinearRouter, MoE, MoEConfig, PooledRouter, SortedDispatcher, build_moe
 from ..moe.experts import grouped_mm_available
 from ..moe.layer import moe_layers
 from ..moe.reference import EinsumDispatcher, LoopDispatcher
@@ -177,11 +177,8 @@ def layer_cases(*, batch: int, tokens: int, dim: int, hidden: int, experts: int,
         ours = moe_layer(dim, hidden, experts, k)
         cases.append(layer_case(f"visionmoe-k{k}", group, ours, x, aux=lambda m=ours: m.last.aux_loss, k=k))
         variants = {"split": dict(impl="split"), "grouped": dict(impl="grouped")}
-        if k == 1:  # the fused kernel's options: experts one after another; activation recomputed;
-            # on the Python pool when the default runs them in the compiled loop (built, >= MIN_ROWS rows)
+        if k == 1:  # the fused kernel's options: experts one after another; activation recomputed
             variants.update({"serial": dict(threads=False), "recompute": dict(recompute=True)})
-            if native.load() is not None:
-                variants["python"] = dict(threads="python")
         for variant, kw in variants.items():
             if variant == "grouped" and not grouped_mm_available(x.device):
                 continue

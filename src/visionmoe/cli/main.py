@@ -682,7 +682,7 @@ def _add_tool_commands(sub) -> None:
 
     bn = sub.add_parser("build-native", help="compile the CPU expert loop once (used by default for experts of >= "
                         "256 rows; VISIONMOE_NATIVE=1: always, 0: never; C++ compiler and ninja needed; without it "
-                        "the experts run on a Python thread pool)")
+                        "the experts run one after another)")
     bn.add_argument("--status", action="store_true", help="only say whether it is built and used")
     bn.add_argument("--verbose", action="store_true", help="show the compiler's output")
     bn.set_defaults(fn=_cmd_build_native)

@@ -17,6 +17,7 @@ from .kernels import (
     MIN_THREADED_WORK,
     THREAD_MODES,
     FusedOptions,
+    check_mode,
     clear_scratch,
     fused_experts,
     grouped_forward,
@@ -67,13 +68,13 @@ class Experts(nn.Module):
         gated, gate_last: GLU experts (:class:`GLU`); every kernel runs them (the fused one
             serially, its GLU derivative by autograd in backward).
         threads: fused kernel on CPU: run the experts in parallel over the intra-op threads,
-            each op single-threaded (faster: small matmuls parallelise badly). ``True``: in
-            the compiled loop when it is built and the experts average >= 256 rows
+            each op single-threaded, in the compiled loop (:mod:`visionmoe.moe.native`).
+            ``True``: there when it is built and the experts average >= 256 rows
             (:data:`visionmoe.moe.native.MIN_ROWS`; :func:`visionmoe.moe.native.set_mode` ``"1"``:
-            always, ``"0"``: never), else on a Python thread pool; ``"native"``: the compiled loop
-            (:mod:`visionmoe.moe.native`), an error if it is not built; ``"python"``: the
-            thread pool; ``False``: one expert after another, every op using all threads.
-            All give the same results.
+            always, ``"0"``: never), else one after another; ``"native"``: the compiled loop,
+            an error if it is not built; ``False``: one expert after another, every op using
+            all threads. All give the same results. (``"python"``, a Python thread pool, was
+            removed: it lost to the serial loop at every measured shape.)
             Attribute, can be changed.
     """
 
@@ -95,8 +96,7 @@ class Experts(nn.Module):
         super().__init__()
         if impl not in IMPLS:
             raise ValueError(f"unknown experts impl {impl!r}; choose from {IMPLS}")
-        if threads not in THREAD_MODES:
-            raise ValueError(f"threads must be one of {THREAD_MODES}, got {threads!r}")
+        check_mode(threads)
         self.impl, self.recompute, self.threads = impl, recompute, threads
         if num_experts < 1 or dim < 1 or hidden < 1:
             raise ValueError(f"num_experts, dim and hidden must be >= 1, got {num_experts}, {dim}, {hidden}")
@@ -211,8 +211,7 @@ class Experts(nn.Module):
         b1 = None if self.fc1_bias is None else self.fc1_bias.to(x.dtype)
         b2 = None if self.fc2_bias is None else self.fc2_bias.to(x.dtype)
         # threads only for GELU: other activations need autograd in backward, on this thread
-        if self.threads not in THREAD_MODES:
-            raise ValueError(f"Experts.threads must be one of {THREAD_MODES}, got {self.threads!r}")
+        check_mode(self.threads)
         parallel = (x.device.type == "cpu" and type(self.act) is nn.GELU and not torch.is_autocast_enabled("cpu")
                     and len(rows) * unit * self.hidden * self.dim >= MIN_THREADED_WORK)
         threaded = self.threads if parallel else False

@@ -8,8 +8,9 @@ same groups of experts inside one ``at::parallel_for`` instead, so the OpenMP wo
 the second group itself.
 
 By default (mode ``auto``) ``threads=True`` layers use it when it is built and their experts
-average at least :data:`MIN_ROWS` rows, the Python pool below that (the crossover measured on
-two cores is in docs/performance.md, "The compiled expert loop"). :func:`set_mode` ``"1"``
+average at least :data:`MIN_ROWS` rows, and run the experts one after another below that or
+when it is not built (docs/performance.md, "The compiled expert loop" and "Keep only what
+wins": the Python thread pool that used to run here lost to the serial loop and was removed). :func:`set_mode` ``"1"``
 uses it for every ``threads=True`` layer, ``"0"`` never; ``Experts(threads="native")`` for one
 layer. The ``visionmoe`` program sets the mode from ``VISIONMOE_NATIVE`` at start-up
 (:mod:`visionmoe.cli.environment`); the library never reads the environment itself.
@@ -48,8 +49,10 @@ _LOCK = threading.Lock()
 _LOADED: dict[Path, ModuleType | None] = {}
 
 #: mode ``auto``: threads=True layers whose experts with rows average at least this many rows
-#: run in the compiled loop (when built), smaller ones on the Python pool; measured crossover
-#: between 260 (compiled faster) and 130 rows (pool faster)
+#: run in the compiled loop (when built), smaller ones serially. First measured against the
+#: former Python pool (crossover between 130 and 260 rows); against the serial loop the compiled
+#: one lost at ~65 rows (D=384, E=64: 1.06 / 1.53 / 1.17x in three runs) and won at 400-1,600
+#: (the recipes' D=64 layer: 0.92-0.99x in 11 of 12)
 MIN_ROWS = 256
 #: the modes :func:`set_mode` takes
 SETTINGS = ("auto", "1", "0")
@@ -81,14 +84,14 @@ def cache_dir() -> Path:
 def set_mode(value: str, *, name: str = "native mode") -> None:
     """When ``threads=True`` layers use the compiled loop: ``"auto"`` (the default: for
     experts of at least :data:`MIN_ROWS` rows when it is built), ``"1"`` (for every layer when
-    built) or ``"0"`` (never: the Python thread pool). Another value is refused naming the
+    built) or ``"0"`` (never: the experts run one after another). Another value is refused naming the
     settings (``name``: what the value was given as, e.g. the environment variable)."""
     global _MODE
     v = str(value).strip().lower() or "auto"
     if v not in SETTINGS:
         raise ValueError(f"{name}={value!r} is not a setting: use auto (the default: the compiled expert "
                          f"loop for experts of >= {MIN_ROWS} rows when it is built), 1 (always when built) or 0 "
-                         "(never: the Python thread pool)")
+                         "(never: the experts run one after another)")
     _MODE = v
 
 
@@ -137,7 +140,7 @@ def build(verbose: bool = False) -> Path:
     if missing:
         raise RuntimeError(f"building the compiled expert loop needs {' and '.join(missing)} on PATH "
                            "(Debian: apt install g++; ninja: pip install ninja, with its environment's bin folder on "
-                           "PATH); without it the experts run on the Python thread pool")
+                           "PATH); without it the experts run one after another")
     # a CPU-only build: quiet torch's note that no CUDA runtime is found, printed on import
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils.cpp_extension import load as cpp_load
@@ -173,12 +176,12 @@ def status() -> str:
     mode = _MODE
     lib = _library(cache_dir())
     if not lib.is_file():
-        return (f"not built: experts run on the Python thread pool (visionmoe build-native writes {lib}; then "
+        return (f"not built: experts run one after another (visionmoe build-native writes {lib}; then "
                 f"threads=True layers use it for experts of >= {MIN_ROWS} rows)")
     if mode == "0":
-        return (f"built, off (native mode 0): {lib}; threads=True layers use the Python thread pool, "
+        return (f"built, off (native mode 0): {lib}; threads=True layers run the experts one after another, "
                 "Experts(threads='native') uses it")
     if mode == "1":
         return f"on (native mode 1): {lib}; every threads=True layer uses it"
     return (f"built, auto: {lib}; threads=True layers use it when their experts average >= {MIN_ROWS} rows, "
-            "the Python thread pool below (native mode 1: always, 0: never; VISIONMOE_NATIVE for the program)")
+            "one after another below (native mode 1: always, 0: never; VISIONMOE_NATIVE for the program)")

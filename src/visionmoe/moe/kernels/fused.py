@@ -1,5 +1,5 @@
 """The fused CPU expert kernel: one autograd node gathers the rows, runs every expert's MLP on
-its contiguous chunk into preallocated buffers (serially, on the Python pool or in the compiled
+its contiguous chunk into preallocated buffers (serially, or over the threads in the compiled
 loop, :mod:`.threads`) and scatters the weighted outputs back."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .threads import SCRATCH, THREADS, native_plan
+from .threads import SCRATCH, native_plan, run_serial
 
 __all__ = ["FusedOptions", "fused_experts", "scatter_rows"]
 
@@ -69,8 +69,8 @@ class _FusedSortedMLP(torch.autograd.Function):
     the activation is recomputed in backward instead (as megablocks does): about 0.7x, ~3%
     slower on the 2-core CPU. Other activations than GELU are always recomputed (their
     derivative needs autograd). ``threaded`` (a :data:`~.threads.THREAD_MODES` value): run the experts
-    in parallel over the threads, in the compiled loop (:func:`~.threads.native_plan`) or on the
-    Python pool (:class:`~.threads.ExpertThreads`). Transient tensors live in per-thread scratch buffers
+    in parallel over the threads in the compiled loop where :func:`~.threads.native_plan` allows
+    it, else one after another. Transient tensors live in per-thread scratch buffers
     (:class:`~.threads.Scratch`). Outputs and gradients equal the plain autograd path (tested).
     """
 
@@ -107,7 +107,7 @@ class _FusedSortedMLP(torch.autograd.Function):
 
         plan = native_plan(counts, threaded, gelu)
         if plan is None:
-            THREADS.run(counts, expert, threaded)
+            run_serial(counts, expert)
         else:  # the same experts and groups in one at::parallel_for
             module, *where = plan
             buf = h if a is not None else SCRATCH.get("act_all", tuple(h.shape), h)  # recomputed activation
@@ -167,7 +167,7 @@ class _FusedSortedMLP(torch.autograd.Function):
                 torch.sum(g, 0, out=gb2[e])
 
         if ctx.plan is None:
-            THREADS.run(ctx.counts, expert, ctx.threaded)
+            run_serial(ctx.counts, expert)
         else:
             module, *where = ctx.plan
             buf = SCRATCH.get("grad_h_all", tuple(h.shape), h)

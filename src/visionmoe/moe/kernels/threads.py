@@ -1,19 +1,17 @@
-"""What the fused CPU kernel runs on: per-thread scratch buffers, the experts dealt over the
-intra-op threads (a Python pool), and the plan for the compiled loop (:mod:`..native`)."""
+"""What the fused CPU kernel runs on: per-thread scratch buffers, the serial expert loop, and
+the plan for the compiled loop (:mod:`..native`) that deals the experts over the intra-op threads."""
 
 from __future__ import annotations
 
 import math
-import os
 import threading
-from concurrent.futures import wait
 
 import torch
 from torch import Tensor
 
 from .. import native
 
-__all__ = ["Scratch", "SCRATCH", "clear_scratch", "THREAD_MODES", "MIN_THREADED_WORK", "ExpertThreads", "THREADS",
+__all__ = ["Scratch", "SCRATCH", "clear_scratch", "THREAD_MODES", "MIN_THREADED_WORK", "check_mode", "run_serial",
            "offsets", "deal", "native_plan"]
 
 
@@ -25,8 +23,9 @@ class Scratch:
     (the allocator hands large blocks back to the OS): on the 2-core CPU a fresh
     ``(4160, 384)`` ``index_select`` took ~2.4 ms inside a training step against ~0.3 ms
     into a reused buffer. Only tensors that live inside one forward or one backward call go
-    here; saved and returned tensors are always fresh. Buffers are keyed by thread (the
-    expert threads each have their own), only grow, and are freed by :func:`clear_scratch`.
+    here; saved and returned tensors are always fresh. Buffers are keyed by thread (two
+    Python threads training at once each get their own), only grow, and are freed by
+    :func:`clear_scratch`.
     """
 
     def __init__(self) -> None:
@@ -50,75 +49,33 @@ def clear_scratch() -> None:
     SCRATCH.bufs.clear()
 
 
-#: ``Experts(threads=...)``: the compiled loop for experts of >= native.MIN_ROWS rows when
-#: it is built, else the Python pool (native.set_mode); the compiled loop; the Python pool; serial
-THREAD_MODES = (True, "native", "python", False)
+#: ``Experts(threads=...)``: the compiled loop when it is built and :func:`.native.mode` allows it
+#: (else serial); the compiled loop (an error when it is not built); serial. The Python thread
+#: pool that ran small experts was removed: it lost to the serial loop at every shape users run
+#: (docs/performance.md, "Keep only what wins"); ``"python"`` is refused with that reason.
+THREAD_MODES = (True, "native", False)
 
 #: below this many multiply-adds per matmul layer (N * H * D) the experts run one after
 #: another: handing work to a thread costs tens of microseconds
 MIN_THREADED_WORK = 2**22
 
 
-class ExpertThreads:
-    """Run the experts of one layer in parallel over the intra-op threads.
-
-    With every op split over the 2 cores, a top-1 layer of 8 experts x 520 rows ran its
-    matmuls ~15% slower than one dense matmul of 4,160 rows (one thread: ~2%): small
-    matmuls parallelise worse. So the experts are dealt to ``torch.get_num_threads()``
-    threads (the calling one and a pool of workers), largest first onto the least loaded,
-    and every op runs single-threaded (``torch.set_num_threads(1)`` in each of them for the
-    duration; the caller's count is restored afterwards, also on error). Each expert writes
-    only its own slices, so the result does not depend on the thread count. Torch ops
-    release the GIL, so the threads run truly in parallel.
-    """
-
-    def __init__(self) -> None:
-        self.pool = None
-        self.key: tuple[int, int] | None = None  # (process id, workers): rebuilt after a fork
-        self.lock = threading.Lock()
-
-    def _pool(self, workers: int):
-        from concurrent.futures import ThreadPoolExecutor
-
-        key = (os.getpid(), workers)
-        with self.lock:
-            if self.key != key:
-                if self.pool is not None and self.key[0] == key[0]:
-                    self.pool.shutdown(wait=False)
-                self.pool = ThreadPoolExecutor(workers, thread_name_prefix="visionmoe-experts")
-                self.key = key
-            return self.pool
-
-    def run(self, counts: list[int], fn, threaded: bool) -> None:
-        """``fn(e, start, end)`` for every expert ``e`` (rows ``start:end``)."""
-        starts = offsets(counts)
-        nt = torch.get_num_threads()
-        if not threaded or nt < 2 or sum(c > 0 for c in counts) < 2:
-            for e in range(len(counts)):
-                fn(e, starts[e], starts[e + 1])
-            return
-        groups = deal(counts, nt)
-        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-
-        def run_group(group: list[int]) -> None:  # the caller's thread-local modes, in every thread
-            torch.set_num_threads(1)  # here too, in the caller (restored below) and in each worker
-            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-                for e in group:
-                    fn(e, starts[e], starts[e + 1])
-
-        pool = self._pool(nt - 1)
-        futures = []
-        try:
-            futures = [pool.submit(run_group, g) for g in groups[1:] if g]
-            run_group(groups[0])
-        finally:
-            wait(futures)  # never leave a worker writing into buffers after an error here
-            torch.set_num_threads(nt)
-        for f in futures:
-            f.result()  # re-raise a worker's error
+def check_mode(threads) -> None:
+    """Refuse a ``threads`` value outside :data:`THREAD_MODES`, naming the fix."""
+    if threads == "python":
+        raise ValueError("Experts threads='python' (the Python thread pool) was removed: it was slower than the "
+                         "serial loop at every measured shape; use threads=True (the compiled loop where it wins, "
+                         "else serial) or False")
+    if threads not in THREAD_MODES:
+        raise ValueError(f"Experts threads must be one of {THREAD_MODES}, got {threads!r}")
 
 
-THREADS = ExpertThreads()
+def run_serial(counts: list[int], fn) -> None:
+    """``fn(e, start, end)`` for every expert ``e`` (rows ``start:end``), one after another on
+    this thread, every op using torch's intra-op threads."""
+    starts = offsets(counts)
+    for e in range(len(counts)):
+        fn(e, starts[e], starts[e + 1])
 
 
 def offsets(counts: list[int]) -> list[int]:
@@ -145,11 +102,11 @@ def native_plan(counts: list[int], threaded: bool | str, gelu: str | None):
     runs these experts (``counts``: rows per expert): ``threaded`` is ``"native"``, or True
     and :func:`.native.mode` allows it (``auto``, the default: the experts with rows average
     at least :data:`.native.MIN_ROWS` rows; ``1``: always); GELU, at least 2 threads and 2
-    experts with rows; and it is built. Else None (the Python thread pool or the serial
-    loop). ``"native"`` without the build is an error."""
+    experts with rows; and it is built. Else None (the serial loop). ``"native"`` without the
+    build is an error."""
     nt = torch.get_num_threads()
     active = sum(c > 0 for c in counts)
-    if threaded in (False, "python") or gelu is None or nt < 2 or active < 2:
+    if threaded is False or gelu is None or nt < 2 or active < 2:
         return None
     if threaded is True:
         mode = native.mode()
