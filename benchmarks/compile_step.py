@@ -1,4 +1,4 @@
-"""Eager vs ``torch.compile`` training step of the small ViT (dense and MoE).
+"""Eager vs ``torch.compile`` training step of the small ViT or ViT-S/16 (dense and MoE).
 
 Each case runs in a process of its own (torch.compile caches compiled code per model class, so
 two compiled copies in one process would share it): ``--reps`` rounds of one process per case,
@@ -8,6 +8,7 @@ MoE model is compiled plainly (graph breaks at the per-expert sizes) and under
 and of its ratio to the same rep's eager step:
 
     python benchmarks/compile_step.py --reps 3 --steps 20 --threads 1     # about 6 minutes on 2 cores
+    python benchmarks/compile_step.py --model vit-s16 --reps 1 --steps 5 --threads 2
 """
 
 from __future__ import annotations
@@ -25,19 +26,31 @@ import torch
 CASES = ("dense eager", "dense compiled", "moe eager", "moe compiled (graph breaks)", "moe compiled (one graph)")
 
 
-def run_case(name: str, steps: int, batch: int, threads: int) -> dict:
-    from visionmoe.models import VisionTransformer
+def build(model_name: str, moe: bool, batch: int):
+    """The bench's models (``visionmoe.bench.cases``) with an input batch: the recipes' small ViT
+    (MoE: 4 experts, top-1, last 2 blocks, dropless as the recipes) or ViT-S/16 (MoE: 8 experts,
+    top-1, every 2nd block, V-MoE's train capacity 1.05)."""
+    from visionmoe.bench.cases import tiny_vit
+    from visionmoe.models import create_model
+
+    if model_name == "tiny":
+        model = tiny_vit(dict(num_experts=4, top_k=1, placement="last_2") if moe else None)
+        return model, torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    model = create_model("vit_small_patch16_224", moe=dict(num_experts=8, top_k=1, placement="every_2") if moe
+                         else None)
+    return model, torch.randn(batch, 3, 224, 224), torch.randint(0, 1000, (batch,))
+
+
+def run_case(name: str, steps: int, batch: int, threads: int, model_name: str = "tiny") -> dict:
     from visionmoe.moe import collect_aux_loss, compile_settings
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    moe = dict(num_experts=4, top_k=1, placement="last_2") if name.startswith("moe") else None
-    model = VisionTransformer(img_size=28, in_chans=1, num_classes=10, patch_size=4, embed_dim=64, depth=6,
-                              num_heads=4, moe=moe).train()
+    model, x, y = build(model_name, name.startswith("moe"), batch)
+    model.train()
     fn = torch.compile(model) if "compiled" in name else model
     ctx = compile_settings if "one graph" in name else contextlib.nullcontext
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
 
     def step():
         with ctx():
@@ -60,19 +73,22 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--steps", type=int, default=20, help="timed steps per process")
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--model", choices=("tiny", "vit-s16"), default="tiny",
+                   help="the recipes' small ViT (default) or ViT-S/16 at 224 px")
+    p.add_argument("--batch", type=int, default=None, help="default: 128 (tiny), 8 (vit-s16)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.batch = args.batch or (128 if args.model == "tiny" else 8)
     if args.case:
-        print(json.dumps(run_case(args.case, args.steps, args.batch, args.threads)))
+        print(json.dumps(run_case(args.case, args.steps, args.batch, args.threads, args.model)))
         return
     res: dict[str, list[dict]] = {c: [] for c in CASES}
     for rep in range(args.reps):
         for c in CASES if rep % 2 == 0 else reversed(CASES):
             out = subprocess.run([sys.executable, __file__, "--case", c, "--steps", str(args.steps), "--batch",
-                                  str(args.batch), "--threads", str(args.threads)], capture_output=True, text=True,
-                                 check=True)
+                                  str(args.batch), "--threads", str(args.threads), "--model", args.model],
+                                 capture_output=True, text=True, check=True)
             res[c].append(json.loads(out.stdout.strip().splitlines()[-1]))
     rows = {}
     for c, runs in res.items():
@@ -80,8 +96,8 @@ def main() -> None:
         rows[c] = {"step_ms": round(statistics.median(r["step_ms"] for r in runs), 1),
                    "vs_eager": round(statistics.median(r["step_ms"] / b["step_ms"] for r, b in zip(runs, base)), 3),
                    "first_two_steps_s": round(statistics.median(r["warmup_s"] for r in runs), 1)}
-    print(json.dumps({"threads": args.threads, "batch": args.batch, "reps": args.reps, "steps": args.steps,
-                      "rows": rows}, indent=1))
+    print(json.dumps({"model": args.model, "threads": args.threads, "batch": args.batch, "reps": args.reps,
+                      "steps": args.steps, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

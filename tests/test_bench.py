@@ -32,6 +32,16 @@ def test_quick_bench_writes_json_and_plot(tmp_path):
         vit = {r["name"]: r for r in data["suites"][f"tiny_vit_t{t}"]}
         assert set(vit) == {"tiny-vit-dense", "tiny-vit-moe-E4-k1", "tiny-vit-moe-E4-k2", "tiny-vit-moe-E4-image-k1"}
         assert all("fwd_ratio" in r and "fwdbwd_ratio" in r for r in vit.values())
+        # eager vs torch.compile (fullgraph; the MoE under compile_settings, with the train capacity's
+        # data-dependent row count): every case ran, each compiled row paired with its eager twin
+        comp = {r["name"]: r for r in data["suites"][f"compiled_t{t}"]}
+        assert set(comp) == {"tiny-vit-dense", "tiny-vit-dense-compiled", "tiny-vit-moe-E4-k1",
+                             "tiny-vit-moe-E4-k1-compiled"}
+        assert not [r["error"] for r in comp.values() if "error" in r]
+        for name in ("tiny-vit-dense-compiled", "tiny-vit-moe-E4-k1-compiled"):
+            assert comp[name]["eager"] == name.removesuffix("-compiled")
+            assert comp[name]["fwd_vs_eager"] > 0 and comp[name]["fwdbwd_vs_eager"] > 0
+        assert "fwdbwd_vs_eager" not in comp["tiny-vit-moe-E4-k1"]
         if "export" not in data:  # onnxruntime installed
             for b in (1, 32):
                 rows = {r["name"]: r for r in data["suites"][f"export_tiny-vit_b{b}_t{t}"]}
@@ -112,7 +122,8 @@ def test_scaling_rows_carry_a_weight_traffic_estimate(tmp_path):
     """The E = 4..64 table explains its growth: every MoE row has the parameter bytes beyond
     the dense MLP's and the ratio dense time + 3 passes over them would give at the measured
     bandwidth, recomputed here from the JSON by hand."""
-    res = run_bench(quick=True, peers=False, vit=False, crmoe=False, out=tmp_path, progress=False)
+    res = run_bench(quick=True, peers=False, vit=False, crmoe=False, small=False, export=False, compiled=False,
+                    out=tmp_path, progress=False)
     rows = {r["name"]: r for r in res["suites"]["scaling"]}
     bw = res["bandwidth_gb_s"]
     assert bw["read"] > 0 and bw["write"] > 0

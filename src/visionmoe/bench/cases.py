@@ -207,16 +207,19 @@ def layer_cases(*, batch: int, tokens: int, dim: int, hidden: int, experts: int,
             cases.append(layer_case(f"visionmoe-{name}", group, layer, x, aux=lambda m=layer: m.last.aux_loss, k=1))
     return cases, status
 
-def _step_case(name: str, group: str, model: nn.Module, x: Tensor, y: Tensor, **info) -> Case:
+def _step_case(name: str, group: str, model: nn.Module, x: Tensor, y: Tensor, call: Callable | None = None,
+               **info) -> Case:
     """A training step (``fwdbwd``: forward, cross-entropy + MoE aux loss, backward, fused
-    AdamW step, as the Trainer) or an inference call (``fwd``: eval mode, no grad)."""
+    AdamW step, as the Trainer) or an inference call (``fwd``: eval mode, no grad).
+    ``call``: what runs the forward (default ``model``; e.g. its ``torch.compile`` form)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the Trainer (optim.fused)
+    forward = call or model
 
     def make(backward: bool):
         def step():
             model.train(backward)
             with torch.set_grad_enabled(backward):
-                out = model(x)
+                out = forward(x)
                 if backward:
                     loss = torch.nn.functional.cross_entropy(out, y) + model.moe_aux_loss()
                     opt.zero_grad(set_to_none=True)
@@ -255,9 +258,11 @@ TINY_VIT = {"img_size": 28, "patch_size": 4, "embed_dim": 64, "depth": 6, "num_h
 
 def tiny_vit(moe: dict | None = None, **kw) -> nn.Module:
     """The recipes' small ViT, dense or with ``moe`` (e.g. ``{"num_experts": 4, "top_k": 1,
-    "placement": "last_2"}``)."""
+    "placement": "last_2"}``), dropless as the recipes unless ``moe`` sets ``capacity_factor``
+    (the ``vmoe_mini`` model's own default is V-MoE's 1.05; until 2026-12-04 the bench used it)."""
     from ..models import create_model
 
+    moe = {"capacity_factor": None, **moe} if moe else None
     return create_model("vmoe_mini_patch4_28" if moe else "vit_mini_patch4_28", **{**TINY_VIT, **kw}, moe=moe)
 
 def tiny_vit_cases(*, batch: int = 128, experts: int = 4, quick: bool = False) -> list[Case]:
@@ -272,6 +277,33 @@ def tiny_vit_cases(*, batch: int = 128, experts: int = 4, quick: bool = False) -
                         (f"tiny-vit-moe-E{experts}-image-k1", {"routing": "cls"})):
         moe = {"num_experts": experts, "top_k": 1, "placement": "last_2", **extra}
         cases.append(_step_case(name, "tiny_vit", tiny_vit(moe, **kw), x, y, batch=batch))
+    return cases
+
+def compiled_cases(*, batch: int = 128, experts: int = 4, quick: bool = False) -> list[Case]:
+    """The small ViT's training step (``fwdbwd``) and inference (``fwd``), eager and under
+    ``torch.compile(fullgraph=True)``: dense, and MoE in the last 2 blocks (E experts, top-1,
+    dropless) traced in one graph under :func:`visionmoe.moe.compile_settings` (what the
+    Trainer's ``run.compile: true`` does). Each compiled case names its eager twin
+    (``info["eager"]``) for the paired compiled / eager ratio. The first call of each mode
+    compiles (the bench's warm-up call, not timed)."""
+    from ..moe import compile_settings
+
+    kw = dict(img_size=16, depth=2) if quick else {}
+    size = kw.get("img_size", 28)
+    x, y = torch.randn(batch, 1, size, size), torch.randint(0, 10, (batch,))
+    cases = []
+    for tag, moe in (("dense", None), (f"moe-E{experts}-k1", {"num_experts": experts, "top_k": 1,
+                                                              "placement": "last_2"})):
+        eager = f"tiny-vit-{tag}"
+        cases.append(_step_case(eager, "compiled", tiny_vit(moe, **kw), x, y, batch=batch))
+        model = tiny_vit(moe, **kw)
+        compiled = torch.compile(model, fullgraph=True)
+
+        def call(inp, fn=compiled):
+            with compile_settings():
+                return fn(inp)
+
+        cases.append(_step_case(f"{eager}-compiled", "compiled", model, x, y, call=call, batch=batch, eager=eager))
     return cases
 
 def small_layer_cases(*, batch: int = 128, tokens: int = 50, dim: int = 64, hidden: int = 256,

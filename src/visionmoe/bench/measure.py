@@ -127,6 +127,14 @@ def paired_ratios(times: list[float], dense_times: list[float]) -> list[float]:
         return []
     return [t / d for t, d in zip(times, dense_times)]
 
+def _add_paired(row: dict, key: str, iqr_key: str, times: list[float], base: list[float]) -> None:
+    """``row[key]``: the median of the per-round ratios ``times / base``; ``row[iqr_key]``: their IQR."""
+    paired = paired_ratios(times, base)
+    if paired:
+        pq = statistics.quantiles(paired, n=4) if len(paired) >= 2 else [paired[0]] * 3
+        row[key] = round(statistics.median(paired), 3)
+        row[iqr_key] = [round(pq[0], 3), round(pq[2], 3)]
+
 def summarise(cases: list[Case], tokens: int) -> list[dict]:
     dense = next((c for c in cases if c.name == "dense" or c.name.endswith("-dense")), None)
     rows = []
@@ -146,11 +154,11 @@ def summarise(cases: list[Case], tokens: int) -> list[dict]:
                 row[f"{mode}_page_faults"] = round(statistics.median(c.faults[mode]))
             if dense is not None and dense.times[mode]:
                 row[f"{mode}_ratio"] = round(med / statistics.median(dense.times[mode]), 3)
-                paired = paired_ratios(ts, dense.times[mode])
-                if paired:
-                    pq = statistics.quantiles(paired, n=4) if len(paired) >= 2 else [paired[0]] * 3
-                    row[f"{mode}_paired_ratio"] = round(statistics.median(paired), 3)
-                    row[f"{mode}_paired_iqr"] = [round(pq[0], 3), round(pq[2], 3)]
+                _add_paired(row, f"{mode}_paired_ratio", f"{mode}_paired_iqr", ts, dense.times[mode])
+        twin = next((e for e in cases if e.name == c.info.get("eager")), None)
+        for mode, ts in c.times.items() if twin is not None else ():  # a compiled case / its eager twin
+            if ts:
+                _add_paired(row, f"{mode}_vs_eager", f"{mode}_vs_eager_iqr", ts, twin.times[mode])
         if c.memory is not None:
             row["activation_mb"] = round(c.memory / 2**20, 2)
             if dense is not None and dense.memory:

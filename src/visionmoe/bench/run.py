@@ -23,7 +23,16 @@ import torch
 
 from ..moe import native
 from ..runtime import allocator_state
-from .cases import Case, export_cases, layer_cases, scaling_cases, small_layer_cases, tiny_vit_cases, vit_cases
+from .cases import (
+    Case,
+    compiled_cases,
+    export_cases,
+    layer_cases,
+    scaling_cases,
+    small_layer_cases,
+    tiny_vit_cases,
+    vit_cases,
+)
 from .measure import add_traffic_estimate, memory_bandwidth, run_rounds, split_gemm_ratio, summarise
 
 __all__ = ["run_bench", "background_load", "stop_load", "build_parser", "run_from_args", "main"]
@@ -47,6 +56,7 @@ def run_bench(
     small: bool = True,
     small_threads: tuple[int, ...] = (1, 2),
     export: bool = True,
+    compiled: bool = True,
     load: int = 0,
     out: str | Path = "runs/bench",
     quick: bool = False,
@@ -60,19 +70,21 @@ def run_bench(
     ``small``: the recipes' shapes (the layer at D = 64, T = 50, B = 128 and the whole small
     ViT's training step and inference) at each of ``small_threads``. ``export``: onnxruntime
     inference of exported dense and MoE models (``visionmoe export``'s routed experts and
-    ``--dense-experts``). ``load``: that many busy processes run beside the bench (a
-    machine shared with other work: what oversubscribed threads cost)."""
+    ``--dense-experts``). ``compiled``: the small ViT's step and inference eager vs
+    ``torch.compile`` (dense, and MoE in one graph), at each of ``small_threads``. ``load``:
+    that many busy processes run beside the bench (a machine shared with other work: what
+    oversubscribed threads cost)."""
     from ..train.context import resolve_device
 
     dev = resolve_device(device)
     with torch.device(dev):
         return _run_bench(batch=batch, tokens=tokens, dim=dim, hidden=hidden, experts=experts, rounds=rounds,
                           inner=inner, threads=threads, peers=peers, vit=vit, vit_batch=vit_batch, scaling=scaling,
-                          crmoe=crmoe, small=small, small_threads=tuple(small_threads), export=export, load=load,
-                          out=out, quick=quick, progress=progress, device=str(dev))
+                          crmoe=crmoe, small=small, small_threads=tuple(small_threads), export=export,
+                          compiled=compiled, load=load, out=out, quick=quick, progress=progress, device=str(dev))
 
 def _run_bench(*, batch, tokens, dim, hidden, experts, rounds, inner, threads, peers, vit, vit_batch, scaling, crmoe,
-               small, small_threads, export, load, out, quick, progress, device) -> dict:
+               small, small_threads, export, compiled, load, out, quick, progress, device) -> dict:
     if quick:
         batch, tokens, dim, hidden, rounds, vit_batch = 4, 17, 32, 128, 2, 1
     if load < 0 or threads < 1 or any(t < 1 for t in small_threads):
@@ -83,8 +95,8 @@ def _run_bench(*, batch, tokens, dim, hidden, experts, rounds, inner, threads, p
         return _run_suites(batch=batch, tokens=tokens, dim=dim, hidden=hidden, experts=experts, rounds=rounds,
                            inner=inner, threads=threads, peers=peers, vit=vit, vit_batch=vit_batch, scaling=scaling,
                            crmoe=crmoe, small=small and device == "cpu", small_threads=small_threads,
-                           export=export and device == "cpu", load=load, out=out, quick=quick, progress=progress,
-                           device=device)
+                           export=export and device == "cpu", compiled=compiled and device == "cpu", load=load,
+                           out=out, quick=quick, progress=progress, device=device)
     finally:
         stop_load(busy)
 
@@ -112,7 +124,7 @@ def stop_load(pids: list[int]) -> None:
             pass
 
 def _run_suites(*, batch, tokens, dim, hidden, experts, rounds, inner, threads, peers, vit, vit_batch, scaling, crmoe,
-                small, small_threads, export, load, out, quick, progress, device) -> dict:
+                small, small_threads, export, compiled, load, out, quick, progress, device) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     from rich.console import Console
@@ -154,6 +166,10 @@ def _run_suites(*, batch, tokens, dim, hidden, experts, rounds, inner, threads, 
                                                             experts=(4,) if quick else (4, 16)),
                            sb * st, ("fwd", "fwdbwd"), t))
             suites.append((f"tiny_vit_t{t}", tiny_vit_cases(batch=sb, quick=quick), sb, ("fwd", "fwdbwd"), t))
+    if compiled:
+        cb = 16 if quick else 128
+        for t in small_threads if small else (threads,):
+            suites.append((f"compiled_t{t}", compiled_cases(batch=cb, quick=quick), cb, ("fwd", "fwdbwd"), t))
     if export:
         try:
             for t in small_threads if small else (threads,):
@@ -189,7 +205,8 @@ def _print_tables(results: dict, console) -> None:
         t = Table(title=f"{suite} (ratio = median time / dense's; paired = median of per-round ratios)")
         cols = ["name", "fwd_ms", "fwd_ratio", "fwd_paired_ratio", "fwdbwd_ms", "fwdbwd_iqr_ms", "fwdbwd_ratio",
                 "fwdbwd_paired_ratio",
-                "fwdbwd_paired_iqr", "fwdbwd_page_faults", "activation_ratio", "traffic_ratio",
+                "fwdbwd_paired_iqr", "fwd_vs_eager", "fwdbwd_vs_eager", "fwdbwd_vs_eager_iqr", "fwdbwd_page_faults",
+                "activation_ratio", "traffic_ratio",
                 "split_gemm_ratio"]
         cols = [c for c in cols if any(c in r for r in rows)]
         for c in cols:
@@ -269,6 +286,8 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--small-threads", type=int, nargs="+", default=[1, 2], metavar="N",
                    help="thread counts of the small suites and the export rows (default: 1 2)")
     p.add_argument("--no-export", action="store_true", help="skip the onnxruntime rows of exported models")
+    p.add_argument("--no-compiled", action="store_true",
+                   help="skip the small ViT eager vs torch.compile rows (about a minute of compiling)")
     p.add_argument("--load", type=int, default=0, metavar="N",
                    help="run N busy processes beside the bench: a machine shared with other work")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds (a smoke test, not a measurement)")
@@ -281,7 +300,7 @@ def run_from_args(args: argparse.Namespace) -> dict:
                      rounds=args.rounds, inner=args.inner, threads=args.threads, peers=not args.no_peers,
                      vit=not args.no_vit, scaling=not args.no_scaling, crmoe=not args.no_crmoe,
                      small=not args.no_small, small_threads=tuple(args.small_threads), export=not args.no_export,
-                     load=args.load, out=args.out,
+                     compiled=not getattr(args, "no_compiled", False), load=args.load, out=args.out,
                      quick=args.quick, device=getattr(args, "device", "cpu"))
 
 def main(argv: list[str] | None = None) -> int:

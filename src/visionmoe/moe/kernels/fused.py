@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from .threads import SCRATCH, native_plan, run_serial
 
@@ -183,8 +184,9 @@ def scatter_rows(src: Tensor, rows: Tensor, num_rows: int, unique: bool, weights
     ``(num_rows, D)`` tensor, zero elsewhere. With ``unique`` (no repeated row) and every
     row covered, ``rows`` is a permutation and this is a gather by its inverse (no zero
     fill; on CPU ``index_select`` is several times faster than ``index_copy_``), then an
-    in-place scaling."""
-    if unique and len(rows) == num_rows:
+    in-place scaling. Under ``torch.compile`` a row count that is data-dependent (capacity
+    drops: an unbacked size) takes the general path rather than guarding on it."""
+    if unique and guard_or_false(len(rows) == num_rows):
         inverse = torch.empty_like(rows)
         inverse[rows] = torch.arange(num_rows, device=rows.device)
         out = src.index_select(0, inverse)
