@@ -459,7 +459,7 @@ def _add_study_commands(sub) -> None:
                         description="Pre-trains a dense ViT, upcycles it into MoEs and runs (1) MoE in every block "
                                     "with CLS routing with and without the shared expert vs dense fine-tuning, (2) "
                                     "token-routed MoE vs dense segmentation on fashion_scenes, each beside the "
-                                    "same fine-tune from random init; 5 seeds; writes report.md (estimated ~25 "
+                                    "same fine-tune from random init; 5 seeds; writes report.md (about 20 "
                                     "minutes on 2 CPU cores; --quick about half a minute).")
     vm.add_argument("overrides", nargs="*", help="settings as key=value, e.g. parts=[segmentation] seg_epochs=20")
     vm.add_argument("--quick", action="store_true")
