@@ -7,7 +7,8 @@
 // Rows are sorted by expert: expert e owns rows starts[e] .. starts[e+1]-1 of every (N, .)
 // tensor, and writes only those rows and its own slice of the (E, ...) gradients, so the
 // result does not depend on the thread count. Used for experts of >= 256 rows (measured: a
-// few per cent faster than the serial loop at those sizes, docs/performance.md); built by `visionmoe build-native` (visionmoe.moe.native).
+// few per cent faster than the serial loop at those sizes, docs/performance.md); built by
+// `visionmoe build-native` (visionmoe.moe.native).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
