@@ -22,6 +22,27 @@ def test_linear_router_eval_is_softmax_topk_without_renormalisation():
     assert "load" not in out.aux  # no noise in eval
 
 
+@pytest.mark.parametrize("experts", [2, 4, 8, 15, 16, 64])
+def test_expert_softmax_equals_the_plain_softmax_and_its_gradient(experts):
+    """The CPU fast path for few experts (softmax over the first axis of the transpose) gives the
+    plain softmax's values and gradients; at 16 experts and more it is the plain kernel."""
+    from visionmoe.moe.gating import FAST_SOFTMAX_BELOW, expert_softmax
+
+    torch.manual_seed(0)
+    x = torch.randn(300, experts, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(300, experts, dtype=torch.float64)
+    y = expert_softmax(x)
+    (gx,) = torch.autograd.grad((y * w).sum(), x)
+    x2 = x.detach().clone().requires_grad_(True)
+    y2 = x2.softmax(-1)
+    (gx2,) = torch.autograd.grad((y2 * w).sum(), x2)
+    torch.testing.assert_close(y, y2, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(gx, gx2, rtol=1e-12, atol=1e-14)
+    assert y.is_contiguous() == (experts >= FAST_SOFTMAX_BELOW)  # the fast path returns the transposed view
+    i_top = y.topk(2, dim=-1).indices  # what the gate does next works on the view
+    assert torch.equal(i_top, y2.topk(2, dim=-1).indices)
+
+
 def test_renormalize_makes_weights_sum_to_one():
     r = LinearRouter(4, 3, k=2, renormalize=True)
     out = r(torch.randn(6, 4))

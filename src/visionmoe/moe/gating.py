@@ -113,6 +113,35 @@ class RouterOutput:
         return self.indices.shape[-1]
 
 
+#: below this many experts, :func:`expert_softmax` on the CPU runs over the first axis of the
+#: transposed gates (PyTorch's CPU softmax vectorises along the reduced axis, so a short last
+#: axis is slow: (6400, 4) forward+backward 912 us against 193 us transposed, (4160, 8) 920 vs
+#: 173, one thread; at 16 experts the plain kernel is faster)
+FAST_SOFTMAX_BELOW = 16
+
+
+def expert_softmax(logits: Tensor) -> Tensor:
+    """``logits.softmax(-1)`` for ``(S, E)`` gate logits; on the CPU with fewer than
+    :data:`FAST_SOFTMAX_BELOW` experts it is computed over the first axis of the transpose and
+    returned as its transposed view (same values; the summation order, and so the last bits,
+    may differ). Not under ``torch.compile`` / export, whose kernels do their own thing."""
+    if (logits.dim() == 2 and logits.device.type == "cpu" and logits.shape[-1] < FAST_SOFTMAX_BELOW
+            and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export()):
+        return logits.t().softmax(0).t()
+    return logits.softmax(-1)
+
+
+def top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``scores.topk(k, dim=-1)`` as ``(values, indices)``, each ``(S, k)``; for k = 1 by ``max``,
+    which is several times faster on the CPU (``(6400, E)`` on one thread, E = 8 / 16: 57 / 182 us
+    against 381 / 1,022 us for ``topk(1)``). Ties: ``max`` takes the first maximal expert."""
+    if k == 1:
+        values, indices = scores.max(dim=-1, keepdim=True)
+        return values, indices
+    values, indices = scores.topk(k, dim=-1)
+    return values, indices
+
+
 def _validate_k(num_experts: int, k: int) -> None:
     if num_experts < 1:
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
@@ -223,19 +252,19 @@ class Router(nn.Module):
             clean_probs = logits.float().sigmoid() if noisy else scores
             clean_probs = clean_probs / clean_probs.sum(-1, keepdim=True).clamp_min(1e-9)
         else:
-            scores = probs = noisy_logits.float().softmax(dim=-1)  # (S, E) dispatch gates
-            clean_probs = logits.float().softmax(dim=-1) if noisy else probs
+            scores = probs = expert_softmax(noisy_logits.float())  # (S, E) dispatch gates
+            clean_probs = expert_softmax(logits.float()) if noisy else probs
         chosen = None
         if self.selection == "expert_choice":
             indices, weights, chosen = self._expert_choice(probs)
         elif self.balance == "loss_free":
-            indices = (scores.detach() + self.balance_bias).topk(self.k, dim=-1).indices  # the bias only selects
+            indices = top_k(scores.detach() + self.balance_bias, self.k)[1]  # the bias only selects
             weights = scores.gather(-1, indices)
             if self.training:
                 with torch.no_grad():
                     self.load_count += L.expert_counts(indices, num_experts).to(self.load_count)
         else:
-            weights, indices = scores.topk(self.k, dim=-1)  # (S, K)
+            weights, indices = top_k(scores, self.k)  # (S, K)
         if self.score == "sigmoid" and self.k > 1:  # DeepSeek-V3: sigmoid scores normalised over the chosen k
             weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-9)
         elif (self.renormalize or self.score == "sigmoid") and self.k == 1:
