@@ -126,7 +126,8 @@ def expert_softmax(logits: Tensor) -> Tensor:
     returned as its transposed view (same values; the summation order, and so the last bits,
     may differ). Not under ``torch.compile`` / export, whose kernels do their own thing."""
     if (logits.dim() == 2 and logits.device.type == "cpu" and logits.shape[-1] < FAST_SOFTMAX_BELOW
-            and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export()):
+            and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+            and not torch.onnx.is_in_onnx_export()):
         return logits.t().softmax(0).t()
     return logits.softmax(-1)
 
