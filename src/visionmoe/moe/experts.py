@@ -74,7 +74,7 @@ class Experts(nn.Module):
             always, ``"0"``: never), else one after another; ``"native"``: the compiled loop,
             an error if it is not built; ``False``: one expert after another, every op using
             all threads. All give the same results. (``"python"``, a Python thread pool, was
-            removed: it lost to the serial loop at every measured shape.)
+            removed: it never beat the serial loop, and lost by 1.1-1.5x at the recipes' D = 64 layer.)
             Attribute, can be changed.
     """
 

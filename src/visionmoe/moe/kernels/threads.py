@@ -51,8 +51,9 @@ def clear_scratch() -> None:
 
 #: ``Experts(threads=...)``: the compiled loop when it is built and :func:`.native.mode` allows it
 #: (else serial); the compiled loop (an error when it is not built); serial. The Python thread
-#: pool that ran small experts was removed: it lost to the serial loop at every shape users run
-#: (docs/performance.md, "Keep only what wins"); ``"python"`` is refused with that reason.
+#: pool that ran small experts was removed: it never beat the serial loop at the shapes users run
+#: (1.1-1.5x slower at the recipes' D = 64 layer, a tie at D = 384; docs/performance.md, "Keep
+#: only what wins"); ``"python"`` is refused with that reason.
 THREAD_MODES = (True, "native", False)
 
 #: below this many multiply-adds per matmul layer (N * H * D) the experts run one after
@@ -63,8 +64,8 @@ MIN_THREADED_WORK = 2**22
 def check_mode(threads) -> None:
     """Refuse a ``threads`` value outside :data:`THREAD_MODES`, naming the fix."""
     if threads == "python":
-        raise ValueError("Experts threads='python' (the Python thread pool) was removed: it was slower than the "
-                         "serial loop at every measured shape; use threads=True (the compiled loop where it wins, "
+        raise ValueError("Experts threads='python' (the Python thread pool) was removed: it did not beat the "
+                         "serial loop at any measured shape; use threads=True (the compiled loop where it wins, "
                          "else serial) or False")
     if threads not in THREAD_MODES:
         raise ValueError(f"Experts threads must be one of {THREAD_MODES}, got {threads!r}")
