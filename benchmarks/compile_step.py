@@ -29,7 +29,7 @@ CASES = ("dense eager", "dense compiled", "moe eager", "moe compiled (graph brea
 def build(model_name: str, moe: bool, batch: int):
     """The bench's models (``visionmoe.bench.cases``) with an input batch: the recipes' small ViT
     (MoE: 4 experts, top-1, last 2 blocks, dropless as the recipes) or ViT-S/16 (MoE: 8 experts,
-    top-1, every 2nd block, V-MoE's train capacity 1.05)."""
+    top-1, every 2nd block, dropless as the bench's ``vit_cases``)."""
     from visionmoe.bench.cases import tiny_vit
     from visionmoe.models import create_model
 
