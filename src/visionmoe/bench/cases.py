@@ -265,13 +265,18 @@ def tiny_vit(moe: dict | None = None, **kw) -> nn.Module:
     moe = {"capacity_factor": None, **moe} if moe else None
     return create_model("vmoe_mini_patch4_28" if moe else "vit_mini_patch4_28", **{**TINY_VIT, **kw}, moe=moe)
 
+def _tiny_inputs(batch: int, quick: bool) -> tuple[dict, Tensor, Tensor]:
+    """The small ViT's size overrides (``quick``: 16 px, 2 blocks) and a batch of grey images
+    with labels."""
+    kw = dict(img_size=16, depth=2) if quick else {}
+    size = kw.get("img_size", TINY_VIT["img_size"])
+    return kw, torch.randn(batch, 1, size, size), torch.randint(0, 10, (batch,))
+
 def tiny_vit_cases(*, batch: int = 128, experts: int = 4, quick: bool = False) -> list[Case]:
     """The whole small-ViT training step (``fwdbwd``) and inference (``fwd``): dense, and MoE
     in the last 2 blocks (E experts, top-1 token-level, top-2, image-level top-1), dropless
     as the recipes."""
-    kw = dict(img_size=16, depth=2) if quick else {}
-    x = torch.randn(batch, 1, kw.get("img_size", 28), kw.get("img_size", 28))
-    y = torch.randint(0, 10, (batch,))
+    kw, x, y = _tiny_inputs(batch, quick)
     cases = [_step_case("tiny-vit-dense", "tiny_vit", tiny_vit(**kw), x, y, batch=batch)]
     for name, extra in ((f"tiny-vit-moe-E{experts}-k1", {}), (f"tiny-vit-moe-E{experts}-k2", {"top_k": 2}),
                         (f"tiny-vit-moe-E{experts}-image-k1", {"routing": "cls"})):
@@ -288,9 +293,7 @@ def compiled_cases(*, batch: int = 128, experts: int = 4, quick: bool = False) -
     compiles (the bench's warm-up call, not timed)."""
     from ..moe import compile_settings
 
-    kw = dict(img_size=16, depth=2) if quick else {}
-    size = kw.get("img_size", 28)
-    x, y = torch.randn(batch, 1, size, size), torch.randint(0, 10, (batch,))
+    kw, x, y = _tiny_inputs(batch, quick)
     cases = []
     for tag, moe in (("dense", None), (f"moe-E{experts}-k1", {"num_experts": experts, "top_k": 1,
                                                               "placement": "last_2"})):

@@ -300,7 +300,7 @@ def run_from_args(args: argparse.Namespace) -> dict:
                      rounds=args.rounds, inner=args.inner, threads=args.threads, peers=not args.no_peers,
                      vit=not args.no_vit, scaling=not args.no_scaling, crmoe=not args.no_crmoe,
                      small=not args.no_small, small_threads=tuple(args.small_threads), export=not args.no_export,
-                     compiled=not getattr(args, "no_compiled", False), load=args.load, out=args.out,
+                     compiled=not args.no_compiled, load=args.load, out=args.out,
                      quick=args.quick, device=getattr(args, "device", "cpu"))
 
 def main(argv: list[str] | None = None) -> int:

@@ -137,10 +137,8 @@ def top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     which is several times faster on the CPU (``(6400, E)`` on one thread, E = 8 / 16: 57 / 182 us
     against 381 / 1,022 us for ``topk(1)``). Ties: ``max`` takes the first maximal expert."""
     if k == 1:
-        values, indices = scores.max(dim=-1, keepdim=True)
-        return values, indices
-    values, indices = scores.topk(k, dim=-1)
-    return values, indices
+        return scores.max(dim=-1, keepdim=True)
+    return scores.topk(k, dim=-1)
 
 
 def _validate_k(num_experts: int, k: int) -> None:
