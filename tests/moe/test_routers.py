@@ -43,6 +43,21 @@ def test_expert_softmax_equals_the_plain_softmax_and_its_gradient(experts):
     assert torch.equal(i_top, y2.topk(2, dim=-1).indices)
 
 
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_top_k_matches_topk_and_top1_ties_go_to_the_first_expert(k):
+    from visionmoe.moe.gating import top_k
+
+    torch.manual_seed(0)
+    scores = torch.randn(500, 8)
+    values, indices = top_k(scores, k)
+    ref = scores.topk(k, dim=-1)
+    assert values.shape == indices.shape == (500, k)
+    assert torch.equal(values, ref.values) and torch.equal(indices, ref.indices)
+    tied = torch.tensor([[0.1, 0.7, 0.7, 0.2]])
+    if k == 1:
+        assert top_k(tied, 1)[1].tolist() == [[1]]  # max: the first maximal expert
+
+
 def test_renormalize_makes_weights_sum_to_one():
     r = LinearRouter(4, 3, k=2, renormalize=True)
     out = r(torch.randn(6, 4))
